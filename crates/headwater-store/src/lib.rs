@@ -1,0 +1,19 @@
+//! The event store interface ([`EventStore`]), its errors, the in-memory reference backend
+//! ([`MemoryStore`]) and, behind the `conformance` feature, the suite every backend passes
+//! unchanged.
+//!
+//! **API Boundary**: projections, publishers, consumers and command handling are written against
+//! [`EventStore`] only; they never know which backend they run on.
+//!
+//! Architecture invariant: nothing here does file or network I/O. Backends live in their own
+//! crates (`headwater-embedded`, later `headwater-postgres`).
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+mod error;
+mod memory;
+mod store;
+
+pub use error::{AppendError, ReadError};
+pub use memory::MemoryStore;
+pub use store::{AppendOutcome, EventStore, read_all_pages, validate_limit, wait_for_position};
