@@ -24,6 +24,9 @@ use uuid::Uuid;
 
 use crate::{AppendError, AppendOutcome, EventStore, ReadError, read_all_pages};
 
+mod model;
+pub use model::random_operations_match_the_model;
+
 /// How the suite opens the backend under test.
 pub trait Harness: Send + Sync + 'static {
     type Store: EventStore + Clone;
@@ -58,6 +61,11 @@ macro_rules! conformance_suite {
             find_event_by_id,
             reopen_keeps_everything,
         );
+
+        #[test]
+        fn random_operations_match_the_model() {
+            $crate::conformance::random_operations_match_the_model(|| $harness, 64);
+        }
     };
     (@tests $harness:expr; $($name:ident),* $(,)?) => {
         $(
