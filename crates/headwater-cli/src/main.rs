@@ -1,1 +1,73 @@
-fn main() {}
+//! `headwater`, the operator's tool: inspect a store, verify its integrity, run the benchmarks.
+//!
+//! Exit codes: 0 when the work is done, 1 when it failed or a check found damage (`verify`),
+//! 2 on usage errors.
+
+mod bench;
+mod store_tools;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// The operator's tool for Headwater event stores.
+///
+/// Logs go to stderr (filter them with `RUST_LOG`, e.g. `RUST_LOG=debug`); results go to stdout.
+#[derive(Debug, Parser)]
+#[command(name = "headwater", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show what an embedded store holds: streams, event counts, head position, size on disk.
+    Inspect(store_tools::InspectArgs),
+    /// Check an embedded store's integrity: contiguous versions and positions, checksums.
+    ///
+    /// Exits 0 when the store is sound and 1, with a report of each problem, when it is not.
+    Verify(store_tools::VerifyArgs),
+    /// Measure the event store on this machine's disk, beside the fsync bound and SPEC's aims.
+    ///
+    /// One run measures: the fsync bound (write + fdatasync of one record, on a growing file and
+    /// on pre-allocated space); durable appends with 1 writer, with many concurrent writers on
+    /// distinct streams, and in batches (1 and several writers); reading one large stream and the
+    /// whole log forward; peak memory and memory as the store grows. Prints a markdown table
+    /// (for BENCHMARKS.md) with the machine and the command line; `--json` writes the same as
+    /// JSON. A default run takes 1–2 minutes; `--quick` a few seconds (a smoke test, not a
+    /// measurement).
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let outcome = match cli.command {
+        Command::Inspect(args) => store_tools::inspect(&args),
+        Command::Verify(args) => store_tools::verify(&args),
+        Command::Bench(args) => bench::run(&args),
+    };
+    match outcome {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error}");
+            for cause in error.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .init();
+}

@@ -1,0 +1,258 @@
+//! `headwater bench`: the project's benchmark, on the disk where the store lives.
+//!
+//! - `fsync`: the bound every durable store is measured against (a plain write + fdatasync loop);
+//! - `store`: the workloads, generic over [`EventStore`], so every backend runs the same ones;
+//! - `system`: the machine and the process's memory, from `/proc`;
+//! - `report`: the figures beside their comparisons, as a markdown table and as JSON.
+
+mod fsync;
+mod report;
+mod store;
+mod system;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use headwater_core::limits::APPEND_EVENTS_MAX;
+use headwater_store::MemoryStore;
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// The size of one record of the fsync loop by default, in bytes: about what one appended event
+/// of the benchmark takes on disk (its ~150-byte JSON data, id, stream, type, metadata, framing).
+const RECORD_BYTES_DEFAULT: u64 = 256;
+/// The largest fsync record, in bytes.
+const RECORD_BYTES_MAX: u64 = 16 * 1024 * 1024;
+/// The longest timed phase, in seconds (a guard against typos such as `--phase-secs 5000`).
+const PHASE_SECS_MAX: f64 = 3_600.0;
+/// The most concurrent writers.
+const WRITERS_MAX: u32 = 10_000;
+/// The most events the store may be filled with.
+const EVENTS_MAX: u64 = 1_000_000_000;
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchArgs {
+    /// Where to run: the benchmark creates a fresh working directory inside DIR (the store and
+    /// the fsync files) and removes it at the end unless `--keep`. Put it on the disk to measure.
+    /// [default: $TMPDIR, or /tmp]
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+
+    /// Keep the working directory (the store and the fsync files) after the run.
+    #[arg(long)]
+    keep: bool,
+
+    /// The store to measure.
+    #[arg(long, value_enum, default_value_t = Backend::DEFAULT)]
+    backend: Backend,
+
+    /// A run of a few seconds: short phases, a small store. For smoke tests: its figures mean
+    /// little. Any size flag given beside it still applies.
+    #[arg(long)]
+    quick: bool,
+
+    /// How long each timed phase runs (the fsync loops and the append figures), in seconds.
+    /// [default: 5; with --quick: 0.2]
+    #[arg(long, value_name = "SECS", value_parser = parse_phase_secs)]
+    phase_secs: Option<Duration>,
+
+    /// The record size of the fsync loops, in bytes: one appended event's on-disk footprint.
+    #[arg(long, value_name = "BYTES", default_value_t = RECORD_BYTES_DEFAULT,
+          value_parser = clap::value_parser!(u64).range(1..=RECORD_BYTES_MAX))]
+    record_bytes: u64,
+
+    /// Events the store holds at the end: the whole-log read and the memory table are measured
+    /// at 10 %, 50 % and 100 % of it. [default: 1000000; with --quick: 20000]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=EVENTS_MAX))]
+    events: Option<u64>,
+
+    /// Events of the one large stream that is read forward.
+    /// [default: 100000; with --quick: 5000]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=EVENTS_MAX))]
+    stream_events: Option<u64>,
+
+    /// Concurrent writers of the many-writers figure (each on its own stream, 1 event per
+    /// append).
+    #[arg(long, value_name = "N", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(WRITERS_MAX)))]
+    writers: u32,
+
+    /// Events per append of the batch figures.
+    #[arg(long, value_name = "N", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=APPEND_EVENTS_MAX as i64))]
+    batch_events: u32,
+
+    /// Concurrent writers of the many-batch-writers figure (and of the store fill).
+    #[arg(long, value_name = "N", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(WRITERS_MAX)))]
+    batch_writers: u32,
+
+    /// Also write the results as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+}
+
+/// The stores `headwater bench` can measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Backend {
+    /// The in-memory reference store: not durable, a measure of the harness itself.
+    Memory,
+}
+
+impl Backend {
+    const DEFAULT: Backend = Backend::Memory;
+
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Memory => "memory",
+        }
+    }
+
+    fn durable(self) -> bool {
+        match self {
+            Backend::Memory => false,
+        }
+    }
+}
+
+fn parse_phase_secs(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if !(secs > 0.0 && secs <= PHASE_SECS_MAX) {
+        return Err(format!(
+            "{text} is outside the range of a phase (0 < SECS <= {PHASE_SECS_MAX})"
+        ));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Every size and duration of one run, with `--quick` and the defaults resolved.
+#[derive(Clone, Debug)]
+pub(crate) struct Plan {
+    pub(crate) phase: Duration,
+    pub(crate) record_bytes: u64,
+    pub(crate) events: u64,
+    pub(crate) stream_events: u64,
+    pub(crate) writers: u32,
+    pub(crate) batch_events: u32,
+    pub(crate) batch_writers: u32,
+}
+
+impl Plan {
+    fn from_args(args: &BenchArgs) -> Plan {
+        let quick = args.quick;
+        Plan {
+            phase: args.phase_secs.unwrap_or(if quick {
+                Duration::from_millis(200)
+            } else {
+                Duration::from_secs(5)
+            }),
+            record_bytes: args.record_bytes,
+            events: args
+                .events
+                .unwrap_or(if quick { 20_000 } else { 1_000_000 }),
+            stream_events: args
+                .stream_events
+                .unwrap_or(if quick { 5_000 } else { 100_000 }),
+            writers: args.writers,
+            batch_events: args.batch_events,
+            batch_writers: args.batch_writers,
+        }
+    }
+
+    /// The store sizes at which the whole log is read and memory is sampled.
+    fn checkpoints(&self) -> Vec<u64> {
+        let mut sizes: Vec<u64> = [self.events / 10, self.events / 2, self.events]
+            .into_iter()
+            .filter(|&n| n > 0)
+            .collect();
+        sizes.dedup();
+        sizes
+    }
+}
+
+pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    let plan = Plan::from_args(args);
+    let parent = match &args.dir {
+        Some(dir) => dir.clone(),
+        None => std::env::temp_dir(),
+    };
+    if !parent.is_dir() {
+        bail!(
+            "--dir {}: no such directory (the benchmark creates its working directory inside it)",
+            parent.display()
+        );
+    }
+    let workdir = tempfile::Builder::new()
+        .prefix("headwater-bench-")
+        .tempdir_in(&parent)
+        .with_context(|| format!("cannot create a working directory in {}", parent.display()))?;
+    let machine = system::Machine::describe(workdir.path());
+    tracing::info!(
+        dir = %workdir.path().display(),
+        filesystem = %machine.filesystem,
+        backend = args.backend.name(),
+        "benchmark starting"
+    );
+    if machine.filesystem.starts_with("tmpfs") {
+        tracing::warn!("the working directory is on tmpfs: fsync does nothing there");
+    }
+
+    let fsync_dir = workdir.path().join("fsync");
+    std::fs::create_dir(&fsync_dir)
+        .with_context(|| format!("cannot create {}", fsync_dir.display()))?;
+    let fsync = fsync::measure(&fsync_dir, &plan).context("the fsync bound")?;
+    std::fs::remove_dir_all(&fsync_dir)
+        .with_context(|| format!("cannot remove {}", fsync_dir.display()))?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let figures = runtime.block_on(async {
+        match args.backend {
+            Backend::Memory => store::measure(Arc::new(MemoryStore::new()), &plan).await,
+        }
+    })?;
+    drop(runtime);
+
+    let report = report::Report::new(
+        &plan,
+        args.backend.name(),
+        args.backend.durable(),
+        machine,
+        fsync,
+        figures,
+    );
+    print!("{}", report.markdown());
+    if let Some(path) = &args.json {
+        report
+            .write_json(path)
+            .with_context(|| format!("cannot write the JSON results to {}", path.display()))?;
+    }
+    if args.keep {
+        let kept = workdir.keep();
+        tracing::info!(dir = %kept.display(), "kept the working directory");
+    } else {
+        let path = workdir.path().to_path_buf();
+        workdir
+            .close()
+            .with_context(|| format!("cannot remove the working directory {}", path.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A progress bar on stderr for a phase of known length (hidden when stderr is not a terminal).
+pub(crate) fn progress_bar(label: &str, length: u64, unit: &str) -> ProgressBar {
+    let bar = ProgressBar::new(length);
+    let template = format!("{{msg:44}} [{{bar:30}}] {{pos}}/{{len}} {unit} ({{elapsed}})");
+    if let Ok(style) = ProgressStyle::with_template(&template) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(label.to_owned());
+    bar
+}

@@ -1,0 +1,229 @@
+//! The `headwater` binary, run as an operator runs it. No timing is asserted anywhere: the
+//! benchmark's figures are checked for presence and shape only.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn headwater(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_headwater"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("the headwater binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+const BENCH_FLAGS: &[&str] = &[
+    "--dir",
+    "--keep",
+    "--backend",
+    "--quick",
+    "--phase-secs",
+    "--record-bytes",
+    "--events",
+    "--stream-events",
+    "--writers",
+    "--batch-events",
+    "--batch-writers",
+    "--json",
+];
+
+#[test]
+fn help_for_every_verb_exits_0_and_names_each_flag() {
+    let table: &[(&[&str], &[&str])] = &[
+        (&["--help"], &["inspect", "verify", "bench"]),
+        (&["inspect", "--help"], &["DIR", "--help"]),
+        (&["verify", "--help"], &["DIR", "--help", "Exits 0"]),
+        (&["bench", "--help"], BENCH_FLAGS),
+        (&["help", "bench"], BENCH_FLAGS),
+    ];
+    for (args, expected) in table {
+        let out = headwater(args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {out:?}");
+        let stdout = text(&out.stdout);
+        for word in *expected {
+            assert!(
+                stdout.contains(word),
+                "{args:?} does not mention {word}:\n{stdout}"
+            );
+        }
+    }
+}
+
+/// Every row of the human report, by the words that start it.
+const FIGURE_ROWS: &[&str] = &[
+    "| fsync bound: write 256 B + fdatasync, growing file |",
+    "| write 256 B + fdatasync, pre-allocated space |",
+    "| durable append, 1 writer, 1 event per append |",
+    "| durable append, 64 writers on distinct streams, 1 event each |",
+    "| durable append, batches of 100, 1 writer |",
+    "| durable append, batches of 100, 8 writers |",
+    "| read one stream forward (5,000 events) |",
+    "| read the whole log forward (",
+    "| peak memory (VmHWM) |",
+    "| RSS at the end (",
+];
+
+const JSON_KEYS: &[&str] = &[
+    "fsync_growing",
+    "fsync_overwrite",
+    "append_one_writer",
+    "append_many_writers",
+    "append_batch_one_writer",
+    "append_batch_many_writers",
+    "read_stream",
+    "read_all",
+];
+
+#[test]
+fn quick_bench_prints_every_figure_and_cleans_up() {
+    let parent = tempfile::tempdir().unwrap();
+    let json = parent.path().join("results.json");
+    let dir = parent.path().to_str().unwrap();
+    let out = headwater(&[
+        "bench",
+        "--quick",
+        "--dir",
+        dir,
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{stdout}",
+        text(&out.stderr)
+    );
+
+    for row in FIGURE_ROWS {
+        let line = stdout
+            .lines()
+            .find(|line| line.starts_with(row))
+            .unwrap_or_else(|| panic!("no row {row:?} in:\n{stdout}"));
+        // figure, rate, p50, p99, compared to, aim, verdict.
+        assert_eq!(line.matches(" | ").count(), 6, "{line}");
+    }
+    for verdict_row in &FIGURE_ROWS[2..8] {
+        let line = stdout.lines().find(|l| l.starts_with(verdict_row)).unwrap();
+        assert!(
+            line.ends_with("| PASS |") || line.ends_with("| SHORT |"),
+            "no verdict: {line}"
+        );
+    }
+    for heading in [
+        "- command: `",
+        "- machine: ",
+        "- disk: ",
+        "Memory as the store grows",
+    ] {
+        assert!(stdout.contains(heading), "no {heading:?} in:\n{stdout}");
+    }
+    assert!(
+        stdout.contains("bench --quick --dir"),
+        "the command line:\n{stdout}"
+    );
+
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let figures = results["figures"].as_array().unwrap();
+    for key in JSON_KEYS {
+        let figure = figures
+            .iter()
+            .find(|f| f["key"] == *key)
+            .unwrap_or_else(|| panic!("no figure {key} in {results}"));
+        let rate = figure["per_second"].as_f64().unwrap();
+        assert!(rate > 0.0, "{key}: {figure}");
+    }
+    assert_eq!(
+        results["memory"]["checkpoints"].as_array().unwrap().len(),
+        3
+    );
+    assert!(results["memory"]["peak_kib"].as_u64().unwrap() > 0);
+
+    // The working directory is gone; only the JSON file is left.
+    let left: Vec<_> = std::fs::read_dir(parent.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("results.json")]);
+}
+
+#[test]
+fn bench_keep_leaves_the_working_directory() {
+    let parent = tempfile::tempdir().unwrap();
+    let out = headwater(&[
+        "bench",
+        "--quick",
+        "--keep",
+        "--phase-secs",
+        "0.05",
+        "--events",
+        "300",
+        "--stream-events",
+        "100",
+        "--writers",
+        "4",
+        "--dir",
+        parent.path().to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let kept: Vec<_> = std::fs::read_dir(parent.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(kept[0].starts_with("headwater-bench-"), "{kept:?}");
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("| durable append, 4 writers on distinct streams"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn bad_arguments_exit_2_with_a_clear_message() {
+    let table: &[(&[&str], &str)] = &[
+        (&["frobnicate"], "frobnicate"),
+        (&["inspect"], "DIR"),
+        (&["verify"], "DIR"),
+        (&["bench", "--writers", "0"], "--writers"),
+        (&["bench", "--batch-events", "1001"], "--batch-events"),
+        (&["bench", "--record-bytes", "0"], "--record-bytes"),
+        (
+            &["bench", "--phase-secs", "soon"],
+            "not a number of seconds",
+        ),
+        (&["bench", "--phase-secs", "0"], "outside the range"),
+        (&["bench", "--backend", "floppy"], "--backend"),
+        (&["bench", "--events=0"], "--events"),
+    ];
+    for (args, expected) in table {
+        let out = headwater(args);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn a_missing_directory_is_a_clear_error() {
+    let parent = tempfile::tempdir().unwrap();
+    let missing = parent.path().join("no-such-dir");
+    let missing = missing.to_str().unwrap();
+    for args in [
+        vec!["bench", "--quick", "--dir", missing],
+        vec!["inspect", missing],
+        vec!["verify", missing],
+    ] {
+        let out = headwater(&args);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains("error: "), "{args:?}: {stderr}");
+        assert!(stderr.contains("no-such-dir"), "{args:?}: {stderr}");
+        assert!(!Path::new(missing).exists());
+    }
+}
