@@ -1,1 +1,279 @@
-//! placeholder
+//! Headwater's embedded event store, the default backend: one directory per service, nothing to
+//! install or start.
+//!
+//! The events live in a SQLite database (`events.sqlite3`, WAL mode, `synchronous=FULL`) written
+//! by one thread that commits appends in groups, so that concurrent appends share one fsync.
+//! `docs/design/storage.md` describes the files, the commit protocol and what a crash does at
+//! each step.
+//!
+//! Architecture invariant: this crate is the only one that knows the store's files. Everything
+//! above it sees an [`EventStore`](headwater_store::EventStore).
+
+mod open;
+mod reader;
+mod schema;
+mod writer;
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use async_trait::async_trait;
+use headwater_core::{
+    EventId, ExpectedVersion, NewEvent, Position, RecordedEvent, StreamName, StreamVersion,
+    validate_append,
+};
+use headwater_store::{AppendError, AppendOutcome, EventStore, ReadError};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::reader::Readers;
+use crate::writer::Request;
+
+/// The most events one group commit writes (it always takes at least one append whole).
+pub const GROUP_EVENTS_MAX: usize = 10_000;
+/// The most event data one group commit writes, in bytes (it always takes at least one append).
+pub const GROUP_BYTES_MAX: usize = 32 * 1024 * 1024;
+/// How many appends may wait for the writer before `append` waits for room.
+pub const QUEUE_APPENDS_MAX: usize = 4_096;
+/// Read connections, by default.
+pub const READERS_DEFAULT: usize = 4;
+/// The page cache of each connection, by default, in bytes.
+pub const PAGE_CACHE_BYTES_DEFAULT: u64 = 8 * 1024 * 1024;
+
+/// A hook the writer calls just before each `COMMIT`, with the number of the commit (1, 2, …
+/// since the store was opened). An `Err` fails that commit as a failed fsync would.
+pub type CommitHook = Arc<dyn Fn(u64) -> io::Result<()> + Send + Sync>;
+
+/// How to open an [`EmbeddedStore`]. `Options::default()` is what production uses; change
+/// fields on it.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct Options {
+    /// The most events one group commit writes ([`GROUP_EVENTS_MAX`]).
+    pub group_events_max: usize,
+    /// The most event data one group commit writes, in bytes ([`GROUP_BYTES_MAX`]).
+    pub group_bytes_max: usize,
+    /// How many appends may wait for the writer ([`QUEUE_APPENDS_MAX`]).
+    pub queue_appends_max: usize,
+    /// How many read connections serve reads concurrently ([`READERS_DEFAULT`], at least 1).
+    pub readers: usize,
+    /// The page cache of each connection, in bytes ([`PAGE_CACHE_BYTES_DEFAULT`]).
+    pub page_cache_bytes: u64,
+    /// **For tests**: called before each commit; an `Err` fails the commit (and poisons the
+    /// store) as a failed fsync would.
+    pub before_commit: Option<CommitHook>,
+    /// **For tests**: `PRAGMA max_page_count` of the write connection, so that a write fails
+    /// with `SQLITE_FULL` as on a full disk.
+    pub max_page_count: Option<u64>,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            group_events_max: GROUP_EVENTS_MAX,
+            group_bytes_max: GROUP_BYTES_MAX,
+            queue_appends_max: QUEUE_APPENDS_MAX,
+            readers: READERS_DEFAULT,
+            page_cache_bytes: PAGE_CACHE_BYTES_DEFAULT,
+            before_commit: None,
+            max_page_count: None,
+        }
+    }
+}
+
+impl fmt::Debug for Options {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Options")
+            .field("group_events_max", &self.group_events_max)
+            .field("group_bytes_max", &self.group_bytes_max)
+            .field("queue_appends_max", &self.queue_appends_max)
+            .field("readers", &self.readers)
+            .field("page_cache_bytes", &self.page_cache_bytes)
+            .field("before_commit", &self.before_commit.as_ref().map(|_| "…"))
+            .field("max_page_count", &self.max_page_count)
+            .finish()
+    }
+}
+
+/// Why a store could not be opened. In every case nothing in the directory was changed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// The directory holds an `events.sqlite3` that is not a Headwater store.
+    #[error("{path} is not a Headwater store: {reason}")]
+    NotAStore { path: PathBuf, reason: String },
+    /// The store was written by a newer Headwater, in a format this one does not know.
+    #[error(
+        "{path} has format version {found}; this program knows versions up to {supported}: use a newer Headwater"
+    )]
+    NewerFormat {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+    /// Another process (or another handle in this one) has the store open.
+    #[error("{dir} is in use by another process (its LOCK file is locked)")]
+    Locked { dir: PathBuf },
+    /// The database file is damaged.
+    #[error("{path} is corrupt: {detail}")]
+    Corrupt { path: PathBuf, detail: String },
+    /// A file system operation failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// SQLite failed.
+    #[error("opening {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+}
+
+/// The embedded event store. Clones share one store; dropping the last clone closes it (the
+/// writer finishes what it was given, checkpoints the WAL and releases the directory lock).
+///
+/// # Durability
+/// An append returns `Ok` only after the SQLite transaction holding it committed with
+/// `synchronous=FULL`: the WAL was fsynced. Its events then survive `kill -9` and power loss,
+/// on a disk that honours fsync.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    /// `None` once closing: the writer thread ends when the last sender is gone.
+    requests: Option<mpsc::Sender<Request>>,
+    head: watch::Receiver<Position>,
+    readers: Arc<Readers>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EmbeddedStore")
+            .field("dir", &self.inner.dir)
+            .field("head", &*self.inner.head.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Readers first, so that the writer's connection is the last one and SQLite removes the
+        // WAL when it closes.
+        self.readers.close();
+        self.requests = None;
+        if let Some(writer) = self.writer.take() {
+            // A panic of the writer thread was already reported by its panic hook; the appends
+            // it left unanswered saw `Closed`.
+            let _ = writer.join();
+        }
+    }
+}
+
+impl EmbeddedStore {
+    /// Opens the store in `dir`, creating the directory and an empty store if missing.
+    ///
+    /// Blocks briefly (file system and SQLite calls); calling it inside a tokio runtime is fine.
+    pub fn open(dir: impl AsRef<Path>) -> Result<EmbeddedStore, OpenError> {
+        EmbeddedStore::open_with(dir, Options::default())
+    }
+
+    /// [`EmbeddedStore::open`] with options.
+    pub fn open_with(dir: impl AsRef<Path>, options: Options) -> Result<EmbeddedStore, OpenError> {
+        open::open(dir.as_ref(), options)
+    }
+
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    async fn read<T, F>(&self, read: F) -> Result<T, ReadError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&rusqlite::Connection) -> Result<T, ReadError> + Send + 'static,
+    {
+        Readers::run(&self.inner.readers, read).await
+    }
+}
+
+#[async_trait]
+impl EventStore for EmbeddedStore {
+    /// # Durability
+    /// `Ok` means the events are in the WAL and the WAL was fsynced. An
+    /// [`AppendError::Backend`] from a failed commit means the outcome is unknown (a failed
+    /// fsync may still have written the events); the store is then poisoned: reopen it and retry
+    /// the same append, which tells (G3).
+    ///
+    /// # Cancel safety
+    /// Dropping the future after its first poll may still append the events; retry with the same
+    /// event ids to find out.
+    async fn append(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendOutcome, AppendError> {
+        validate_append(expected, &events)?;
+        let requests = self.inner.requests.as_ref().ok_or(AppendError::Closed)?;
+        let (reply, answer) = oneshot::channel();
+        let request = Request {
+            stream: stream.clone(),
+            expected,
+            events,
+            reply,
+        };
+        requests
+            .send(request)
+            .await
+            .map_err(|_| AppendError::Closed)?;
+        answer.await.map_err(|_| AppendError::Closed)?
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &StreamName,
+        after: StreamVersion,
+        limit: u64,
+    ) -> Result<Vec<RecordedEvent>, ReadError> {
+        let limit = headwater_store::validate_limit(limit)?;
+        let stream = stream.clone();
+        self.read(move |conn| reader::read_stream(conn, &stream, after, limit))
+            .await
+    }
+
+    async fn read_all(&self, after: Position, limit: u64) -> Result<Vec<RecordedEvent>, ReadError> {
+        let limit = headwater_store::validate_limit(limit)?;
+        self.read(move |conn| reader::read_all(conn, after, limit))
+            .await
+    }
+
+    async fn stream_head(&self, stream: &StreamName) -> Result<Option<StreamVersion>, ReadError> {
+        let stream = stream.clone();
+        self.read(move |conn| reader::stream_head(conn, &stream))
+            .await
+    }
+
+    async fn find_event(&self, event_id: EventId) -> Result<Option<RecordedEvent>, ReadError> {
+        self.read(move |conn| reader::find_event(conn, event_id))
+            .await
+    }
+
+    fn head_position(&self) -> Position {
+        *self.inner.head.borrow()
+    }
+
+    fn watch_head(&self) -> watch::Receiver<Position> {
+        self.inner.head.clone()
+    }
+}

@@ -1,0 +1,217 @@
+//! Opening a store directory: the lock, the format check, creating a fresh store, the
+//! connections and the writer thread.
+
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use headwater_core::Position;
+use rusqlite::{Connection, ErrorCode, OpenFlags};
+use tokio::sync::{mpsc, watch};
+
+use crate::reader::Readers;
+use crate::schema::{APPLICATION_ID, CREATE_SCHEMA, DATABASE_FILE, FORMAT_VERSION, LOCK_FILE};
+use crate::writer::Writer;
+use crate::{EmbeddedStore, Inner, OpenError, Options};
+
+/// How long a connection waits for a lock held by another connection of this process (the
+/// checkpoint, a reader starting while the WAL restarts) before giving up, in milliseconds.
+const BUSY_TIMEOUT_MILLIS: u64 = 5_000;
+/// The WAL file is truncated back to this size after a checkpoint resets it, in bytes.
+const WAL_SIZE_LIMIT_BYTES: i64 = 64 * 1024 * 1024;
+
+pub(crate) fn open(dir: &Path, options: Options) -> Result<EmbeddedStore, OpenError> {
+    let io = |what: &'static str, path: &Path| {
+        let path = path.to_owned();
+        move |source| OpenError::Io { what, path, source }
+    };
+    fs::create_dir_all(dir).map_err(io("creating the directory", dir))?;
+    let dir = dir
+        .canonicalize()
+        .map_err(io("resolving the directory", dir))?;
+
+    let lock_path = dir.join(LOCK_FILE);
+    let lock = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(io("opening", &lock_path))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => return Err(OpenError::Locked { dir }),
+        Err(TryLockError::Error(e)) => return Err(io("locking", &lock_path)(e)),
+    }
+
+    let path = dir.join(DATABASE_FILE);
+    let conn = connect(&path, &options)?;
+    check_format(&conn, &path)?;
+    if is_blank(&conn, &path)? {
+        create(&conn, &path)?;
+    }
+    configure_writer(&conn, &path, &options)?;
+    // SQLite fsyncs the directory when it creates the WAL; the database and LOCK files are ours
+    // to make durable by name.
+    File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("syncing the directory", &dir))?;
+
+    let head = last_position(&conn, &path)?;
+    let readers = Arc::new(Readers::open(path.clone(), &options)?);
+    let (head_tx, head_rx) = watch::channel(head);
+    let (requests, queue) = mpsc::channel(options.queue_appends_max.max(1));
+    let writer = Writer::new(conn, head, head_tx, &options);
+    let thread = std::thread::Builder::new()
+        .name("headwater-writer".to_owned())
+        .spawn(move || writer.run(queue, lock))
+        .map_err(io("starting the writer thread for", &dir))?;
+    Ok(EmbeddedStore {
+        inner: Arc::new(Inner {
+            dir,
+            requests: Some(requests),
+            head: head_rx,
+            readers,
+            writer: Some(thread),
+        }),
+    })
+}
+
+/// Maps a SQLite error met while opening: a damaged or foreign file gets its own variant.
+pub(crate) fn sqlite_error(path: &Path) -> impl Fn(rusqlite::Error) -> OpenError + '_ {
+    move |source| match source.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase) => OpenError::NotAStore {
+            path: path.to_owned(),
+            reason: "the file is not a SQLite database".to_owned(),
+        },
+        Some(ErrorCode::DatabaseCorrupt) => OpenError::Corrupt {
+            path: path.to_owned(),
+            detail: source.to_string(),
+        },
+        _ => OpenError::Sqlite {
+            path: path.to_owned(),
+            source,
+        },
+    }
+}
+
+/// A connection to the database file with the settings every connection shares.
+pub(crate) fn connect(path: &Path, options: &Options) -> Result<Connection, OpenError> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | OpenFlags::SQLITE_OPEN_EXRESCODE;
+    let conn = Connection::open_with_flags(path, flags).map_err(sqlite_error(path))?;
+    conn.busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MILLIS))
+        .map_err(sqlite_error(path))?;
+    // A negative cache_size is in KiB.
+    let cache_kib = i64::try_from(options.page_cache_bytes / 1024).unwrap_or(i64::MAX);
+    conn.pragma_update(None, "cache_size", -cache_kib.max(1))
+        .map_err(sqlite_error(path))?;
+    // Memory-mapped I/O would count the mapped file in the process's RSS.
+    conn.pragma_update(None, "mmap_size", 0)
+        .map_err(sqlite_error(path))?;
+    Ok(conn)
+}
+
+/// Refuses a file that is not a Headwater store of a known version. Reads only the header.
+fn check_format(conn: &Connection, path: &Path) -> Result<(), OpenError> {
+    let application_id: i32 = conn
+        .pragma_query_value(None, "application_id", |row| row.get(0))
+        .map_err(sqlite_error(path))?;
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(sqlite_error(path))?;
+    if application_id == 0 {
+        // Either a blank database (created and not initialised yet) or somebody else's.
+        return if is_blank(conn, path)? {
+            Ok(())
+        } else {
+            Err(OpenError::NotAStore {
+                path: path.to_owned(),
+                reason: "the SQLite database has no Headwater application id".to_owned(),
+            })
+        };
+    }
+    if application_id != APPLICATION_ID {
+        return Err(OpenError::NotAStore {
+            path: path.to_owned(),
+            reason: format!("the SQLite database has application id {application_id:#x}"),
+        });
+    }
+    if version > i64::from(FORMAT_VERSION) {
+        return Err(OpenError::NewerFormat {
+            path: path.to_owned(),
+            found: version,
+            supported: i64::from(FORMAT_VERSION),
+        });
+    }
+    if version < i64::from(FORMAT_VERSION) {
+        return Err(OpenError::NotAStore {
+            path: path.to_owned(),
+            reason: format!("unknown format version {version}"),
+        });
+    }
+    Ok(())
+}
+
+/// Whether the database is empty: no schema and no application id.
+fn is_blank(conn: &Connection, path: &Path) -> Result<bool, OpenError> {
+    let application_id: i32 = conn
+        .pragma_query_value(None, "application_id", |row| row.get(0))
+        .map_err(sqlite_error(path))?;
+    let objects: i64 = conn
+        .query_row("SELECT count(*) FROM sqlite_schema", [], |row| row.get(0))
+        .map_err(sqlite_error(path))?;
+    Ok(application_id == 0 && objects == 0)
+}
+
+/// Creates the schema and the format markers in one transaction, then switches to WAL.
+fn create(conn: &Connection, path: &Path) -> Result<(), OpenError> {
+    let sql = format!(
+        "BEGIN IMMEDIATE;
+         PRAGMA application_id = {APPLICATION_ID};
+         PRAGMA user_version = {FORMAT_VERSION};
+         {CREATE_SCHEMA}
+         COMMIT;"
+    );
+    conn.execute_batch(&sql).map_err(sqlite_error(path))
+}
+
+fn configure_writer(conn: &Connection, path: &Path, options: &Options) -> Result<(), OpenError> {
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+        .map_err(sqlite_error(path))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(OpenError::Io {
+            what: "switching to WAL mode",
+            path: path.to_owned(),
+            source: std::io::Error::other(format!("journal_mode stayed {mode}")),
+        });
+    }
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(sqlite_error(path))?;
+    conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT_BYTES)
+        .map_err(sqlite_error(path))?;
+    if let Some(pages) = options.max_page_count {
+        let pages = i64::try_from(pages).unwrap_or(i64::MAX);
+        conn.pragma_update(None, "max_page_count", pages)
+            .map_err(sqlite_error(path))?;
+    }
+    Ok(())
+}
+
+fn last_position(conn: &Connection, path: &Path) -> Result<Position, OpenError> {
+    let last: Option<i64> = conn
+        .query_row("SELECT max(position) FROM events", [], |row| row.get(0))
+        .map_err(sqlite_error(path))?;
+    match last.map(u64::try_from) {
+        None => Ok(Position::START),
+        Some(Ok(p)) => Ok(Position(p)),
+        Some(Err(_)) => Err(OpenError::Corrupt {
+            path: path.to_owned(),
+            detail: "the last position is negative".to_owned(),
+        }),
+    }
+}

@@ -1,0 +1,218 @@
+//! Reads: a small pool of connections, each read on a blocking thread, every row checked.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use headwater_core::limits::READ_PAGE_BYTES_MAX;
+use headwater_core::{EventId, Position, RecordedEvent, StreamName, StreamVersion};
+use headwater_store::ReadError;
+use rusqlite::{Connection, ErrorCode, OptionalExtension};
+use tokio::sync::Semaphore;
+
+use crate::open::connect;
+use crate::schema::{SELECT_ALL_AFTER, SELECT_BY_ID, SELECT_STREAM_AFTER, decode_event};
+use crate::{OpenError, Options};
+
+/// The read connections. At most `permits` reads run at once; each takes a connection from
+/// `idle` (opening one if a panicked read lost one) and puts it back.
+#[derive(Debug)]
+pub(crate) struct Readers {
+    path: PathBuf,
+    options: Options,
+    idle: Mutex<Vec<Connection>>,
+    permits: Arc<Semaphore>,
+}
+
+impl Readers {
+    pub(crate) fn open(path: PathBuf, options: &Options) -> Result<Readers, OpenError> {
+        let count = options.readers.max(1);
+        let mut idle = Vec::with_capacity(count);
+        for _ in 0..count {
+            idle.push(reader_connection(&path, options)?);
+        }
+        Ok(Readers {
+            path,
+            options: options.clone(),
+            idle: Mutex::new(idle),
+            permits: Arc::new(Semaphore::new(count)),
+        })
+    }
+
+    /// Closes the idle connections and refuses further reads.
+    pub(crate) fn close(&self) {
+        self.permits.close();
+        self.idle_connections().clear();
+    }
+
+    fn idle_connections(&self) -> std::sync::MutexGuard<'_, Vec<Connection>> {
+        // A panic while holding the lock leaves a valid Vec.
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `read` with a connection on a blocking thread.
+    pub(crate) async fn run<T, F>(readers: &Arc<Readers>, read: F) -> Result<T, ReadError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, ReadError> + Send + 'static,
+    {
+        let permit = readers
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| ReadError::Closed)?;
+        let readers = readers.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = match readers.idle_connections().pop() {
+                Some(conn) => conn,
+                None => reader_connection(&readers.path, &readers.options)
+                    .map_err(ReadError::backend)?,
+            };
+            let result = read(&conn);
+            if !readers.permits.is_closed() {
+                readers.idle_connections().push(conn);
+            }
+            drop(permit);
+            result
+        })
+        .await
+        .map_err(ReadError::backend)?
+    }
+}
+
+fn reader_connection(path: &std::path::Path, options: &Options) -> Result<Connection, OpenError> {
+    let conn = connect(path, options)?;
+    conn.pragma_update(None, "query_only", true)
+        .map_err(crate::open::sqlite_error(path))?;
+    Ok(conn)
+}
+
+/// Maps a SQLite error: damage is [`ReadError::Corrupt`], never a plain failure.
+fn sqlite(position: Position) -> impl Fn(rusqlite::Error) -> ReadError {
+    move |e| match e.sqlite_error_code() {
+        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => ReadError::Corrupt {
+            position,
+            detail: e.to_string(),
+        },
+        _ => ReadError::backend(e),
+    }
+}
+
+fn to_sql(value: u64) -> Option<i64> {
+    i64::try_from(value).ok()
+}
+
+/// Reads rows into a page: at most `limit` (the statement's LIMIT), stopping before the event
+/// whose data would take the page past `READ_PAGE_BYTES_MAX` (a page holds at least one event).
+fn page(
+    mut rows: rusqlite::Rows<'_>,
+    capacity: u64,
+    near: Position,
+) -> Result<Vec<RecordedEvent>, ReadError> {
+    let mut out = Vec::with_capacity(capacity.min(1024) as usize);
+    let mut bytes = 0usize;
+    while let Some(row) = rows.next().map_err(sqlite(near))? {
+        let event = decode_event(row).map_err(|c| ReadError::Corrupt {
+            position: c.position,
+            detail: c.detail,
+        })?;
+        if !out.is_empty() && bytes + event.data.len() > READ_PAGE_BYTES_MAX {
+            break;
+        }
+        bytes += event.data.len();
+        out.push(event);
+    }
+    Ok(out)
+}
+
+pub(crate) fn read_all(
+    conn: &Connection,
+    after: Position,
+    limit: u64,
+) -> Result<Vec<RecordedEvent>, ReadError> {
+    let (Some(after_sql), Some(limit_sql)) = (to_sql(after.0), to_sql(limit)) else {
+        return Ok(Vec::new());
+    };
+    let near = Position(after.0.saturating_add(1));
+    let mut statement = conn
+        .prepare_cached(SELECT_ALL_AFTER)
+        .map_err(sqlite(near))?;
+    let rows = statement
+        .query((after_sql, limit_sql))
+        .map_err(sqlite(near))?;
+    page(rows, limit, near)
+}
+
+fn stream_row(conn: &Connection, stream: &StreamName) -> Result<Option<(i64, i64)>, ReadError> {
+    let mut statement = conn
+        .prepare_cached("SELECT id, head FROM streams WHERE name = ?1")
+        .map_err(sqlite(Position::START))?;
+    statement
+        .query_row([stream.as_str()], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()
+        .map_err(sqlite(Position::START))
+}
+
+pub(crate) fn read_stream(
+    conn: &Connection,
+    stream: &StreamName,
+    after: StreamVersion,
+    limit: u64,
+) -> Result<Vec<RecordedEvent>, ReadError> {
+    let Some((stream_id, _)) = stream_row(conn, stream)? else {
+        return Ok(Vec::new());
+    };
+    let (Some(after_sql), Some(limit_sql)) = (to_sql(after.0), to_sql(limit)) else {
+        return Ok(Vec::new());
+    };
+    let mut statement = conn
+        .prepare_cached(SELECT_STREAM_AFTER)
+        .map_err(sqlite(Position::START))?;
+    let rows = statement
+        .query((stream_id, after_sql, limit_sql))
+        .map_err(sqlite(Position::START))?;
+    let events = page(rows, limit, Position::START)?;
+    if let Some(wrong) = events.iter().find(|e| &e.stream != stream) {
+        return Err(ReadError::Corrupt {
+            position: wrong.position,
+            detail: format!("an event of {} is indexed under {stream}", wrong.stream),
+        });
+    }
+    Ok(events)
+}
+
+pub(crate) fn stream_head(
+    conn: &Connection,
+    stream: &StreamName,
+) -> Result<Option<StreamVersion>, ReadError> {
+    match stream_row(conn, stream)? {
+        None => Ok(None),
+        Some((_, head)) => match u64::try_from(head) {
+            Ok(head) if head > 0 => Ok(Some(StreamVersion(head))),
+            _ => Err(ReadError::Corrupt {
+                position: Position::START,
+                detail: format!("stream {stream} has head {head}"),
+            }),
+        },
+    }
+}
+
+pub(crate) fn find_event(
+    conn: &Connection,
+    event_id: EventId,
+) -> Result<Option<RecordedEvent>, ReadError> {
+    let mut statement = conn
+        .prepare_cached(SELECT_BY_ID)
+        .map_err(sqlite(Position::START))?;
+    let rows = statement
+        .query([&event_id.as_bytes()[..]])
+        .map_err(sqlite(Position::START))?;
+    let mut events = page(rows, 1, Position::START)?;
+    match events.pop() {
+        Some(event) if event.event_id != event_id => Err(ReadError::Corrupt {
+            position: event.position,
+            detail: format!("event {} is indexed under id {event_id}", event.event_id),
+        }),
+        found => Ok(found),
+    }
+}

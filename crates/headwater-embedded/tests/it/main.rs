@@ -1,0 +1,4 @@
+//! The embedded store's integration tests (one test binary).
+
+mod conformance;
+mod support;
