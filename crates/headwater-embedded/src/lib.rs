@@ -42,9 +42,19 @@ pub const READERS_DEFAULT: usize = 4;
 /// The page cache of each connection, by default, in bytes.
 pub const PAGE_CACHE_BYTES_DEFAULT: u64 = 8 * 1024 * 1024;
 
-/// A hook the writer calls just before each `COMMIT`, with the number of the commit (1, 2, …
-/// since the store was opened). An `Err` fails that commit as a failed fsync would.
-pub type CommitHook = Arc<dyn Fn(u64) -> io::Result<()> + Send + Sync>;
+/// A hook the writer calls just before each `COMMIT` (tests only, see
+/// [`Options::before_commit`]). An `Err` fails that commit as a failed fsync would.
+pub type CommitHook = Arc<dyn Fn(&CommitAttempt) -> io::Result<()> + Send + Sync>;
+
+/// What a commit is about to write, as told to a [`CommitHook`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CommitAttempt {
+    /// 1 for the first commit since the store was opened, then 2, 3 …
+    pub number: u64,
+    /// How many appends the group holds (refused ones included).
+    pub appends: usize,
+}
 
 /// How to open an [`EmbeddedStore`]. `Options::default()` is what production uses; change
 /// fields on it.

@@ -18,7 +18,7 @@ use rusqlite::{Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::schema::{EventFields, INSERT_EVENT};
-use crate::{CommitHook, Options};
+use crate::{CommitAttempt, CommitHook, Options};
 
 /// One append waiting for the writer. Its input was validated before it was queued.
 #[derive(Debug)]
@@ -188,7 +188,11 @@ impl Writer {
         }
         self.commits += 1;
         if let Some(hook) = &self.before_commit {
-            hook(self.commits).map_err(GroupError::Injected)?;
+            let attempt = CommitAttempt {
+                number: self.commits,
+                appends: group.len(),
+            };
+            hook(&attempt).map_err(GroupError::Injected)?;
         }
         self.conn.execute_batch("COMMIT")?;
         Ok(decisions)
