@@ -1,1 +1,42 @@
-//! placeholder
+//! Headwater: event-sourced microservices with consistency guarantees between services.
+//!
+//! This is the crate a service depends on. It holds:
+//!
+//! - the core model, re-exported from `headwater-core`: events ([`NewEvent`], [`RecordedEvent`]),
+//!   [`StreamName`], [`StreamVersion`], [`Position`], [`ExpectedVersion`], named [`limits`];
+//! - aggregates: [`Aggregate`] (pure `decide` and `evolve`), typed events with an explicit
+//!   encoding ([`DomainEvent`]), [`Upcasters`] for older schema versions, and a given / when /
+//!   then harness for their tests ([`testing::given`]);
+//! - command handling: [`CommandHandler`] loads a stream, decides, appends at the version it
+//!   loaded, retries on conflict with fresh state, and makes every command idempotent by its
+//!   [`CommandId`];
+//! - the event store interface and its backends, in [`store`].
+//!
+//! A service writes its aggregate, tests it with [`testing::given`], and handles commands with a
+//! [`CommandHandler`] over a store.
+
+mod command;
+mod error;
+mod handler;
+
+pub use command::{COMMAND_EVENT_ID_NAMESPACE, CommandContext, CommandId};
+pub use error::CommandError;
+pub use handler::{CommandHandler, Handled, Loaded};
+
+pub use headwater_core::{
+    Aggregate, DecodeError, DomainEvent, EncodeError, ErrorKind, EventId, EventType,
+    EventTypeError, ExpectedVersion, InvalidAppend, Metadata, NewEvent, Position, RecordedEvent,
+    StreamName, StreamNameError, StreamVersion, Timestamp, Upcasters, limits, testing,
+};
+/// UUIDs, as used by event ids, command ids, correlation and causation ids.
+pub use uuid::Uuid;
+
+/// Event stores: the [`EventStore`](store::EventStore) interface, its errors and backends.
+pub mod store {
+    pub use headwater_store::{
+        AppendError, AppendOutcome, EventStore, MemoryStore, ReadError, read_all_pages,
+        wait_for_position,
+    };
+    // The embedded backend, the default, will be re-exported here as `EmbeddedStore` once
+    // `headwater-embedded` lands.
+}
