@@ -65,7 +65,8 @@ impl Handled {
 /// Handles the commands of one aggregate type `A` against a store `S`.
 ///
 /// Cheap to clone (clones share the store and the upcasters). `S` may be unsized, so a service
-/// that picks its backend at run time can use `CommandHandler<A, dyn EventStore>`.
+/// that picks its backend at run time can use `CommandHandler<A, dyn EventStore>`
+/// ([`CommandHandler::from_arc`]).
 ///
 /// ```
 /// # use headwater::{Aggregate, DecodeError, DomainEvent, EncodeError, EventType};
@@ -86,12 +87,11 @@ impl Handled {
 /// #     fn decide(&self, n: &u64) -> Result<Vec<Added>, Zero> { if *n == 0 { Err(Zero) } else { Ok(vec![Added(*n)]) } }
 /// #     fn evolve(&mut self, e: &Added) { self.0 += e.0 }
 /// # }
-/// use std::sync::Arc;
 /// use headwater::{CommandError, CommandHandler, CommandId};
 /// use headwater::store::MemoryStore;
 ///
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-/// let handler = CommandHandler::<Counter, _>::new(Arc::new(MemoryStore::new()));
+/// let handler = CommandHandler::<Counter, _>::new(MemoryStore::new());
 /// let command_id = CommandId::new_random(); // chosen by the client, sent again on retries
 /// let handled = handler.handle("7", 5, command_id).await?;
 /// assert_eq!((handled.events, handled.replayed), (1, false));
@@ -136,10 +136,18 @@ impl<A, S: ?Sized> fmt::Debug for CommandHandler<A, S> {
     }
 }
 
-impl<A: Aggregate, S: EventStore + ?Sized> CommandHandler<A, S> {
-    /// A handler with no upcasters that decides a command at most
+impl<A: Aggregate, S: EventStore> CommandHandler<A, S> {
+    /// A handler over `store` with no upcasters that decides a command at most
     /// [`COMMAND_ATTEMPTS_MAX`] times.
-    pub fn new(store: Arc<S>) -> Self {
+    pub fn new(store: S) -> Self {
+        CommandHandler::from_arc(Arc::new(store))
+    }
+}
+
+impl<A: Aggregate, S: EventStore + ?Sized> CommandHandler<A, S> {
+    /// A handler over a shared store, possibly unsized (`Arc<dyn EventStore>`); otherwise as
+    /// [`CommandHandler::new`].
+    pub fn from_arc(store: Arc<S>) -> Self {
         CommandHandler {
             store,
             upcasters: Arc::new(Upcasters::new()),

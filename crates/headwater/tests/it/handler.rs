@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use crate::account::{self, Account, Command, Event, Refusal};
 
 pub(crate) fn handler<S: EventStore + ?Sized>(store: Arc<S>) -> CommandHandler<Account, S> {
-    CommandHandler::new(store).with_upcasters(account::upcasters())
+    CommandHandler::from_arc(store).with_upcasters(account::upcasters())
 }
 
 pub(crate) fn command_id(n: u128) -> CommandId {
@@ -419,7 +419,7 @@ async fn events_of_an_older_schema_are_upcast_on_load() {
         .unwrap();
 
     // Without the upcaster, version 1 is refused, not misread.
-    let bare = CommandHandler::<Account, _>::new(Arc::new(store));
+    let bare = CommandHandler::<Account, _>::new(store);
     let error = bare.load("1").await.unwrap_err();
     assert!(
         matches!(&error, CommandError::Decode { source, .. } if source.schema_version() == 1),
