@@ -1,4 +1,26 @@
 //! Command handling: load a stream, decide, append with the expected version, retry on conflict.
+//!
+//! # Idempotent commands, and the races between retries
+//!
+//! The events of a command get ids derived from its command id (index 0, 1, …), so "was this
+//! command recorded?" is "is the id of its first event recorded?" (`EventStore::find_event`), and
+//! the store's own idempotency (G3) holds for commands too. Each attempt of
+//! [`CommandHandler::handle_with`] checks first, then loads, decides and appends at the version it
+//! loaded. Between two concurrent retries of one command (a client that timed out and sent it
+//! again), every interleaving ends in one recording:
+//!
+//! - the other retry recorded it before our check: the check finds it, we replay its outcome;
+//! - it recorded it between our check and our load: our state holds the command. Deciding again
+//!   either refuses (a refusal re-checks and finds it) or produces the same derived ids, which
+//!   the store refuses at our later version as a conflict or a duplicate id; we check again and
+//!   replay;
+//! - it recorded it after our load: if it had loaded the same version, it decided the same
+//!   events (`decide` is pure), so our append of the same ids at the same version is answered
+//!   as a replay (G3); if it had loaded a later version, our append conflicts and the next check
+//!   finds the command.
+//!
+//! A command id whose first event is recorded in another stream is refused
+//! ([`CommandError::CommandIdReused`]); so is one the store finds elsewhere during the append.
 
 use std::fmt;
 use std::marker::PhantomData;
@@ -221,8 +243,10 @@ impl<A: Aggregate, S: EventStore + ?Sized> CommandHandler<A, S> {
     /// once. A `command_id` already recorded in another stream is refused with
     /// [`CommandError::CommandIdReused`].
     ///
-    /// A command that records nothing (refused, or decided to no events) leaves no trace, so a
-    /// retry of it is decided again, on the state at that time.
+    /// The command id identifies the command: another command sent to the same aggregate with a
+    /// recorded command id is answered as the recorded one, unread. A command that records nothing
+    /// (refused, or decided to no events) leaves no trace, so a retry of it is decided again, on
+    /// the state at that time.
     ///
     /// The events' correlation and causation ids come from `context` (both default to the
     /// command id).
