@@ -26,10 +26,15 @@ pub(crate) fn open(dir: &Path, options: Options) -> Result<EmbeddedStore, OpenEr
         let path = path.to_owned();
         move |source| OpenError::Io { what, path, source }
     };
+    let created = !dir.exists();
     fs::create_dir_all(dir).map_err(io("creating the directory", dir))?;
     let dir = dir
         .canonicalize()
         .map_err(io("resolving the directory", dir))?;
+    if created && let Some(parent) = dir.parent() {
+        // The new directory's own entry, so that the store's name survives a power loss.
+        sync_dir(parent).map_err(io("syncing the directory", parent))?;
+    }
 
     let lock_path = dir.join(LOCK_FILE);
     let lock = OpenOptions::new()
@@ -54,9 +59,7 @@ pub(crate) fn open(dir: &Path, options: Options) -> Result<EmbeddedStore, OpenEr
     configure_writer(&conn, &path, &options)?;
     // SQLite fsyncs the directory when it creates the WAL; the database and LOCK files are ours
     // to make durable by name.
-    File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("syncing the directory", &dir))?;
+    sync_dir(&dir).map_err(io("syncing the directory", &dir))?;
 
     let head = last_position(&conn, &path)?;
     let readers = Arc::new(Readers::open(path.clone(), &options)?);
@@ -214,4 +217,8 @@ fn last_position(conn: &Connection, path: &Path) -> Result<Position, OpenError> 
             detail: "the last position is negative".to_owned(),
         }),
     }
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
 }
