@@ -33,10 +33,12 @@ pub use uuid::Uuid;
 
 /// Event stores: the [`EventStore`](store::EventStore) interface, its errors and backends.
 pub mod store {
+    /// The embedded backend, the default: one directory per service, nothing to install.
+    pub use headwater_embedded::{
+        EmbeddedStore, OpenError as EmbeddedOpenError, Options as EmbeddedOptions,
+    };
     pub use headwater_store::{
         AppendError, AppendOutcome, EventStore, MemoryStore, ReadError, read_all_pages,
         wait_for_position,
     };
-    // The embedded backend, the default, will be re-exported here as `EmbeddedStore` once
-    // `headwater-embedded` lands.
 }

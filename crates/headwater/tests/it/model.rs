@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use headwater::store::{EventStore, MemoryStore};
+use headwater::store::{EmbeddedStore, EventStore, MemoryStore};
 use headwater::{CommandError, Handled, Position, StreamVersion};
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -94,8 +94,7 @@ impl Model {
     }
 }
 
-async fn run(ops: Vec<Op>) {
-    let store = MemoryStore::new();
+async fn run<S: EventStore + Clone>(store: S, ops: Vec<Op>) {
     let handler = handler(Arc::new(store.clone()));
     let mut accounts = vec![Model::default(); usize::from(ACCOUNTS)];
     let mut position = 0u64;
@@ -223,6 +222,21 @@ proptest! {
         tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap()
-            .block_on(run(ops));
+            .block_on(run(MemoryStore::new(), ops));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+    /// The same schedules on the embedded store, where every append is a real, durable commit.
+    #[test]
+    fn commands_match_the_model_on_the_embedded_store(ops in prop::collection::vec(op(), 1..40)) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(run(store, ops));
     }
 }
