@@ -10,15 +10,15 @@ mod report;
 mod store;
 mod system;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use headwater_core::limits::APPEND_EVENTS_MAX;
-use headwater_store::MemoryStore;
+use headwater_embedded::EmbeddedStore;
+use headwater_store::{EventStore, MemoryStore};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// The size of one record of the fsync loop by default, in bytes: about what one appended event
@@ -98,21 +98,25 @@ pub(crate) struct BenchArgs {
 /// The stores `headwater bench` can measure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub(crate) enum Backend {
+    /// The embedded store (SQLite, group commit), in the working directory: the default.
+    Embedded,
     /// The in-memory reference store: not durable, a measure of the harness itself.
     Memory,
 }
 
 impl Backend {
-    const DEFAULT: Backend = Backend::Memory;
+    const DEFAULT: Backend = Backend::Embedded;
 
     fn name(self) -> &'static str {
         match self {
+            Backend::Embedded => "embedded",
             Backend::Memory => "memory",
         }
     }
 
     fn durable(self) -> bool {
         match self {
+            Backend::Embedded => true,
             Backend::Memory => false,
         }
     }
@@ -202,20 +206,21 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         tracing::warn!("the working directory is on tmpfs: fsync does nothing there");
     }
 
-    let fsync_dir = workdir.path().join("fsync");
-    std::fs::create_dir(&fsync_dir)
-        .with_context(|| format!("cannot create {}", fsync_dir.display()))?;
-    let fsync = fsync::measure(&fsync_dir, &plan).context("the fsync bound")?;
-    std::fs::remove_dir_all(&fsync_dir)
-        .with_context(|| format!("cannot remove {}", fsync_dir.display()))?;
-
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let figures = runtime.block_on(async {
+    let store_dir = workdir.path().join("store");
+    let fsync_dir = workdir.path().join("fsync");
+    let results = runtime.block_on(async {
         match args.backend {
-            Backend::Memory => store::measure(Arc::new(MemoryStore::new()), &plan).await,
+            Backend::Memory => measure(MemoryStore::new(), &store_dir, &fsync_dir, &plan).await,
+            Backend::Embedded => {
+                let store = EmbeddedStore::open(&store_dir).with_context(|| {
+                    format!("cannot open an embedded store in {}", store_dir.display())
+                })?;
+                measure(store, &store_dir, &fsync_dir, &plan).await
+            }
         }
     })?;
     drop(runtime);
@@ -225,8 +230,7 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         args.backend.name(),
         args.backend.durable(),
         machine,
-        fsync,
-        figures,
+        results,
     );
     print!("{}", report.markdown());
     if let Some(path) = &args.json {
@@ -244,6 +248,43 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("cannot remove the working directory {}", path.display()))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Everything one run measured.
+#[derive(Debug)]
+pub(crate) struct Results {
+    pub(crate) fsync: fsync::FsyncFigures,
+    pub(crate) prepared: store::Prepared,
+    pub(crate) appends: store::Appends,
+    pub(crate) reads: store::Reads,
+}
+
+/// The whole run against one store. The fsync loops run right before the append figures, on the
+/// same disk, so that both see the same conditions (this machine's disk is shared and noisy).
+async fn measure<S: EventStore>(
+    store: S,
+    store_dir: &Path,
+    fsync_dir: &Path,
+    plan: &Plan,
+) -> anyhow::Result<Results> {
+    let mut bench = store::StoreBench::new(store, store_dir, plan);
+    let prepared = bench.prepare().await?;
+
+    std::fs::create_dir(fsync_dir)
+        .with_context(|| format!("cannot create {}", fsync_dir.display()))?;
+    // Blocking calls on the runtime's own thread: nothing else runs meanwhile.
+    let fsync = fsync::measure(fsync_dir, plan).context("the fsync bound")?;
+    std::fs::remove_dir_all(fsync_dir)
+        .with_context(|| format!("cannot remove {}", fsync_dir.display()))?;
+
+    let appends = bench.appends().await?;
+    let reads = bench.reads().await?;
+    Ok(Results {
+        fsync,
+        prepared,
+        appends,
+        reads,
+    })
 }
 
 /// A progress bar on stderr for a phase of known length (hidden when stderr is not a terminal).

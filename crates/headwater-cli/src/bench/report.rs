@@ -8,10 +8,8 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use super::Plan;
-use super::fsync::FsyncFigures;
-use super::store::StoreFigures;
 use super::system::{Machine, Memory};
+use super::{Plan, Results};
 
 /// The slowest latency a histogram tells apart, in nanoseconds (longer ones count as this).
 const LATENCY_NANOS_MAX: u64 = 60_000_000_000;
@@ -183,6 +181,7 @@ struct PlanSummary {
 #[derive(Debug, Serialize)]
 struct CheckpointSummary {
     events: u64,
+    disk_bytes: u64,
     #[serde(flatten)]
     memory: Memory,
     read_all_per_second: f64,
@@ -193,6 +192,7 @@ struct MemorySummary {
     peak_kib: Option<u64>,
     rss_end_kib: Option<u64>,
     events_end: u64,
+    disk_bytes_end: u64,
     checkpoints: Vec<CheckpointSummary>,
     end: Memory,
     aim: String,
@@ -219,9 +219,14 @@ impl Report {
         backend: &'static str,
         durable: bool,
         machine: Machine,
-        fsync: FsyncFigures,
-        store: StoreFigures,
+        results: Results,
     ) -> Report {
+        let Results {
+            fsync,
+            prepared,
+            appends,
+            reads,
+        } = results;
         let bound = fsync.growing.per_second();
         let of_bound = |rate: &Rate| Some(relative(rate.per_second(), bound, "the fsync bound"));
         let at_least = |rate: &Rate, aim: f64| {
@@ -259,17 +264,17 @@ impl Report {
             key: "append_one_writer",
             figure: "durable append, 1 writer, 1 event per append".to_owned(),
             unit: "events/s",
-            rate: store.one_writer.summary(),
-            compared_to: of_bound(&store.one_writer),
+            rate: appends.one_writer.summary(),
+            compared_to: of_bound(&appends.one_writer),
             aim: Some(format!(
                 "≥ {:.0} % of the fsync bound",
                 AIM_ONE_WRITER_OF_BOUND * 100.0
             )),
             verdict: Some(Verdict::of(
-                bound > 0.0 && store.one_writer.per_second() >= AIM_ONE_WRITER_OF_BOUND * bound,
+                bound > 0.0 && appends.one_writer.per_second() >= AIM_ONE_WRITER_OF_BOUND * bound,
             )),
         });
-        let (aim, verdict) = at_least(&store.many_writers, AIM_MANY_WRITERS_EVENTS_PER_SEC);
+        let (aim, verdict) = at_least(&appends.many_writers, AIM_MANY_WRITERS_EVENTS_PER_SEC);
         figures.push(Row {
             key: "append_many_writers",
             figure: format!(
@@ -277,22 +282,22 @@ impl Report {
                 plan.writers
             ),
             unit: "events/s",
-            rate: store.many_writers.summary(),
-            compared_to: of_bound(&store.many_writers),
+            rate: appends.many_writers.summary(),
+            compared_to: of_bound(&appends.many_writers),
             aim,
             verdict,
         });
-        let (aim, verdict) = at_least(&store.batch_one_writer, AIM_BATCH_EVENTS_PER_SEC);
+        let (aim, verdict) = at_least(&appends.batch_one_writer, AIM_BATCH_EVENTS_PER_SEC);
         figures.push(Row {
             key: "append_batch_one_writer",
             figure: format!("durable append, batches of {}, 1 writer", plan.batch_events),
             unit: "events/s",
-            rate: store.batch_one_writer.summary(),
-            compared_to: of_bound(&store.batch_one_writer),
+            rate: appends.batch_one_writer.summary(),
+            compared_to: of_bound(&appends.batch_one_writer),
             aim,
             verdict,
         });
-        let (aim, verdict) = at_least(&store.batch_many_writers, AIM_BATCH_EVENTS_PER_SEC);
+        let (aim, verdict) = at_least(&appends.batch_many_writers, AIM_BATCH_EVENTS_PER_SEC);
         figures.push(Row {
             key: "append_batch_many_writers",
             figure: format!(
@@ -300,12 +305,12 @@ impl Report {
                 plan.batch_events, plan.batch_writers
             ),
             unit: "events/s",
-            rate: store.batch_many_writers.summary(),
-            compared_to: of_bound(&store.batch_many_writers),
+            rate: appends.batch_many_writers.summary(),
+            compared_to: of_bound(&appends.batch_many_writers),
             aim,
             verdict,
         });
-        let (aim, verdict) = at_least(&store.read_stream, AIM_READ_EVENTS_PER_SEC);
+        let (aim, verdict) = at_least(&reads.read_stream, AIM_READ_EVENTS_PER_SEC);
         figures.push(Row {
             key: "read_stream",
             figure: format!(
@@ -313,45 +318,47 @@ impl Report {
                 group(plan.stream_events as f64)
             ),
             unit: "events/s",
-            rate: store.read_stream.summary(),
+            rate: reads.read_stream.summary(),
             compared_to: None,
             aim,
             verdict,
         });
-        let (aim, verdict) = at_least(&store.read_all, AIM_READ_EVENTS_PER_SEC);
+        let (aim, verdict) = at_least(&reads.read_all, AIM_READ_EVENTS_PER_SEC);
         figures.push(Row {
             key: "read_all",
             figure: format!(
                 "read the whole log forward ({} events)",
-                group(store.events_end as f64)
+                group(reads.events_end as f64)
             ),
             unit: "events/s",
-            rate: store.read_all.summary(),
+            rate: reads.read_all.summary(),
             compared_to: None,
             aim,
             verdict,
         });
 
-        let samples = store
+        let samples = prepared
             .checkpoints
             .iter()
             .map(|c| c.memory)
-            .chain(std::iter::once(store.memory_end));
+            .chain(std::iter::once(reads.memory_end));
         let highest_rss = samples.filter_map(|m| m.rss_kib).max();
         let memory = MemorySummary {
-            peak_kib: store.memory_end.peak_kib,
-            rss_end_kib: store.memory_end.rss_kib,
-            events_end: store.events_end,
-            checkpoints: store
+            peak_kib: reads.memory_end.peak_kib,
+            rss_end_kib: reads.memory_end.rss_kib,
+            events_end: reads.events_end,
+            disk_bytes_end: reads.disk_bytes_end,
+            checkpoints: prepared
                 .checkpoints
                 .iter()
                 .map(|c| CheckpointSummary {
                     events: c.events,
+                    disk_bytes: c.disk_bytes,
                     memory: c.memory,
                     read_all_per_second: c.read_all.per_second().round(),
                 })
                 .collect(),
-            end: store.memory_end,
+            end: reads.memory_end,
             aim: format!(
                 "flat as the store grows: RSS ≤ {} MiB at every size",
                 AIM_RSS_KIB / 1024
@@ -375,7 +382,7 @@ impl Report {
             },
             figures,
             memory,
-            fill: store.fill.summary(),
+            fill: prepared.fill.summary(),
         }
     }
 
@@ -458,13 +465,14 @@ impl Report {
         );
 
         out.push_str("\nMemory as the store grows:\n\n");
-        out.push_str("| events in the store | RSS | RSS anon | RSS file | peak (VmHWM) | read the whole log |\n");
-        out.push_str("| ---: | ---: | ---: | ---: | ---: | ---: |\n");
+        out.push_str("| events in the store | on disk | RSS | RSS anon | RSS file | peak (VmHWM) | read the whole log |\n");
+        out.push_str("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
         for c in &mem.checkpoints {
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} events/s |",
+                "| {} | {} | {} | {} | {} | {} | {} events/s |",
                 group(c.events as f64),
+                format_disk(c.disk_bytes, c.events),
                 format_kib(c.memory.rss_kib),
                 format_kib(c.memory.rss_anon_kib),
                 format_kib(c.memory.rss_file_kib),
@@ -474,8 +482,9 @@ impl Report {
         }
         let _ = writeln!(
             out,
-            "| {} (end) | {} | {} | {} | {} | — |",
+            "| {} (end) | {} | {} | {} | {} | {} | — |",
             group(mem.events_end as f64),
+            format_disk(mem.disk_bytes_end, mem.events_end),
             format_kib(mem.end.rss_kib),
             format_kib(mem.end.rss_anon_kib),
             format_kib(mem.end.rss_file_kib),
@@ -537,6 +546,19 @@ fn format_kib(kib: Option<u64>) -> String {
     kib.map_or("unknown".to_owned(), |kib| {
         format!("{:.1} MiB", kib as f64 / 1024.0)
     })
+}
+
+/// Bytes on disk, and per event.
+fn format_disk(bytes: u64, events: u64) -> String {
+    if bytes == 0 {
+        return "—".to_owned();
+    }
+    let per_event = if events > 0 {
+        format!(" ({:.0} B/event)", bytes as f64 / events as f64)
+    } else {
+        String::new()
+    };
+    format!("{:.1} MiB{per_event}", bytes as f64 / 1024.0 / 1024.0)
 }
 
 fn trim_float(value: f64) -> String {

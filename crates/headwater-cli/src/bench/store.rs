@@ -1,12 +1,15 @@
 //! The store workloads, generic over [`EventStore`]: every backend runs the same ones.
 //!
-//! Order of a run: write the one large stream; fill the store to 10 %, 50 % and 100 % of
-//! `--events`, reading the whole log and sampling memory at each; on that full store, the four
-//! timed append figures; then read the large stream and the whole log forward.
+//! A run, in order ([`StoreBench`]'s methods, called by the orchestration in `bench/mod.rs`):
+//! 1. `prepare`: write the one large stream; fill the store to 10 %, 50 % and 100 % of
+//!    `--events`, reading the whole log and sampling memory and size on disk at each;
+//! 2. `appends`: on that full store, the four timed append figures;
+//! 3. `reads`: read the large stream forward, then the whole log.
 //!
 //! Writers behave as clients do: random v4 event ids, each writer on its own `account-{n}`
-//! streams, each append expecting the version it last saw (`NoStream` first).
+//! stream, each append expecting the version it last saw (`NoStream` first).
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -21,7 +24,7 @@ use tokio::task::JoinSet;
 use uuid::Uuid;
 
 use super::report::Rate;
-use super::system::Memory;
+use super::system::{Memory, disk_bytes};
 use super::{Plan, progress_bar};
 
 /// The event type of every benchmark event.
@@ -29,129 +32,185 @@ const EVENT_TYPE: &str = "account.deposited";
 /// The longest a read figure keeps re-reading the large stream.
 const STREAM_READ_DURATION_MAX: Duration = Duration::from_secs(3);
 
-/// Everything measured on the store.
-#[derive(Debug)]
-pub(crate) struct StoreFigures {
-    pub(crate) one_writer: Rate,
-    pub(crate) many_writers: Rate,
-    pub(crate) batch_one_writer: Rate,
-    pub(crate) batch_many_writers: Rate,
-    pub(crate) read_stream: Rate,
-    pub(crate) read_all: Rate,
-    /// Filling the store (batches, several writers): for context only.
-    pub(crate) fill: Rate,
-    pub(crate) checkpoints: Vec<Checkpoint>,
-    /// Memory at the end of the run.
-    pub(crate) memory_end: Memory,
-    /// The store's size at the end, in events.
-    pub(crate) events_end: u64,
-}
-
-/// The store at one size: how fast its whole log reads and what the process holds.
+/// The store at one size: how fast its whole log reads, what the process holds, what the store
+/// takes on disk.
 #[derive(Debug)]
 pub(crate) struct Checkpoint {
     pub(crate) events: u64,
     pub(crate) read_all: Rate,
     pub(crate) memory: Memory,
+    pub(crate) disk_bytes: u64,
 }
 
-pub(crate) async fn measure<S: EventStore>(
+/// What `prepare` measured.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    /// Filling the store (batches, several writers): for context only.
+    pub(crate) fill: Rate,
+    pub(crate) checkpoints: Vec<Checkpoint>,
+}
+
+/// The four append figures.
+#[derive(Debug)]
+pub(crate) struct Appends {
+    pub(crate) one_writer: Rate,
+    pub(crate) many_writers: Rate,
+    pub(crate) batch_one_writer: Rate,
+    pub(crate) batch_many_writers: Rate,
+}
+
+/// The read figures and the state at the end of the run.
+#[derive(Debug)]
+pub(crate) struct Reads {
+    pub(crate) read_stream: Rate,
+    pub(crate) read_all: Rate,
+    /// The store's size at the end, in events.
+    pub(crate) events_end: u64,
+    /// The store's size at the end on disk, in bytes.
+    pub(crate) disk_bytes_end: u64,
+    /// Memory at the end of the run.
+    pub(crate) memory_end: Memory,
+}
+
+/// One run of the workloads against one store.
+#[derive(Debug)]
+pub(crate) struct StoreBench<S> {
     store: Arc<S>,
-    plan: &Plan,
-) -> anyhow::Result<StoreFigures> {
-    let streams = Arc::new(Streams::default());
+    /// The store's files (empty for a store in memory).
+    dir: PathBuf,
+    plan: Plan,
+    streams: Arc<Streams>,
+    large_stream: Option<StreamName>,
+}
 
-    let large_stream = streams.next()?;
-    write_large_stream(&store, &large_stream, plan.stream_events).await?;
-
-    let mut fill_rate = Rate::new();
-    let mut checkpoints = Vec::new();
-    for target in plan.checkpoints() {
-        fill(&store, &streams, target, plan, &mut fill_rate).await?;
-        let events = store.head_position().get();
-        let read_all =
-            read_whole_log(&store, &format!("read the whole log ({events} events)")).await?;
-        let memory = Memory::sample();
-        tracing::info!(
-            events,
-            read_events_per_sec = format_args!("{:.0}", read_all.per_second()),
-            rss_kib = memory.rss_kib,
-            "store size checkpoint"
-        );
-        checkpoints.push(Checkpoint {
-            events,
-            read_all,
-            memory,
-        });
+impl<S: EventStore> StoreBench<S> {
+    pub(crate) fn new(store: S, dir: &Path, plan: &Plan) -> StoreBench<S> {
+        StoreBench {
+            store: Arc::new(store),
+            dir: dir.to_path_buf(),
+            plan: plan.clone(),
+            streams: Arc::new(Streams::default()),
+            large_stream: None,
+        }
     }
 
-    let one_writer = append_phase(
-        &store,
-        &streams,
-        1,
-        1,
-        plan.phase,
-        "durable append, 1 writer",
-    )
-    .await?;
-    let many_writers = append_phase(
-        &store,
-        &streams,
-        plan.writers,
-        1,
-        plan.phase,
-        &format!("durable append, {} writers", plan.writers),
-    )
-    .await?;
-    let batch_one_writer = append_phase(
-        &store,
-        &streams,
-        1,
-        plan.batch_events,
-        plan.phase,
-        &format!("batches of {}, 1 writer", plan.batch_events),
-    )
-    .await?;
-    let batch_many_writers = append_phase(
-        &store,
-        &streams,
-        plan.batch_writers,
-        plan.batch_events,
-        plan.phase,
-        &format!(
-            "batches of {}, {} writers",
-            plan.batch_events, plan.batch_writers
-        ),
-    )
-    .await?;
+    pub(crate) async fn prepare(&mut self) -> anyhow::Result<Prepared> {
+        let large_stream = self.streams.next()?;
+        write_large_stream(&self.store, &large_stream, self.plan.stream_events).await?;
+        self.large_stream = Some(large_stream);
 
-    let read_stream = read_large_stream(
-        &store,
-        &large_stream,
-        plan.stream_events,
-        plan.phase.min(STREAM_READ_DURATION_MAX),
-    )
-    .await?;
-    let events_end = store.head_position().get();
-    let read_all =
-        read_whole_log(&store, &format!("read the whole log ({events_end} events)")).await?;
-    tracing::info!(
-        events = events_end,
-        events_per_sec = format_args!("{:.0}", read_all.per_second()),
-        "read the whole log"
-    );
-    Ok(StoreFigures {
-        one_writer,
-        many_writers,
-        batch_one_writer,
-        batch_many_writers,
-        read_stream,
-        read_all,
-        fill: fill_rate,
-        checkpoints,
-        memory_end: Memory::sample(),
-        events_end,
-    })
+        let mut fill_rate = Rate::new();
+        let mut checkpoints = Vec::new();
+        for target in self.plan.checkpoints() {
+            fill(
+                &self.store,
+                &self.streams,
+                target,
+                &self.plan,
+                &mut fill_rate,
+            )
+            .await?;
+            let events = self.store.head_position().get();
+            let read_all = read_whole_log(
+                &self.store,
+                &format!("read the whole log ({events} events)"),
+            )
+            .await?;
+            let memory = Memory::sample();
+            let disk_bytes = disk_bytes(&self.dir);
+            tracing::info!(
+                events,
+                read_events_per_sec = format_args!("{:.0}", read_all.per_second()),
+                rss_kib = memory.rss_kib,
+                disk_bytes,
+                "store size checkpoint"
+            );
+            checkpoints.push(Checkpoint {
+                events,
+                read_all,
+                memory,
+                disk_bytes,
+            });
+        }
+        Ok(Prepared {
+            fill: fill_rate,
+            checkpoints,
+        })
+    }
+
+    pub(crate) async fn appends(&self) -> anyhow::Result<Appends> {
+        let (store, streams, plan) = (&self.store, &self.streams, &self.plan);
+        let one_writer =
+            append_phase(store, streams, 1, 1, plan.phase, "durable append, 1 writer").await?;
+        let many_writers = append_phase(
+            store,
+            streams,
+            plan.writers,
+            1,
+            plan.phase,
+            &format!("durable append, {} writers", plan.writers),
+        )
+        .await?;
+        let batch_one_writer = append_phase(
+            store,
+            streams,
+            1,
+            plan.batch_events,
+            plan.phase,
+            &format!("batches of {}, 1 writer", plan.batch_events),
+        )
+        .await?;
+        let batch_many_writers = append_phase(
+            store,
+            streams,
+            plan.batch_writers,
+            plan.batch_events,
+            plan.phase,
+            &format!(
+                "batches of {}, {} writers",
+                plan.batch_events, plan.batch_writers
+            ),
+        )
+        .await?;
+        Ok(Appends {
+            one_writer,
+            many_writers,
+            batch_one_writer,
+            batch_many_writers,
+        })
+    }
+
+    pub(crate) async fn reads(&self) -> anyhow::Result<Reads> {
+        let large_stream = self
+            .large_stream
+            .as_ref()
+            .context("the large stream is written by `prepare`, which did not run")?;
+        let read_stream = read_large_stream(
+            &self.store,
+            large_stream,
+            self.plan.stream_events,
+            self.plan.phase.min(STREAM_READ_DURATION_MAX),
+        )
+        .await?;
+        let events_end = self.store.head_position().get();
+        let read_all = read_whole_log(
+            &self.store,
+            &format!("read the whole log ({events_end} events)"),
+        )
+        .await?;
+        tracing::info!(
+            events = events_end,
+            events_per_sec = format_args!("{:.0}", read_all.per_second()),
+            "read the whole log"
+        );
+        Ok(Reads {
+            read_stream,
+            read_all,
+            events_end,
+            disk_bytes_end: disk_bytes(&self.dir),
+            memory_end: Memory::sample(),
+        })
+    }
 }
 
 /// Hands out fresh stream names `account-1`, `account-2` …

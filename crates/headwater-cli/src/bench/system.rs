@@ -107,6 +107,25 @@ impl Memory {
     }
 }
 
+/// The space the files under `path` take on disk (allocated blocks), in bytes; 0 when there is
+/// nothing there.
+pub(crate) fn disk_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    if !meta.is_dir() {
+        return meta.blocks() * 512;
+    }
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|entry| disk_bytes(&entry.path()))
+        .sum()
+}
+
 /// A `Name:   1234 kB` line of `/proc/self/status` or `/proc/meminfo`.
 fn field_kib(text: &str, name: &str) -> Option<u64> {
     text.lines().find_map(|line| {
@@ -129,6 +148,18 @@ mod tests {
         assert_eq!(field_kib(status, "VmRSS"), Some(2_048));
         assert_eq!(field_kib(status, "Threads"), None);
         assert_eq!(field_kib(status, "RssAnon"), None);
+    }
+
+    #[test]
+    fn sums_the_files_of_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(disk_bytes(dir.path()), 0);
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("a"), vec![1u8; 10_000]).unwrap();
+        std::fs::write(dir.path().join("sub/b"), vec![1u8; 10_000]).unwrap();
+        let bytes = disk_bytes(dir.path());
+        assert!((20_000..=40_960).contains(&bytes), "{bytes}");
+        assert_eq!(disk_bytes(&dir.path().join("missing")), 0);
     }
 
     #[test]

@@ -182,6 +182,38 @@ fn bench_keep_leaves_the_working_directory() {
         stdout.contains("| durable append, 4 writers on distinct streams"),
         "{stdout}"
     );
+    assert!(stdout.contains("embedded backend"), "{stdout}");
+    // The embedded store is left in the working directory, where `headwater inspect` can read it.
+    let store = parent.path().join(&kept[0]).join("store");
+    let files: Vec<_> = std::fs::read_dir(&store)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!files.is_empty(), "{files:?}");
+}
+
+#[test]
+fn bench_runs_against_the_memory_backend() {
+    let parent = tempfile::tempdir().unwrap();
+    let out = headwater(&[
+        "bench",
+        "--quick",
+        "--backend",
+        "memory",
+        "--phase-secs",
+        "0.05",
+        "--events",
+        "500",
+        "--dir",
+        parent.path().to_str().unwrap(),
+    ]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(stdout.contains("memory backend"), "{stdout}");
+    assert!(stdout.contains("keeps nothing on disk"), "{stdout}");
+    for row in FIGURE_ROWS {
+        assert!(stdout.contains(row), "no row {row:?} in:\n{stdout}");
+    }
 }
 
 #[test]
