@@ -20,6 +20,7 @@ use headwater_core::{
     EventId, EventType, ExpectedVersion, NewEvent, Position, StreamName, StreamVersion,
 };
 use headwater_store::EventStore;
+use rand::Rng;
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
@@ -229,11 +230,21 @@ impl Streams {
 /// `count` deposits to `stream`, as a client builds them: random ids, ~150 bytes of JSON.
 fn deposits(stream: &StreamName, count: u32) -> anyhow::Result<Vec<NewEvent>> {
     let event_type = EventType::new(EVENT_TYPE).context("the benchmark's event type")?;
-    Ok((0..count).map(|_| deposit(stream, &event_type)).collect())
+    // The thread's fast generator rather than the OS for each id (`Uuid::new_v4` makes a
+    // system call per id, which would cost more than an in-memory append).
+    let mut rng = rand::rng();
+    Ok((0..count)
+        .map(|_| deposit(stream, &event_type, &mut rng))
+        .collect())
 }
 
-fn deposit(stream: &StreamName, event_type: &EventType) -> NewEvent {
-    let command_id = Uuid::new_v4();
+/// A random (v4) UUID from `rng`.
+fn random_uuid(rng: &mut impl Rng) -> Uuid {
+    uuid::Builder::from_random_bytes(rng.random()).into_uuid()
+}
+
+fn deposit(stream: &StreamName, event_type: &EventType, rng: &mut impl Rng) -> NewEvent {
+    let command_id = random_uuid(rng);
     // The amount comes from the command id's random bits: varied, and no extra RNG state.
     let amount_cents = command_id.as_u128() % 1_000_000 + 1;
     let data = format!(
@@ -241,7 +252,8 @@ fn deposit(stream: &StreamName, event_type: &EventType) -> NewEvent {
         stream.id(),
         amount_cents % 100_000,
     );
-    let mut event = NewEvent::new(EventId::new_random(), event_type.clone(), data.into_bytes());
+    let event_id = EventId::from_uuid(random_uuid(rng));
+    let mut event = NewEvent::new(event_id, event_type.clone(), data.into_bytes());
     event.correlation_id = Some(command_id);
     event.causation_id = Some(command_id);
     event
@@ -491,7 +503,35 @@ pub(crate) fn sample_data_bytes() -> usize {
     EventType::new(EVENT_TYPE)
         .map(|event_type| {
             let stream = StreamName::new("account-1000").ok();
-            stream.map_or(0, |stream| deposit(&stream, &event_type).data.len())
+            stream.map_or(0, |stream| {
+                deposit(&stream, &event_type, &mut rand::rng()).data.len()
+            })
         })
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deposits_are_realistic_events() {
+        let stream = StreamName::new("account-42").unwrap();
+        let events = deposits(&stream, 3).unwrap();
+        assert_eq!(events.len(), 3);
+        for event in &events {
+            assert_eq!(event.event_id.as_uuid().get_version_num(), 4);
+            assert_eq!(event.event_type.as_str(), EVENT_TYPE);
+            assert!(
+                (100..=200).contains(&event.data.len()),
+                "{}",
+                event.data.len()
+            );
+            serde_json::from_slice::<serde_json::Value>(&event.data).unwrap();
+            let data = std::str::from_utf8(&event.data).unwrap();
+            assert!(data.starts_with(r#"{"account_id":"42","#), "{data}");
+        }
+        assert_ne!(events[0].event_id, events[1].event_id);
+        headwater_core::validate_append(ExpectedVersion::NoStream, &events).unwrap();
+    }
 }
