@@ -12,6 +12,7 @@
 mod open;
 mod reader;
 mod schema;
+mod verify;
 mod writer;
 
 use std::fmt;
@@ -30,6 +31,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::reader::Readers;
 use crate::writer::Request;
+
+pub use crate::verify::{
+    CategoryCount, FileSizes, Inspection, PROBLEMS_RECORDED_MAX, PROGRESS_INTERVAL_EVENTS, Problem,
+    TOP_CATEGORIES_MAX, VerifyProgress, VerifyReport, VerifyStage, inspect, verify,
+};
 
 /// The most events one group commit writes (it always takes at least one append whole).
 pub const GROUP_EVENTS_MAX: usize = 10_000;

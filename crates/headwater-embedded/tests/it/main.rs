@@ -4,4 +4,5 @@ mod conformance;
 mod corruption;
 mod faults;
 mod format;
+mod integrity;
 mod support;
