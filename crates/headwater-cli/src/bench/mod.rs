@@ -90,6 +90,11 @@ pub(crate) struct BenchArgs {
           value_parser = clap::value_parser!(u32).range(1..=i64::from(WRITERS_MAX)))]
     batch_writers: u32,
 
+    /// How writers make event ids: `random` (UUID v4, what most clients do) or `time-ordered`
+    /// (UUID v7, which keeps a store's id index appending at its end).
+    #[arg(long, value_enum, default_value_t = EventIds::Random)]
+    event_ids: EventIds,
+
     /// Also write the results as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -134,6 +139,24 @@ fn parse_phase_secs(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// How the benchmark's writers make event ids.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum EventIds {
+    /// Random UUID v4, as most clients produce them.
+    Random,
+    /// Time-ordered UUID v7.
+    TimeOrdered,
+}
+
+impl EventIds {
+    fn name(self) -> &'static str {
+        match self {
+            EventIds::Random => "random v4",
+            EventIds::TimeOrdered => "time-ordered v7",
+        }
+    }
+}
+
 /// Every size and duration of one run, with `--quick` and the defaults resolved.
 #[derive(Clone, Debug)]
 pub(crate) struct Plan {
@@ -144,6 +167,7 @@ pub(crate) struct Plan {
     pub(crate) writers: u32,
     pub(crate) batch_events: u32,
     pub(crate) batch_writers: u32,
+    pub(crate) event_ids: EventIds,
 }
 
 impl Plan {
@@ -165,6 +189,7 @@ impl Plan {
             writers: args.writers,
             batch_events: args.batch_events,
             batch_writers: args.batch_writers,
+            event_ids: args.event_ids,
         }
     }
 

@@ -175,6 +175,7 @@ struct PlanSummary {
     writers: u32,
     batch_events: u32,
     batch_writers: u32,
+    event_ids: &'static str,
     event_data_bytes: usize,
 }
 
@@ -378,6 +379,7 @@ impl Report {
                 writers: plan.writers,
                 batch_events: plan.batch_events,
                 batch_writers: plan.batch_writers,
+                event_ids: plan.event_ids.name(),
                 event_data_bytes: super::store::sample_data_bytes(),
             },
             figures,
@@ -413,10 +415,11 @@ impl Report {
         let _ = writeln!(out, "- disk: {} at `{}`", m.filesystem, m.dir);
         let _ = writeln!(
             out,
-            "- workload: `account.deposited` events with ~{} bytes of JSON data and random v4 ids, \
+            "- workload: `account.deposited` events with ~{} bytes of JSON data and {} ids, \
              one `account-{{n}}` stream per writer; fsync record {} B; timed phases {} s each; \
              store filled to {} events before the append figures",
             p.event_data_bytes,
+            p.event_ids,
             p.record_bytes,
             trim_float(p.phase_secs),
             group(p.events as f64)

@@ -26,7 +26,7 @@ use uuid::Uuid;
 
 use super::report::Rate;
 use super::system::{Memory, disk_bytes};
-use super::{Plan, progress_bar};
+use super::{EventIds, Plan, progress_bar};
 
 /// The event type of every benchmark event.
 const EVENT_TYPE: &str = "account.deposited";
@@ -97,7 +97,13 @@ impl<S: EventStore> StoreBench<S> {
 
     pub(crate) async fn prepare(&mut self) -> anyhow::Result<Prepared> {
         let large_stream = self.streams.next()?;
-        write_large_stream(&self.store, &large_stream, self.plan.stream_events).await?;
+        write_large_stream(
+            &self.store,
+            &large_stream,
+            self.plan.stream_events,
+            self.plan.event_ids,
+        )
+        .await?;
         self.large_stream = Some(large_stream);
 
         let mut fill_rate = Rate::new();
@@ -141,11 +147,21 @@ impl<S: EventStore> StoreBench<S> {
 
     pub(crate) async fn appends(&self) -> anyhow::Result<Appends> {
         let (store, streams, plan) = (&self.store, &self.streams, &self.plan);
-        let one_writer =
-            append_phase(store, streams, 1, 1, plan.phase, "durable append, 1 writer").await?;
+        let ids = plan.event_ids;
+        let one_writer = append_phase(
+            store,
+            streams,
+            ids,
+            1,
+            1,
+            plan.phase,
+            "durable append, 1 writer",
+        )
+        .await?;
         let many_writers = append_phase(
             store,
             streams,
+            ids,
             plan.writers,
             1,
             plan.phase,
@@ -155,6 +171,7 @@ impl<S: EventStore> StoreBench<S> {
         let batch_one_writer = append_phase(
             store,
             streams,
+            ids,
             1,
             plan.batch_events,
             plan.phase,
@@ -164,6 +181,7 @@ impl<S: EventStore> StoreBench<S> {
         let batch_many_writers = append_phase(
             store,
             streams,
+            ids,
             plan.batch_writers,
             plan.batch_events,
             plan.phase,
@@ -228,13 +246,13 @@ impl Streams {
 }
 
 /// `count` deposits to `stream`, as a client builds them: random ids, ~150 bytes of JSON.
-fn deposits(stream: &StreamName, count: u32) -> anyhow::Result<Vec<NewEvent>> {
+fn deposits(stream: &StreamName, count: u32, ids: EventIds) -> anyhow::Result<Vec<NewEvent>> {
     let event_type = EventType::new(EVENT_TYPE).context("the benchmark's event type")?;
     // The thread's fast generator rather than the OS for each id (`Uuid::new_v4` makes a
     // system call per id, which would cost more than an in-memory append).
     let mut rng = rand::rng();
     Ok((0..count)
-        .map(|_| deposit(stream, &event_type, &mut rng))
+        .map(|_| deposit(stream, &event_type, ids, &mut rng))
         .collect())
 }
 
@@ -243,7 +261,12 @@ fn random_uuid(rng: &mut impl Rng) -> Uuid {
     uuid::Builder::from_random_bytes(rng.random()).into_uuid()
 }
 
-fn deposit(stream: &StreamName, event_type: &EventType, rng: &mut impl Rng) -> NewEvent {
+fn deposit(
+    stream: &StreamName,
+    event_type: &EventType,
+    ids: EventIds,
+    rng: &mut impl Rng,
+) -> NewEvent {
     let command_id = random_uuid(rng);
     // The amount comes from the command id's random bits: varied, and no extra RNG state.
     let amount_cents = command_id.as_u128() % 1_000_000 + 1;
@@ -252,7 +275,10 @@ fn deposit(stream: &StreamName, event_type: &EventType, rng: &mut impl Rng) -> N
         stream.id(),
         amount_cents % 100_000,
     );
-    let event_id = EventId::from_uuid(random_uuid(rng));
+    let event_id = match ids {
+        EventIds::Random => EventId::from_uuid(random_uuid(rng)),
+        EventIds::TimeOrdered => EventId::new_time_ordered(),
+    };
     let mut event = NewEvent::new(event_id, event_type.clone(), data.into_bytes());
     event.correlation_id = Some(command_id);
     event.causation_id = Some(command_id);
@@ -271,6 +297,7 @@ fn expected(head: Option<StreamVersion>) -> ExpectedVersion {
 async fn append_phase<S: EventStore>(
     store: &Arc<S>,
     streams: &Arc<Streams>,
+    ids: EventIds,
     writers: u32,
     events_per_append: u32,
     duration: Duration,
@@ -288,7 +315,7 @@ async fn append_phase<S: EventStore>(
             let mut rate = Rate::new();
             let mut head = None;
             while Instant::now() < deadline {
-                let events = deposits(&stream, events_per_append)?;
+                let events = deposits(&stream, events_per_append, ids)?;
                 let op = Instant::now();
                 let outcome = store
                     .append(&stream, expected(head), events)
@@ -325,6 +352,7 @@ async fn write_large_stream<S: EventStore>(
     store: &Arc<S>,
     stream: &StreamName,
     count: u64,
+    ids: EventIds,
 ) -> anyhow::Result<()> {
     let bar = progress_bar(&format!("write the large stream {stream}"), count, "events");
     let mut head = None;
@@ -333,7 +361,7 @@ async fn write_large_stream<S: EventStore>(
         let n = (count - written).min(APPEND_EVENTS_MAX as u64);
         let n = u32::try_from(n).unwrap_or(u32::MAX);
         let outcome = store
-            .append(stream, expected(head), deposits(stream, n)?)
+            .append(stream, expected(head), deposits(stream, n, ids)?)
             .await
             .with_context(|| format!("append to {stream}"))?;
         head = Some(outcome.stream_version);
@@ -365,6 +393,7 @@ async fn fill<S: EventStore>(
     bar.set_position(current);
     let remaining = Arc::new(AtomicU64::new(target - current));
     let batch = u64::from(plan.batch_events);
+    let ids = plan.event_ids;
     let start = Instant::now();
     let mut tasks = JoinSet::new();
     for _ in 0..plan.batch_writers {
@@ -387,7 +416,11 @@ async fn fill<S: EventStore>(
                 let n = u32::try_from(claimed).unwrap_or(u32::MAX);
                 let op = Instant::now();
                 store
-                    .append(&stream, ExpectedVersion::NoStream, deposits(&stream, n)?)
+                    .append(
+                        &stream,
+                        ExpectedVersion::NoStream,
+                        deposits(&stream, n, ids)?,
+                    )
                     .await
                     .with_context(|| format!("append to {stream}"))?;
                 rate.record(op.elapsed(), claimed);
@@ -504,7 +537,9 @@ pub(crate) fn sample_data_bytes() -> usize {
         .map(|event_type| {
             let stream = StreamName::new("account-1000").ok();
             stream.map_or(0, |stream| {
-                deposit(&stream, &event_type, &mut rand::rng()).data.len()
+                deposit(&stream, &event_type, EventIds::Random, &mut rand::rng())
+                    .data
+                    .len()
             })
         })
         .unwrap_or(0)
@@ -517,7 +552,7 @@ mod tests {
     #[test]
     fn deposits_are_realistic_events() {
         let stream = StreamName::new("account-42").unwrap();
-        let events = deposits(&stream, 3).unwrap();
+        let events = deposits(&stream, 3, EventIds::Random).unwrap();
         assert_eq!(events.len(), 3);
         for event in &events {
             assert_eq!(event.event_id.as_uuid().get_version_num(), 4);

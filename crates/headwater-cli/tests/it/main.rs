@@ -28,6 +28,7 @@ const BENCH_FLAGS: &[&str] = &[
     "--writers",
     "--batch-events",
     "--batch-writers",
+    "--event-ids",
     "--json",
 ];
 
