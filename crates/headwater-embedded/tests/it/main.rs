@@ -2,7 +2,9 @@
 
 mod conformance;
 mod corruption;
+mod crash;
 mod faults;
 mod format;
 mod integrity;
+mod process;
 mod support;
