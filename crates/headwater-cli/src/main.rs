@@ -5,6 +5,7 @@
 
 mod bench;
 mod store_tools;
+mod text;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -54,8 +55,14 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error}");
+            let mut said = error.to_string();
             for cause in error.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
+                let cause = cause.to_string();
+                // Some errors repeat their source in their own message: say it once.
+                if !said.ends_with(&cause) {
+                    eprintln!("  caused by: {cause}");
+                }
+                said = cause;
             }
             ExitCode::FAILURE
         }

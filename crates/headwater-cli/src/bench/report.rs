@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use super::system::{Machine, Memory};
 use super::{Plan, Results};
+use crate::text::group;
 
 /// The slowest latency a histogram tells apart, in nanoseconds (longer ones count as this).
 const LATENCY_NANOS_MAX: u64 = 60_000_000_000;
@@ -518,23 +519,6 @@ fn relative(rate: f64, base: f64, name: &str) -> String {
     }
 }
 
-/// A number rounded to an integer, with thousands separators: `1,234,567`.
-fn group(value: f64) -> String {
-    let rounded = value.round();
-    if !rounded.is_finite() || rounded < 0.0 {
-        return format!("{value}");
-    }
-    let digits = format!("{rounded:.0}");
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
 fn format_ms(ms: f64) -> String {
     if ms < 1.0 {
         format!("{ms:.3} ms")
@@ -591,19 +575,6 @@ fn command_line() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn groups_thousands() {
-        for (value, text) in [
-            (0.0, "0"),
-            (999.4, "999"),
-            (1_000.0, "1,000"),
-            (1_234_567.0, "1,234,567"),
-            (50_000.0, "50,000"),
-        ] {
-            assert_eq!(group(value), text, "{value}");
-        }
-    }
 
     #[test]
     fn relative_is_a_share_then_a_multiple() {

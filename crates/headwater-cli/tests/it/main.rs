@@ -4,6 +4,10 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+use headwater_core::{EventId, EventType, ExpectedVersion, NewEvent, StreamName};
+use headwater_embedded::EmbeddedStore;
+use headwater_store::EventStore;
+
 fn headwater(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_headwater"))
         .args(args)
@@ -239,6 +243,101 @@ fn bad_arguments_exit_2_with_a_clear_message() {
         let stderr = text(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}
+
+/// A closed store in `dir` with 3 streams: `account-1` (3 events), `account-2` (1 event),
+/// `order-1` (1 event); positions 1 to 5.
+fn small_store(dir: &Path) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let store = EmbeddedStore::open(dir).unwrap();
+        let event = |n: u32| {
+            NewEvent::new(
+                EventId::new_random(),
+                EventType::new("account.deposited").unwrap(),
+                format!(r#"{{"amount_cents":{n}}}"#).into_bytes(),
+            )
+        };
+        for (stream, events) in [
+            ("account-1", vec![event(1), event(2)]),
+            ("account-2", vec![event(3)]),
+            ("account-1", vec![event(4)]),
+            ("order-1", vec![event(5)]),
+        ] {
+            let stream = StreamName::new(stream).unwrap();
+            store
+                .append(&stream, ExpectedVersion::Any, events)
+                .await
+                .unwrap();
+        }
+    });
+}
+
+#[test]
+fn inspect_summarises_a_store() {
+    let dir = tempfile::tempdir().unwrap();
+    small_store(dir.path());
+    let out = headwater(&["inspect", dir.path().to_str().unwrap()]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    for expected in [
+        "events     5\n",
+        "streams    3 in 2 categories\n",
+        "head       position 5\n",
+        "| account | 2 | 4 |",
+        "| order | 1 | 1 |",
+        "on disk    ",
+        " UTC … ",
+    ] {
+        assert!(stdout.contains(expected), "no {expected:?} in:\n{stdout}");
+    }
+}
+
+#[test]
+fn verify_passes_a_sound_store_and_fails_a_damaged_one() {
+    let dir = tempfile::tempdir().unwrap();
+    small_store(dir.path());
+    let path = dir.path().to_str().unwrap();
+
+    let out = headwater(&["verify", path]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.contains("sound. Checked 5 events in 3 streams"),
+        "{stdout}"
+    );
+
+    // Damage it as a bad disk or a stray tool would: data changed under its checksum, and a
+    // stream head that disagrees with its events.
+    let db = rusqlite::Connection::open(dir.path().join("events.sqlite3")).unwrap();
+    db.execute("UPDATE events SET data = x'7b7d' WHERE position = 2", [])
+        .unwrap();
+    db.execute("UPDATE streams SET head = 7 WHERE name = 'account-2'", [])
+        .unwrap();
+    drop(db);
+
+    let out = headwater(&["verify", path]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{}", text(&out.stderr));
+    for expected in [
+        "DAMAGED. 2 problems found",
+        "- event at position 2: checksum mismatch",
+        "- stream account-2: head is 7 but the last version is 1",
+    ] {
+        assert!(stdout.contains(expected), "no {expected:?} in:\n{stdout}");
+    }
+}
+
+#[test]
+fn inspect_and_verify_refuse_a_directory_without_a_store() {
+    let dir = tempfile::tempdir().unwrap();
+    for verb in ["inspect", "verify"] {
+        let out = headwater(&[verb, dir.path().to_str().unwrap()]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{verb}: {stderr}");
+        assert!(stderr.contains("events.sqlite3"), "{verb}: {stderr}");
+        assert!(stderr.contains("caused by: "), "{verb}: {stderr}");
     }
 }
 
