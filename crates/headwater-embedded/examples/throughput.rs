@@ -2,8 +2,10 @@
 //! `headwater bench`). Run in release mode, on the disk to measure:
 //!
 //! ```text
-//! cargo run --release -p headwater-embedded --example throughput -- [DIR] [SECS]
+//! cargo run --release -p headwater-embedded --example throughput -- [DIR] [SECS] [ONLY]
 //! ```
+//!
+//! `ONLY` runs one workload: `fsync`, `one`, `many`, `batch` or `batch4` (then `read`).
 //!
 //! Prints the fsync bound of the disk, then durable appends/s with 1 writer, events/s with 64
 //! writers on distinct streams, events/s in batches of 100, and events/s reading the log forward.
@@ -47,6 +49,26 @@ fn fsync_bound(dir: &std::path::Path, secs: Duration) -> f64 {
     n as f64 / start.elapsed().as_secs_f64()
 }
 
+/// The CPU time this process used so far, user and system, in seconds (from `/proc/self/stat`,
+/// in clock ticks of 10 ms).
+fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Fields 14 and 15 of the whole line; 12 and 13 after the command name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 /// Runs `writers` tasks appending `batch` events per append to their own streams for `secs`.
 async fn appends(store: &EmbeddedStore, writers: usize, batch: usize, secs: Duration) -> f64 {
     let stop = Arc::new(AtomicBool::new(false));
@@ -70,12 +92,16 @@ async fn appends(store: &EmbeddedStore, writers: usize, batch: usize, secs: Dura
         }));
     }
     let start = Instant::now();
+    let cpu = cpu_secs();
     tokio::time::sleep(secs).await;
     stop.store(true, Ordering::Relaxed);
     for task in tasks {
         task.await.unwrap();
     }
-    count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+    let events = count.load(Ordering::Relaxed) as f64;
+    let cpu_micros = (cpu_secs() - cpu) * 1e6 / events;
+    print!("[{cpu_micros:.1} µs CPU/event] ");
+    events / start.elapsed().as_secs_f64()
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -83,20 +109,30 @@ async fn main() {
     let mut args = std::env::args().skip(1);
     let base = args.next().map_or_else(std::env::temp_dir, PathBuf::from);
     let secs = Duration::from_secs_f64(args.next().map_or(5.0, |s| s.parse().unwrap()));
+    let only = args.next();
+    let run = |name: &str| only.as_deref().is_none_or(|o| o == name);
     let dir = tempfile::tempdir_in(base).unwrap();
-    println!(
-        "fsync bound (256 B write + fdatasync): {:.0}/s",
-        fsync_bound(dir.path(), secs)
-    );
+    if run("fsync") {
+        let bound = fsync_bound(dir.path(), secs);
+        println!("fsync bound (256 B write + fdatasync): {bound:.0}/s");
+    }
     let store = EmbeddedStore::open(dir.path().join("store")).unwrap();
-    let one = appends(&store, 1, 1, secs).await;
-    println!("1 writer, 1 event per append: {one:.0} appends/s");
-    let many = appends(&store, 64, 1, secs).await;
-    println!("64 writers on distinct streams, 1 event each: {many:.0} events/s");
-    let batches = appends(&store, 1, 100, secs).await;
-    println!("1 writer, batches of 100: {batches:.0} events/s");
-    let batches4 = appends(&store, 4, 100, secs).await;
-    println!("4 writers, batches of 100: {batches4:.0} events/s");
+    if run("one") {
+        let one = appends(&store, 1, 1, secs).await;
+        println!("1 writer, 1 event per append: {one:.0} appends/s");
+    }
+    if run("many") {
+        let many = appends(&store, 64, 1, secs).await;
+        println!("64 writers on distinct streams, 1 event each: {many:.0} events/s");
+    }
+    if run("batch") {
+        let batches = appends(&store, 1, 100, secs).await;
+        println!("1 writer, batches of 100: {batches:.0} events/s");
+    }
+    if run("batch4") {
+        let batches4 = appends(&store, 4, 100, secs).await;
+        println!("4 writers, batches of 100: {batches4:.0} events/s");
+    }
     let total = store.head_position().0;
     let start = Instant::now();
     let mut cursor = Position::START;

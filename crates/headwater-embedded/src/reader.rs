@@ -143,12 +143,12 @@ pub(crate) fn read_all(
     page(rows, limit, near)
 }
 
-fn stream_row(conn: &Connection, stream: &StreamName) -> Result<Option<(i64, i64)>, ReadError> {
+fn stream_id(conn: &Connection, stream: &StreamName) -> Result<Option<i64>, ReadError> {
     let mut statement = conn
-        .prepare_cached("SELECT id, head FROM streams WHERE name = ?1")
+        .prepare_cached("SELECT id FROM streams WHERE name = ?1")
         .map_err(sqlite(Position::START))?;
     statement
-        .query_row([stream.as_str()], |row| Ok((row.get(0)?, row.get(1)?)))
+        .query_row([stream.as_str()], |row| row.get(0))
         .optional()
         .map_err(sqlite(Position::START))
 }
@@ -159,7 +159,7 @@ pub(crate) fn read_stream(
     after: StreamVersion,
     limit: u64,
 ) -> Result<Vec<RecordedEvent>, ReadError> {
-    let Some((stream_id, _)) = stream_row(conn, stream)? else {
+    let Some(stream_id) = stream_id(conn, stream)? else {
         return Ok(Vec::new());
     };
     let (Some(after_sql), Some(limit_sql)) = (to_sql(after.0), to_sql(limit)) else {
@@ -185,15 +185,20 @@ pub(crate) fn stream_head(
     conn: &Connection,
     stream: &StreamName,
 ) -> Result<Option<StreamVersion>, ReadError> {
-    match stream_row(conn, stream)? {
+    let mut statement = conn
+        .prepare_cached("SELECT head FROM streams WHERE name = ?1")
+        .map_err(sqlite(Position::START))?;
+    let head: Option<i64> = statement
+        .query_row([stream.as_str()], |row| row.get(0))
+        .optional()
+        .map_err(sqlite(Position::START))?;
+    match head.map(u64::try_from) {
         None => Ok(None),
-        Some((_, head)) => match u64::try_from(head) {
-            Ok(head) if head > 0 => Ok(Some(StreamVersion(head))),
-            _ => Err(ReadError::Corrupt {
-                position: Position::START,
-                detail: format!("stream {stream} has head {head}"),
-            }),
-        },
+        Some(Ok(head)) if head > 0 => Ok(Some(StreamVersion(head))),
+        Some(_) => Err(ReadError::Corrupt {
+            position: Position::START,
+            detail: format!("stream {stream} has head {head:?}"),
+        }),
     }
 }
 

@@ -5,6 +5,7 @@
 //! ones, and commits them all in one transaction: one fsync for the whole group. Only then does
 //! it answer them and publish the new head.
 
+use std::collections::HashMap;
 use std::error::Error as StdError;
 use std::fmt;
 use std::fs::File;
@@ -19,6 +20,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::schema::{EventFields, INSERT_EVENT};
 use crate::{CommitAttempt, CommitHook, Options};
+
+/// The most streams whose state the writer caches (about 100 bytes each, plus the name).
+const STREAM_CACHE_ENTRIES_MAX: usize = 16_384;
 
 /// One append waiting for the writer. Its input was validated before it was queued.
 #[derive(Debug)]
@@ -98,6 +102,9 @@ pub(crate) struct Writer {
     before_commit: Option<CommitHook>,
     commits: u64,
     poisoned: bool,
+    /// Streams' row ids and heads, so that the common append needs no lookup. Exact because this
+    /// thread is the only writer; cleared when a group fails.
+    streams: HashMap<StreamName, StreamState>,
 }
 
 impl Writer {
@@ -116,6 +123,7 @@ impl Writer {
             before_commit: options.before_commit.clone(),
             commits: 0,
             poisoned: false,
+            streams: HashMap::new(),
         }
     }
 
@@ -170,6 +178,7 @@ impl Writer {
                 let _ = self.conn.execute_batch("ROLLBACK");
                 self.poisoned = true;
                 self.next_position = start;
+                self.streams.clear();
                 let error = CommitFailed(Arc::new(error));
                 for request in group.drain(..) {
                     let _ = request.reply.send(Err(AppendError::backend(error.clone())));
@@ -199,8 +208,14 @@ impl Writer {
     }
 
     /// Decides one append on the state including the group's earlier appends, and writes it if
-    /// it is admitted. The checks come in the order of `MemoryStore::append`, and nothing is
-    /// written unless they all pass, so a refused append leaves no trace in the group.
+    /// it is admitted, with `MemoryStore::append`'s rules.
+    ///
+    /// The common case costs no lookup beyond the stream's state (usually cached): the
+    /// expected version holds, so the events are inserted, and the unique index on `event_id`
+    /// tells whether an id was already recorded. Only then, or when the expected version does
+    /// not hold, are the ids looked up, in `MemoryStore`'s order (G3 replay, duplicate,
+    /// conflict), after undoing what this append inserted: a refused append leaves no trace in
+    /// the group.
     fn append(&mut self, request: &Request, recorded_at: i64) -> Result<Decision, GroupError> {
         let Request {
             stream,
@@ -208,8 +223,25 @@ impl Writer {
             events,
             ..
         } = request;
-        let stream_row = self.stream_row(stream)?;
-        if let Some(outcome) = self.replay(stream, stream_row, *expected, events)? {
+        let state = self.stream_state(stream)?;
+        if expected.admits(state.map(|s| StreamVersion(s.head)))
+            && let Some(outcome) = self.insert(stream, state, events, recorded_at)?
+        {
+            return Ok(Ok(outcome));
+        }
+        self.refusal(stream, state, *expected, events)
+    }
+
+    /// Why an append is refused: its first id recorded (a G3 replay or a refusal), another id
+    /// recorded, or the expected version.
+    fn refusal(
+        &mut self,
+        stream: &StreamName,
+        state: Option<StreamState>,
+        expected: ExpectedVersion,
+        events: &[NewEvent],
+    ) -> Result<Decision, GroupError> {
+        if let Some(outcome) = self.replay(stream, state, expected, events)? {
             return Ok(outcome);
         }
         for event in &events[1..] {
@@ -221,65 +253,105 @@ impl Writer {
                 }));
             }
         }
-        let head = stream_row.map(|s| StreamVersion(s.head));
+        let head = state.map(|s| StreamVersion(s.head));
         if !expected.admits(head) {
             return Ok(Err(AppendError::Conflict {
                 stream: stream.clone(),
-                expected: *expected,
+                expected,
                 actual: head,
             }));
         }
-        let stream_id = match stream_row {
-            Some(row) => row.id,
+        Err(GroupError::Corrupt(format!(
+            "appending to {stream} hit a unique index, but none of its event ids is recorded"
+        )))
+    }
+
+    /// Inserts the append's events (and the stream's row if it is new). `None` when an event id
+    /// is already recorded: then every row this call inserted was deleted again.
+    fn insert(
+        &mut self,
+        stream: &StreamName,
+        state: Option<StreamState>,
+        events: &[NewEvent],
+        recorded_at: i64,
+    ) -> Result<Option<AppendOutcome>, GroupError> {
+        let head = state.map_or(0, |s| s.head);
+        let new_head = sql_int(head + events.len() as u64)?;
+        let (stream_id, new_stream) = match state {
+            Some(state) => (state.id, false),
             None => {
                 let mut insert = self
                     .conn
-                    .prepare_cached("INSERT INTO streams (name, head) VALUES (?1, 0)")?;
-                insert.execute([stream.as_str()])?;
-                self.conn.last_insert_rowid()
+                    .prepare_cached("INSERT INTO streams (name, head) VALUES (?1, ?2)")?;
+                insert.execute((stream.as_str(), new_head))?;
+                (self.conn.last_insert_rowid(), true)
             }
         };
-        let first_position = Position(self.next_position);
-        let mut version = head.unwrap_or(StreamVersion::START);
-        {
-            let mut insert = self.conn.prepare_cached(INSERT_EVENT)?;
-            for event in events {
-                version = version.next();
-                let fields = EventFields {
-                    position: sql_int(self.next_position)?,
-                    stream: stream.as_str().as_bytes(),
-                    version: sql_int(version.0)?,
-                    event_id: event.event_id.as_bytes(),
-                    event_type: event.event_type.as_str().as_bytes(),
-                    schema_version: i64::from(event.schema_version),
-                    correlation_id: event.correlation_id.as_ref().map(|u| &u.as_bytes()[..]),
-                    causation_id: event.causation_id.as_ref().map(|u| &u.as_bytes()[..]),
-                    recorded_at,
-                    data: &event.data,
-                };
-                insert.execute(rusqlite::params![
-                    fields.position,
-                    stream_id,
-                    fields.version,
-                    fields.event_id,
-                    event.event_type.as_str(),
-                    fields.schema_version,
-                    fields.correlation_id,
-                    fields.causation_id,
-                    fields.recorded_at,
-                    fields.data,
-                    i64::from(fields.crc()),
-                ])?;
-                self.next_position += 1;
+        let first_position = self.next_position;
+        let mut version = state.map_or(StreamVersion::START, |s| StreamVersion(s.head));
+        let mut insert = self.conn.prepare_cached(INSERT_EVENT)?;
+        for event in events {
+            version = version.next();
+            let fields = EventFields {
+                position: sql_int(self.next_position)?,
+                stream: stream.as_str().as_bytes(),
+                version: sql_int(version.0)?,
+                event_id: event.event_id.as_bytes(),
+                event_type: event.event_type.as_str().as_bytes(),
+                schema_version: i64::from(event.schema_version),
+                correlation_id: event.correlation_id.as_ref().map(|u| &u.as_bytes()[..]),
+                causation_id: event.causation_id.as_ref().map(|u| &u.as_bytes()[..]),
+                recorded_at,
+                data: &event.data,
+            };
+            let inserted = insert.execute(rusqlite::params![
+                fields.position,
+                stream_id,
+                fields.version,
+                fields.event_id,
+                event.event_type.as_str(),
+                fields.schema_version,
+                fields.correlation_id,
+                fields.causation_id,
+                fields.recorded_at,
+                fields.data,
+                i64::from(fields.crc()),
+            ]);
+            match inserted {
+                Ok(_) => self.next_position += 1,
+                Err(e) if is_unique_violation(&e) => {
+                    // The failed statement changed nothing; undo the ones before it.
+                    drop(insert);
+                    self.conn
+                        .prepare_cached("DELETE FROM events WHERE position >= ?1")?
+                        .execute([sql_int(first_position)?])?;
+                    if new_stream {
+                        self.conn
+                            .prepare_cached("DELETE FROM streams WHERE id = ?1")?
+                            .execute([stream_id])?;
+                    }
+                    self.next_position = first_position;
+                    return Ok(None);
+                }
+                Err(e) => return Err(e.into()),
             }
         }
-        let mut update = self
-            .conn
-            .prepare_cached("UPDATE streams SET head = ?1 WHERE id = ?2")?;
-        update.execute((sql_int(version.0)?, stream_id))?;
-        Ok(Ok(AppendOutcome {
+        drop(insert);
+        if !new_stream {
+            self.conn
+                .prepare_cached("UPDATE streams SET head = ?1 WHERE id = ?2")?
+                .execute((new_head, stream_id))?;
+        }
+        self.remember(
+            stream,
+            StreamState {
+                id: stream_id,
+                head: version.0,
+            },
+        );
+        Ok(Some(AppendOutcome {
             stream_version: version,
-            first_position,
+            first_position: Position(first_position),
             last_position: Position(self.next_position - 1),
             replayed: false,
         }))
@@ -290,7 +362,7 @@ impl Writer {
     fn replay(
         &mut self,
         stream: &StreamName,
-        stream_row: Option<StreamRow>,
+        state: Option<StreamState>,
         expected: ExpectedVersion,
         events: &[NewEvent],
     ) -> Result<Option<Decision>, GroupError> {
@@ -304,7 +376,7 @@ impl Writer {
                 stream_version: first.version,
             })))
         };
-        let Some(row) = stream_row.filter(|row| row.id == first.stream_id) else {
+        let Some(state) = state.filter(|s| s.id == first.stream_id) else {
             return duplicate(self);
         };
         let mut recorded = Vec::with_capacity(events.len());
@@ -314,7 +386,7 @@ impl Writer {
                  WHERE stream_id = ?1 AND version >= ?2 ORDER BY version LIMIT ?3",
             )?;
             let mut rows = select.query((
-                row.id,
+                state.id,
                 sql_int(first.version.0)?,
                 sql_int(events.len() as u64)?,
             ))?;
@@ -338,7 +410,7 @@ impl Writer {
             return Ok(Some(Err(AppendError::Conflict {
                 stream: stream.clone(),
                 expected,
-                actual: Some(StreamVersion(row.head)),
+                actual: Some(StreamVersion(state.head)),
             })));
         }
         let (_, last_position, last_version) = recorded.last().expect("events is not empty");
@@ -350,22 +422,38 @@ impl Writer {
         })))
     }
 
-    fn stream_row(&self, stream: &StreamName) -> Result<Option<StreamRow>, GroupError> {
-        let mut select = self
-            .conn
-            .prepare_cached("SELECT id, head FROM streams WHERE name = ?1")?;
-        let row = select
-            .query_row([stream.as_str()], |row| {
-                Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?))
-            })
-            .optional()?;
-        match row {
-            None => Ok(None),
-            Some((id, head)) => Ok(Some(StreamRow {
-                id,
-                head: from_sql(head)?,
-            })),
+    /// The stream's row id and head, from the cache or the database; `None` for a stream with
+    /// no events.
+    fn stream_state(&mut self, stream: &StreamName) -> Result<Option<StreamState>, GroupError> {
+        if let Some(state) = self.streams.get(stream) {
+            return Ok(Some(*state));
         }
+        let row: Option<(i64, i64)> = self
+            .conn
+            .prepare_cached("SELECT id, head FROM streams WHERE name = ?1")?
+            .query_row([stream.as_str()], |row| Ok((row.get(0)?, row.get(1)?)))
+            .optional()?;
+        let Some((id, head)) = row else {
+            return Ok(None);
+        };
+        let state = StreamState {
+            id,
+            head: from_sql(head)?,
+        };
+        self.remember(stream, state);
+        Ok(Some(state))
+    }
+
+    /// Caches a stream's state. The cache is bounded: when full it starts over.
+    fn remember(&mut self, stream: &StreamName, state: StreamState) {
+        if let Some(cached) = self.streams.get_mut(stream) {
+            *cached = state;
+            return;
+        }
+        if self.streams.len() >= STREAM_CACHE_ENTRIES_MAX {
+            self.streams.clear();
+        }
+        self.streams.insert(stream.clone(), state);
     }
 
     fn stream_name(&self, id: i64) -> Result<StreamName, GroupError> {
@@ -400,8 +488,18 @@ impl Writer {
     }
 }
 
+/// Whether `error` is a unique or primary key constraint failing.
+fn is_unique_violation(error: &rusqlite::Error) -> bool {
+    matches!(
+        error.sqlite_error(),
+        Some(e) if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+            || e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+    )
+}
+
+/// A stream's row id and the version of its last event, as the writer caches them.
 #[derive(Clone, Copy, Debug)]
-struct StreamRow {
+struct StreamState {
     id: i64,
     head: u64,
 }

@@ -5,6 +5,7 @@ mod corruption;
 mod crash;
 mod faults;
 mod format;
+mod group;
 mod integrity;
 mod process;
 mod support;
