@@ -44,7 +44,7 @@ pub(crate) fn open(dir: &Path, options: Options) -> Result<EmbeddedStore, OpenEr
         .truncate(false)
         .open(&lock_path)
         .map_err(io("opening", &lock_path))?;
-    match lock.try_lock() {
+    match crate::lock::lock_exclusive(&lock) {
         Ok(()) => {}
         Err(TryLockError::WouldBlock) => return Err(OpenError::Locked { dir }),
         Err(TryLockError::Error(e)) => return Err(io("locking", &lock_path)(e)),

@@ -7,5 +7,6 @@ mod faults;
 mod format;
 mod group;
 mod integrity;
+mod locking;
 mod process;
 mod support;
