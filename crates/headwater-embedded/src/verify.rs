@@ -406,7 +406,7 @@ impl fmt::Display for Problem {
             Problem::Unreadable { stage, detail } => {
                 write!(
                     f,
-                    "checking {stage} stopped, the rest is unchecked: {detail}"
+                    "the {stage} stage stopped early, the rest of it is unchecked: {detail}"
                 )
             }
             Problem::PositionGap { after, next } => {
@@ -618,9 +618,14 @@ fn integrity_check(conn: &Connection, findings: &mut Findings) -> Result<(), Sta
     let mut statement = conn.prepare(&sql).map_err(damage)?;
     let mut rows = statement.query([]).map_err(damage)?;
     while let Some(row) = rows.next().map_err(damage)? {
-        let detail: String = row.get(0).map_err(damage)?;
-        if detail != "ok" {
-            findings.push(Problem::Integrity { detail });
+        let text: String = row.get(0).map_err(damage)?;
+        // A row may hold several findings, one a line, under a `*** in database main ***` title.
+        for detail in text.lines() {
+            if detail != "ok" && !detail.starts_with("*** in database") {
+                findings.push(Problem::Integrity {
+                    detail: detail.to_owned(),
+                });
+            }
         }
     }
     Ok(())

@@ -510,13 +510,16 @@ async fn log_after(store: &EmbeddedStore, after: u64) -> Vec<RecordedEvent> {
     log
 }
 
-fn seed() -> u64 {
-    let seed = match std::env::var(SEED_ENV) {
-        Ok(text) => text.parse().expect("HEADWATER_CRASH_SEED is a u64"),
+/// The seed in the environment variable `var`, or a random one; printed either way (the output
+/// is captured, and shown when the test fails).
+pub(crate) fn seed(var: &str) -> u64 {
+    let seed = match std::env::var(var) {
+        Ok(text) => text
+            .parse()
+            .unwrap_or_else(|_| panic!("{var} is not a u64: {text:?}")),
         Err(_) => rand::random(),
     };
-    // Captured, and shown when the test fails.
-    println!("crash test seed: {SEED_ENV}={seed}");
+    println!("seed: {var}={seed}");
     seed
 }
 
@@ -556,7 +559,7 @@ fn run_child(
 
 #[test]
 fn acknowledged_appends_survive_kill_9() {
-    let seed = seed();
+    let seed = seed(SEED_ENV);
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
     let store_dir = dir.path().join("store");

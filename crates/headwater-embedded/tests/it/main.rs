@@ -10,3 +10,4 @@ mod integrity;
 mod locking;
 mod process;
 mod support;
+mod torn;
