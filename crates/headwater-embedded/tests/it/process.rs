@@ -32,7 +32,7 @@ impl ChildProcess {
     /// a new process of this test binary, with `env` set.
     pub(crate) fn spawn(test: &str, env: &[(&str, String)]) -> ChildProcess {
         let exe = std::env::current_exe().unwrap();
-        let mut command = Command::new(exe);
+        let mut command = Command::new(&exe);
         command
             .args(["--exact", test, "--nocapture", "--test-threads", "1"])
             .stdin(Stdio::null())
@@ -41,7 +41,9 @@ impl ChildProcess {
         for (key, value) in env {
             command.env(key, value);
         }
-        let mut child = command.spawn().unwrap();
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("running {} again: {e}", exe.display()));
         let stdout = child.stdout.take().unwrap();
         let (tx, lines) = mpsc::channel();
         let reader = std::thread::spawn(move || {

@@ -16,7 +16,7 @@ use headwater_core::limits::READ_PAGE_EVENTS_MAX;
 use headwater_core::{
     EventId, ExpectedVersion, Position, RecordedEvent, StreamName, StreamVersion,
 };
-use headwater_embedded::{EmbeddedStore, OpenError, verify};
+use headwater_embedded::{EmbeddedStore, OpenError, inspect, verify};
 use headwater_store::conformance::event;
 use headwater_store::{EventStore, ReadError};
 use rand::rngs::StdRng;
@@ -145,9 +145,32 @@ async fn whole_log(store: &EmbeddedStore) -> Result<Vec<RecordedEvent>, ReadErro
 /// Opens the damaged copy in `dir` and checks it shows exactly the first `visible` of `acks`,
 /// whole, that `verify` is clean, and that appends go on after them.
 async fn assert_shows_prefix(dir: &Path, acks: &[Ack], visible: usize, case: &str) {
+    let head = acks[..visible].last().map_or(0, |a| a.last_position);
+    // Read-only first, as an operator would look at the files left by a crash: `inspect` and
+    // `verify` see what the store's open will see, and change neither file.
+    let files = || {
+        (
+            fs::read(dir.join(DATABASE)).unwrap(),
+            fs::read(dir.join(WAL)).unwrap(),
+        )
+    };
+    let before = files();
+    let inspection = inspect(dir).unwrap();
+    assert_eq!(
+        (inspection.events, inspection.head),
+        (head, Position(head)),
+        "{case}"
+    );
+    let report = verify(dir, &mut |_| {}).unwrap();
+    assert!(report.is_clean(), "{case}: {report:#?}");
+    assert_eq!(report.events_checked, head, "{case}");
+    assert!(
+        files() == before,
+        "{case}: inspect or verify wrote to the files"
+    );
+
     let store = EmbeddedStore::open(dir).unwrap_or_else(|e| panic!("{case}: open failed: {e}"));
     let log = whole_log(&store).await.unwrap();
-    let head = acks[..visible].last().map_or(0, |a| a.last_position);
     assert_eq!(store.head_position(), Position(head), "{case}");
     assert_eq!(
         log.len() as u64,
