@@ -30,6 +30,8 @@ const RECORD_BYTES_MAX: u64 = 16 * 1024 * 1024;
 const PHASE_SECS_MAX: f64 = 3_600.0;
 /// The most concurrent writers.
 const WRITERS_MAX: u32 = 10_000;
+/// The most runs of one benchmark.
+const RUNS_MAX: u32 = 20;
 /// The most events the store may be filled with.
 const EVENTS_MAX: u64 = 1_000_000_000;
 
@@ -53,6 +55,12 @@ pub(crate) struct BenchArgs {
     /// little. Any size flag given beside it still applies.
     #[arg(long)]
     quick: bool,
+
+    /// Runs of the whole benchmark, each on a fresh store; every figure is then the median of
+    /// the runs (this machine's disk is noisy: 3 runs give a steadier figure).
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(RUNS_MAX)))]
+    runs: u32,
 
     /// How long each timed phase runs (the fsync loops and the append figures), in seconds.
     /// [default: 5; with --quick: 0.2]
@@ -235,19 +243,34 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let store_dir = workdir.path().join("store");
-    let fsync_dir = workdir.path().join("fsync");
-    let results = runtime.block_on(async {
-        match args.backend {
-            Backend::Memory => measure(MemoryStore::new(), &store_dir, &fsync_dir, &plan).await,
-            Backend::Embedded => {
-                let store = EmbeddedStore::open(&store_dir).with_context(|| {
-                    format!("cannot open an embedded store in {}", store_dir.display())
-                })?;
-                measure(store, &store_dir, &fsync_dir, &plan).await
-            }
+    let mut results = Vec::new();
+    for run in 1..=args.runs {
+        let run_dir = workdir.path().join(format!("run-{run}"));
+        std::fs::create_dir(&run_dir)
+            .with_context(|| format!("cannot create {}", run_dir.display()))?;
+        let store_dir = run_dir.join("store");
+        let fsync_dir = run_dir.join("fsync");
+        if args.runs > 1 {
+            tracing::info!(run, of = args.runs, "run starting");
         }
-    })?;
+        let result = runtime.block_on(async {
+            match args.backend {
+                Backend::Memory => measure(MemoryStore::new(), &store_dir, &fsync_dir, &plan).await,
+                Backend::Embedded => {
+                    let store = EmbeddedStore::open(&store_dir).with_context(|| {
+                        format!("cannot open an embedded store in {}", store_dir.display())
+                    })?;
+                    measure(store, &store_dir, &fsync_dir, &plan).await
+                }
+            }
+        })?;
+        results.push(result);
+        // The next run starts on an empty disk, as this one did.
+        if !args.keep && run < args.runs {
+            std::fs::remove_dir_all(&run_dir)
+                .with_context(|| format!("cannot remove {}", run_dir.display()))?;
+        }
+    }
     drop(runtime);
 
     let report = report::Report::new(
@@ -255,7 +278,7 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         args.backend.name(),
         args.backend.durable(),
         machine,
-        results,
+        &results,
     );
     print!("{}", report.markdown());
     if let Some(path) = &args.json {

@@ -33,6 +33,7 @@ const BENCH_FLAGS: &[&str] = &[
     "--batch-events",
     "--batch-writers",
     "--event-ids",
+    "--runs",
     "--json",
 ];
 
@@ -143,11 +144,13 @@ fn quick_bench_prints_every_figure_and_cleans_up() {
         let rate = figure["per_second"].as_f64().unwrap();
         assert!(rate > 0.0, "{key}: {figure}");
     }
+    let runs = results["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 1);
     assert_eq!(
-        results["memory"]["checkpoints"].as_array().unwrap().len(),
+        runs[0]["memory"]["checkpoints"].as_array().unwrap().len(),
         3
     );
-    assert!(results["memory"]["peak_kib"].as_u64().unwrap() > 0);
+    assert!(results["peak_kib"].as_u64().unwrap() > 0);
 
     // The working directory is gone; only the JSON file is left.
     let left: Vec<_> = std::fs::read_dir(parent.path())
@@ -189,7 +192,7 @@ fn bench_keep_leaves_the_working_directory() {
     );
     assert!(stdout.contains("embedded backend"), "{stdout}");
     // The embedded store is left in the working directory, where `headwater inspect` can read it.
-    let store = parent.path().join(&kept[0]).join("store");
+    let store = parent.path().join(&kept[0]).join("run-1").join("store");
     let files: Vec<_> = std::fs::read_dir(&store)
         .unwrap()
         .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
@@ -209,6 +212,8 @@ fn bench_runs_against_the_memory_backend() {
         "0.05",
         "--events",
         "500",
+        "--runs",
+        "3",
         "--dir",
         parent.path().to_str().unwrap(),
     ]);
@@ -216,8 +221,35 @@ fn bench_runs_against_the_memory_backend() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(stdout.contains("memory backend"), "{stdout}");
     assert!(stdout.contains("keeps nothing on disk"), "{stdout}");
+    assert!(stdout.contains("3 runs, each on a fresh store"), "{stdout}");
     for row in FIGURE_ROWS {
-        assert!(stdout.contains(row), "no row {row:?} in:\n{stdout}");
+        let line = stdout
+            .lines()
+            .find(|line| line.starts_with(row))
+            .unwrap_or_else(|| panic!("no row {row:?} in:\n{stdout}"));
+        // figure, rate, p50, p99, compared to, aim, verdict, runs.
+        assert_eq!(line.matches(" | ").count(), 7, "{line}");
+    }
+    // Each run's figure, in the last column.
+    let one_writer = stdout
+        .lines()
+        .find(|line| line.starts_with(FIGURE_ROWS[2]))
+        .unwrap();
+    let runs_cell = one_writer.rsplit(" | ").next().unwrap();
+    assert_eq!(runs_cell.matches(" / ").count(), 2, "{one_writer}");
+    // The memory table: each run's checkpoints (here the large stream alone exceeds the sizes
+    // asked for, so one), then its end.
+    for run in 1..=3 {
+        let rows: Vec<_> = stdout
+            .lines()
+            .filter(|line| line.starts_with(&format!("| {run} | ")))
+            .collect();
+        assert_eq!(rows.len(), 2, "run {run}: {rows:?}");
+        assert!(
+            rows[0].starts_with(&format!("| {run} | 5,000 | ")),
+            "{rows:?}"
+        );
+        assert!(rows[1].contains(" (end) | "), "{rows:?}");
     }
 }
 
