@@ -3,6 +3,7 @@
 //! every acknowledged append is there exactly once, whole, where it was acknowledged, that nothing
 //! half-written is visible, and that `verify` finds nothing. Then the next child goes on with the
 //! same store, first retrying the appends the last one left unanswered (G3 across a crash).
+//! Every few cycles `inspect` and `verify` also run on the store while the child appends to it.
 //!
 //! `HEADWATER_CRASH_SEED=<u64>` replays a run's random choices (the kill moments, the workload);
 //! the seed is printed first.
@@ -16,7 +17,7 @@ use headwater_core::{
     EventId, EventType, ExpectedVersion, NewEvent, Position, RecordedEvent, StreamName,
     StreamVersion,
 };
-use headwater_embedded::{EmbeddedStore, verify};
+use headwater_embedded::{EmbeddedStore, inspect, verify};
 use headwater_store::{AppendError, AppendOutcome, EventStore};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -529,6 +530,7 @@ fn run_child(
     seed: u64,
     retry_file: &Path,
     early: bool,
+    live_check: Option<u64>,
     rng: &mut StdRng,
 ) -> Vec<String> {
     let mut said = Vec::new();
@@ -548,6 +550,14 @@ fn run_child(
         std::thread::sleep(wait);
     } else {
         child.wait_for("READY", start, |line| said.push(line.to_owned()));
+        if let Some(checked_head) = live_check {
+            // An operator looks at the store while the child appends to it.
+            let inspection = inspect(dir).unwrap();
+            assert!(inspection.head.0 >= checked_head, "{inspection:?}");
+            let report = verify(dir, &mut |_| {}).unwrap();
+            assert!(report.is_clean(), "verify of the live store: {report:#?}");
+            assert!(report.events_checked >= checked_head, "{report:?}");
+        }
         let deadline = Instant::now() + Duration::from_millis(rng.random_range(KILL_AFTER_MILLIS));
         while let Some(line) = child.line_before(deadline) {
             said.push(line);
@@ -584,7 +594,16 @@ fn acknowledged_appends_survive_kill_9() {
             .collect();
         std::fs::write(&retry_file, retries).unwrap();
         let child_seed = rng.random();
-        let said = run_child(&store_dir, child_seed, &retry_file, early, &mut rng);
+        let live_check =
+            (!early && cycle % VERIFY_EVERY_CYCLES == 2).then_some(ledger.checked_head);
+        let said = run_child(
+            &store_dir,
+            child_seed,
+            &retry_file,
+            early,
+            live_check,
+            &mut rng,
+        );
         let mut acks = Vec::new();
         for line in &said {
             ledger.hear(line, cycle, &mut acks);
