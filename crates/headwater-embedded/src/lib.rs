@@ -46,8 +46,13 @@ pub const GROUP_BYTES_MAX: usize = 32 * 1024 * 1024;
 pub const QUEUE_APPENDS_MAX: usize = 4_096;
 /// Read connections, by default.
 pub const READERS_DEFAULT: usize = 4;
-/// The page cache of each connection, by default, in bytes.
-pub const PAGE_CACHE_BYTES_DEFAULT: u64 = 8 * 1024 * 1024;
+/// The page cache of the write connection, by default, in bytes. The writer's inserts touch
+/// the tails of the table and of the position index, and the leaves of the two other indexes
+/// where appends land: the larger the cache, the fewer of those it reads back.
+pub const PAGE_CACHE_BYTES_DEFAULT: u64 = 16 * 1024 * 1024;
+/// The page cache of each read connection, by default, in bytes. Reads walk forward; the
+/// operating system's cache serves pages again.
+pub const READER_PAGE_CACHE_BYTES_DEFAULT: u64 = 2 * 1024 * 1024;
 
 /// A hook the writer calls just before each `COMMIT` (tests only, see
 /// [`Options::before_commit`]). An `Err` fails that commit as a failed fsync would.
@@ -76,8 +81,11 @@ pub struct Options {
     pub queue_appends_max: usize,
     /// How many read connections serve reads concurrently ([`READERS_DEFAULT`], at least 1).
     pub readers: usize,
-    /// The page cache of each connection, in bytes ([`PAGE_CACHE_BYTES_DEFAULT`]).
+    /// The page cache of the write connection, in bytes ([`PAGE_CACHE_BYTES_DEFAULT`]).
     pub page_cache_bytes: u64,
+    /// The page cache of each read connection, in bytes
+    /// ([`READER_PAGE_CACHE_BYTES_DEFAULT`]).
+    pub reader_page_cache_bytes: u64,
     /// **For tests**: called before each commit; an `Err` fails the commit (and poisons the
     /// store) as a failed fsync would.
     pub before_commit: Option<CommitHook>,
@@ -94,6 +102,7 @@ impl Default for Options {
             queue_appends_max: QUEUE_APPENDS_MAX,
             readers: READERS_DEFAULT,
             page_cache_bytes: PAGE_CACHE_BYTES_DEFAULT,
+            reader_page_cache_bytes: READER_PAGE_CACHE_BYTES_DEFAULT,
             before_commit: None,
             max_page_count: None,
         }
@@ -108,6 +117,7 @@ impl fmt::Debug for Options {
             .field("queue_appends_max", &self.queue_appends_max)
             .field("readers", &self.readers)
             .field("page_cache_bytes", &self.page_cache_bytes)
+            .field("reader_page_cache_bytes", &self.reader_page_cache_bytes)
             .field("before_commit", &self.before_commit.as_ref().map(|_| "…"))
             .field("max_page_count", &self.max_page_count)
             .finish()

@@ -51,7 +51,7 @@ pub(crate) fn open(dir: &Path, options: Options) -> Result<EmbeddedStore, OpenEr
     }
 
     let path = dir.join(DATABASE_FILE);
-    let conn = connect(&path, &options)?;
+    let conn = connect(&path, options.page_cache_bytes)?;
     check_format(&conn, &path)?;
     if is_blank(&conn, &path)? {
         create(&conn, &path)?;
@@ -100,7 +100,7 @@ pub(crate) fn sqlite_error(path: &Path) -> impl Fn(rusqlite::Error) -> OpenError
 }
 
 /// A connection to the database file with the settings every connection shares.
-pub(crate) fn connect(path: &Path, options: &Options) -> Result<Connection, OpenError> {
+pub(crate) fn connect(path: &Path, cache_bytes: u64) -> Result<Connection, OpenError> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX
@@ -109,7 +109,7 @@ pub(crate) fn connect(path: &Path, options: &Options) -> Result<Connection, Open
     conn.busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MILLIS))
         .map_err(sqlite_error(path))?;
     // A negative cache_size is in KiB.
-    let cache_kib = i64::try_from(options.page_cache_bytes / 1024).unwrap_or(i64::MAX);
+    let cache_kib = i64::try_from(cache_bytes / 1024).unwrap_or(i64::MAX);
     conn.pragma_update(None, "cache_size", -cache_kib.max(1))
         .map_err(sqlite_error(path))?;
     // Memory-mapped I/O would count the mapped file in the process's RSS.

@@ -1,16 +1,21 @@
 //! Reads: a small pool of connections, each read on a blocking thread, every row checked.
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use headwater_core::limits::READ_PAGE_BYTES_MAX;
+use headwater_core::limits::{READ_PAGE_BYTES_MAX, READ_PAGE_EVENTS_MAX};
 use headwater_core::{EventId, Position, RecordedEvent, StreamName, StreamVersion};
 use headwater_store::ReadError;
 use rusqlite::{Connection, ErrorCode, OptionalExtension};
 use tokio::sync::Semaphore;
 
 use crate::open::connect;
-use crate::schema::{SELECT_ALL_AFTER, SELECT_BY_ID, SELECT_STREAM_AFTER, decode_event};
+use crate::schema::{
+    Corrupt, SELECT_ALL_AFTER, SELECT_BY_ID, SELECT_STREAM_AFTER, SELECT_STREAM_NAME, decode_event,
+    stream_id_of,
+};
 use crate::{OpenError, Options};
 
 /// The read connections. At most `permits` reads run at once; each takes a connection from
@@ -81,7 +86,7 @@ impl Readers {
 }
 
 fn reader_connection(path: &std::path::Path, options: &Options) -> Result<Connection, OpenError> {
-    let conn = connect(path, options)?;
+    let conn = connect(path, options.reader_page_cache_bytes)?;
     conn.pragma_update(None, "query_only", true)
         .map_err(crate::open::sqlite_error(path))?;
     Ok(conn)
@@ -102,20 +107,58 @@ fn to_sql(value: u64) -> Option<i64> {
     i64::try_from(value).ok()
 }
 
+/// Stream names by row id, for the rows of one read. Bounded by the read's page size.
+#[derive(Debug, Default)]
+struct StreamNames {
+    names: HashMap<i64, StreamName>,
+}
+
+impl StreamNames {
+    /// The name of stream `id`, looked up once per read.
+    fn get(
+        &mut self,
+        conn: &Connection,
+        id: i64,
+        position: Position,
+    ) -> Result<&StreamName, ReadError> {
+        match self.names.entry(id) {
+            Entry::Occupied(entry) => Ok(entry.into_mut()),
+            Entry::Vacant(entry) => {
+                let name: Option<String> = conn
+                    .prepare_cached(SELECT_STREAM_NAME)
+                    .and_then(|mut s| s.query_row([id], |row| row.get(0)).optional())
+                    .map_err(sqlite(position))?;
+                let corrupt = |detail: String| ReadError::Corrupt { position, detail };
+                let name = name.ok_or_else(|| corrupt(format!("stream {id} is missing")))?;
+                let name = StreamName::new(name)
+                    .map_err(|e| corrupt(format!("stream {id} has an invalid name: {e}")))?;
+                Ok(entry.insert(name))
+            }
+        }
+    }
+}
+
 /// Reads rows into a page: at most `limit` (the statement's LIMIT), stopping before the event
 /// whose data would take the page past `READ_PAGE_BYTES_MAX` (a page holds at least one event).
 fn page(
+    conn: &Connection,
     mut rows: rusqlite::Rows<'_>,
-    capacity: u64,
+    limit: u64,
     near: Position,
+    mut names: StreamNames,
 ) -> Result<Vec<RecordedEvent>, ReadError> {
-    let mut out = Vec::with_capacity(capacity.min(1024) as usize);
+    let corrupt = |c: Corrupt| ReadError::Corrupt {
+        position: c.position,
+        detail: c.detail,
+    };
+    let mut out: Vec<RecordedEvent> = Vec::with_capacity(limit.min(READ_PAGE_EVENTS_MAX) as usize);
     let mut bytes = 0usize;
     while let Some(row) = rows.next().map_err(sqlite(near))? {
-        let event = decode_event(row).map_err(|c| ReadError::Corrupt {
-            position: c.position,
-            detail: c.detail,
-        })?;
+        let stream_id = stream_id_of(row).map_err(corrupt)?;
+        let near = out.last().map_or(near, |e| e.position.next());
+        let stream = names.get(conn, stream_id, near)?;
+        let previous_type = out.last().map(|e| &e.event_type);
+        let event = decode_event(row, stream, previous_type).map_err(corrupt)?;
         if !out.is_empty() && bytes + event.data.len() > READ_PAGE_BYTES_MAX {
             break;
         }
@@ -140,7 +183,7 @@ pub(crate) fn read_all(
     let rows = statement
         .query((after_sql, limit_sql))
         .map_err(sqlite(near))?;
-    page(rows, limit, near)
+    page(conn, rows, limit, near, StreamNames::default())
 }
 
 fn stream_id(conn: &Connection, stream: &StreamName) -> Result<Option<i64>, ReadError> {
@@ -171,14 +214,11 @@ pub(crate) fn read_stream(
     let rows = statement
         .query((stream_id, after_sql, limit_sql))
         .map_err(sqlite(Position::START))?;
-    let events = page(rows, limit, Position::START)?;
-    if let Some(wrong) = events.iter().find(|e| &e.stream != stream) {
-        return Err(ReadError::Corrupt {
-            position: wrong.position,
-            detail: format!("an event of {} is indexed under {stream}", wrong.stream),
-        });
-    }
-    Ok(events)
+    // The id was found by this name, so the stored name is this one (if the index lied, the
+    // checksums, which cover the stored name, tell).
+    let mut names = StreamNames::default();
+    names.names.insert(stream_id, stream.clone());
+    page(conn, rows, limit, Position::START, names)
 }
 
 pub(crate) fn stream_head(
@@ -212,7 +252,7 @@ pub(crate) fn find_event(
     let rows = statement
         .query([&event_id.as_bytes()[..]])
         .map_err(sqlite(Position::START))?;
-    let mut events = page(rows, 1, Position::START)?;
+    let mut events = page(conn, rows, 1, Position::START, StreamNames::default())?;
     match events.pop() {
         Some(event) if event.event_id != event_id => Err(ReadError::Corrupt {
             position: event.position,

@@ -43,14 +43,14 @@ CREATE UNIQUE INDEX events_by_stream ON events(stream_id, version);
 CREATE UNIQUE INDEX events_by_id ON events(event_id);
 ";
 
-/// The columns every event read selects, in the order [`decode_event`] expects, from `events`
-/// (as `e`) joined with `streams` (as `s`). `CROSS JOIN` keeps `events` the outer loop.
+/// The columns every event read selects, in the order [`decode_event`] expects. The stream's
+/// name is not joined in: readers resolve `stream_id` through a small cache (most rows of a page
+/// share few streams), so a row costs no second B-tree search.
 macro_rules! select_events {
     ($where:literal) => {
         concat!(
-            "SELECT e.position, s.name, e.version, e.event_id, e.event_type, e.schema_version, ",
-            "e.correlation_id, e.causation_id, e.recorded_at, e.data, e.crc ",
-            "FROM events AS e CROSS JOIN streams AS s ON s.id = e.stream_id ",
+            "SELECT position, stream_id, version, event_id, event_type, schema_version, ",
+            "correlation_id, causation_id, recorded_at, data, crc FROM events ",
             $where
         )
     };
@@ -58,14 +58,17 @@ macro_rules! select_events {
 
 /// The events after a position, in position order: `?1` after, `?2` limit.
 pub(crate) const SELECT_ALL_AFTER: &str =
-    select_events!("WHERE e.position > ?1 ORDER BY e.position LIMIT ?2");
+    select_events!("WHERE position > ?1 ORDER BY position LIMIT ?2");
 
 /// One stream's events after a version, in version order: `?1` stream id, `?2` after, `?3` limit.
 pub(crate) const SELECT_STREAM_AFTER: &str =
-    select_events!("WHERE e.stream_id = ?1 AND e.version > ?2 ORDER BY e.version LIMIT ?3");
+    select_events!("WHERE stream_id = ?1 AND version > ?2 ORDER BY version LIMIT ?3");
 
 /// The event with an id: `?1` the id's 16 bytes.
-pub(crate) const SELECT_BY_ID: &str = select_events!("WHERE e.event_id = ?1");
+pub(crate) const SELECT_BY_ID: &str = select_events!("WHERE event_id = ?1");
+
+/// A stream's name by its row id: `?1` the id.
+pub(crate) const SELECT_STREAM_NAME: &str = "SELECT name FROM streams WHERE id = ?1";
 
 /// Appends one event row: the columns in table order, `crc` last.
 pub(crate) const INSERT_EVENT: &str = "INSERT INTO events (position, stream_id, version, \
@@ -101,29 +104,83 @@ pub(crate) struct EventFields<'a> {
 impl EventFields<'_> {
     /// The CRC-32C of the canonical encoding (see the type's documentation).
     pub(crate) fn crc(&self) -> u32 {
-        fn int(crc: u32, value: i64) -> u32 {
-            crc32c::crc32c_append(crc, &value.to_le_bytes())
+        let mut crc = Crc::default();
+        crc.int(self.position);
+        crc.bytes(self.stream);
+        crc.int(self.version);
+        crc.bytes(self.event_id);
+        crc.bytes(self.event_type);
+        crc.int(self.schema_version);
+        crc.nullable(self.correlation_id);
+        crc.nullable(self.causation_id);
+        crc.int(self.recorded_at);
+        crc.bytes(self.data);
+        crc.finish()
+    }
+}
+
+/// Computes a CRC-32C over the encoding fed to it, gathering small pieces in a buffer so that
+/// the CRC runs over few long slices instead of many 8-byte ones.
+struct Crc {
+    crc: u32,
+    buffer: [u8; CRC_BUFFER_BYTES],
+    len: usize,
+}
+
+/// The buffer of [`Crc`], in bytes: room for every field of a valid event but its data.
+const CRC_BUFFER_BYTES: usize = 512;
+
+impl Default for Crc {
+    fn default() -> Crc {
+        Crc {
+            crc: 0,
+            buffer: [0; CRC_BUFFER_BYTES],
+            len: 0,
         }
-        fn bytes(crc: u32, value: &[u8]) -> u32 {
-            let crc = crc32c::crc32c_append(crc, &(value.len() as u64).to_le_bytes());
-            crc32c::crc32c_append(crc, value)
-        }
-        fn nullable(crc: u32, value: Option<&[u8]>) -> u32 {
-            match value {
-                None => crc32c::crc32c_append(crc, &[0]),
-                Some(value) => bytes(crc32c::crc32c_append(crc, &[1]), value),
+    }
+}
+
+impl Crc {
+    #[inline]
+    fn put(&mut self, bytes: &[u8]) {
+        if self.len + bytes.len() > CRC_BUFFER_BYTES {
+            self.flush();
+            if bytes.len() > CRC_BUFFER_BYTES {
+                self.crc = crc32c::crc32c_append(self.crc, bytes);
+                return;
             }
         }
-        let mut crc = int(0, self.position);
-        crc = bytes(crc, self.stream);
-        crc = int(crc, self.version);
-        crc = bytes(crc, self.event_id);
-        crc = bytes(crc, self.event_type);
-        crc = int(crc, self.schema_version);
-        crc = nullable(crc, self.correlation_id);
-        crc = nullable(crc, self.causation_id);
-        crc = int(crc, self.recorded_at);
-        bytes(crc, self.data)
+        self.buffer[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+    }
+
+    fn flush(&mut self) {
+        self.crc = crc32c::crc32c_append(self.crc, &self.buffer[..self.len]);
+        self.len = 0;
+    }
+
+    fn int(&mut self, value: i64) {
+        self.put(&value.to_le_bytes());
+    }
+
+    fn bytes(&mut self, value: &[u8]) {
+        self.put(&(value.len() as u64).to_le_bytes());
+        self.put(value);
+    }
+
+    fn nullable(&mut self, value: Option<&[u8]>) {
+        match value {
+            None => self.put(&[0]),
+            Some(value) => {
+                self.put(&[1]);
+                self.bytes(value);
+            }
+        }
+    }
+
+    fn finish(mut self) -> u32 {
+        self.flush();
+        self.crc
     }
 }
 
@@ -135,9 +192,33 @@ pub(crate) struct Corrupt {
     pub(crate) detail: String,
 }
 
-/// Decodes a row selected with `select_events!`, checking its checksum first: a row whose
-/// checksum does not match is never turned into an event.
-pub(crate) fn decode_event(row: &rusqlite::Row<'_>) -> Result<RecordedEvent, Corrupt> {
+/// The stream row id of a row selected with `select_events!` (column 1), to resolve its name
+/// before [`decode_event`].
+pub(crate) fn stream_id_of(row: &rusqlite::Row<'_>) -> Result<i64, Corrupt> {
+    let position = row
+        .get_ref(0)
+        .ok()
+        .and_then(|v| v.as_i64().ok())
+        .and_then(|p| u64::try_from(p).ok())
+        .map_or(Position::START, Position);
+    row.get_ref(1)
+        .map_err(|e| e.to_string())
+        .and_then(|v| v.as_i64().map_err(|e| e.to_string()))
+        .map_err(|e| Corrupt {
+            position,
+            detail: format!("the stream id is unreadable: {e}"),
+        })
+}
+
+/// Decodes a row selected with `select_events!`, whose stream (column 1) is named `stream`,
+/// checking its checksum first: a row whose checksum does not match is never turned into an
+/// event. `previous_type` is the event type of the row decoded before, reused when equal (most
+/// events of a page share a few types).
+pub(crate) fn decode_event(
+    row: &rusqlite::Row<'_>,
+    stream: &StreamName,
+    previous_type: Option<&EventType>,
+) -> Result<RecordedEvent, Corrupt> {
     let mut position = Position::START;
     let corrupt = |position: Position, detail: String| Corrupt { position, detail };
     let column = |i: usize| {
@@ -163,7 +244,7 @@ pub(crate) fn decode_event(row: &rusqlite::Row<'_>) -> Result<RecordedEvent, Cor
         Ok((
             EventFields {
                 position: int(0)?,
-                stream: text_or_blob(1)?,
+                stream: stream.as_str().as_bytes(),
                 version: int(2)?,
                 event_id: text_or_blob(3)?,
                 event_type: text_or_blob(4)?,
@@ -196,10 +277,6 @@ pub(crate) fn decode_event(row: &rusqlite::Row<'_>) -> Result<RecordedEvent, Cor
     if fields.position <= 0 {
         return Err(bad("the position is not positive"));
     }
-    let stream = std::str::from_utf8(fields.stream)
-        .ok()
-        .and_then(|name| StreamName::new(name).ok())
-        .ok_or_else(|| bad("the stream name is invalid"))?;
     let version = u64::try_from(fields.version)
         .ok()
         .filter(|v| *v > 0)
@@ -207,10 +284,13 @@ pub(crate) fn decode_event(row: &rusqlite::Row<'_>) -> Result<RecordedEvent, Cor
     let event_id = uuid(fields.event_id)
         .map(EventId::from_uuid)
         .ok_or_else(|| bad("the event id is not 16 bytes"))?;
-    let event_type = std::str::from_utf8(fields.event_type)
-        .ok()
-        .and_then(|name| EventType::new(name).ok())
-        .ok_or_else(|| bad("the event type is invalid"))?;
+    let event_type = match previous_type {
+        Some(previous) if previous.as_str().as_bytes() == fields.event_type => previous.clone(),
+        _ => std::str::from_utf8(fields.event_type)
+            .ok()
+            .and_then(|name| EventType::new(name).ok())
+            .ok_or_else(|| bad("the event type is invalid"))?,
+    };
     let schema_version = u32::try_from(fields.schema_version)
         .ok()
         .filter(|v| *v > 0)
@@ -223,7 +303,7 @@ pub(crate) fn decode_event(row: &rusqlite::Row<'_>) -> Result<RecordedEvent, Cor
         u64::try_from(fields.recorded_at).map_err(|_| bad("the recording time is negative"))?;
     Ok(RecordedEvent {
         event_id,
-        stream,
+        stream: stream.clone(),
         stream_version: StreamVersion(version),
         position,
         event_type,
@@ -308,6 +388,58 @@ mod tests {
             assert_ne!(base.crc(), other.crc(), "{other:?}");
         }
         assert_eq!(base.crc(), fields().crc(), "deterministic");
+    }
+
+    /// The encoding written out whole, the way the documentation states it.
+    fn encoding(f: &EventFields<'_>) -> Vec<u8> {
+        let mut out = Vec::new();
+        let bytes = |out: &mut Vec<u8>, b: &[u8]| {
+            out.extend_from_slice(&(b.len() as u64).to_le_bytes());
+            out.extend_from_slice(b);
+        };
+        out.extend_from_slice(&f.position.to_le_bytes());
+        bytes(&mut out, f.stream);
+        out.extend_from_slice(&f.version.to_le_bytes());
+        bytes(&mut out, f.event_id);
+        bytes(&mut out, f.event_type);
+        out.extend_from_slice(&f.schema_version.to_le_bytes());
+        for id in [f.correlation_id, f.causation_id] {
+            match id {
+                None => out.push(0),
+                Some(id) => {
+                    out.push(1);
+                    bytes(&mut out, id);
+                }
+            }
+        }
+        out.extend_from_slice(&f.recorded_at.to_le_bytes());
+        bytes(&mut out, f.data);
+        out
+    }
+
+    #[test]
+    fn the_buffered_checksum_is_the_checksum_of_the_whole_encoding() {
+        let long_name = vec![b'n'; CRC_BUFFER_BYTES + 17];
+        let long_data = vec![b'd'; 3 * CRC_BUFFER_BYTES];
+        let base = fields();
+        for f in [
+            base,
+            EventFields {
+                stream: &long_name,
+                ..base
+            },
+            EventFields {
+                data: &long_data,
+                ..base
+            },
+            EventFields {
+                event_type: &long_name[..CRC_BUFFER_BYTES - 40],
+                data: &long_data[..CRC_BUFFER_BYTES - 3],
+                ..base
+            },
+        ] {
+            assert_eq!(f.crc(), crc32c::crc32c(&encoding(&f)));
+        }
     }
 
     #[test]
