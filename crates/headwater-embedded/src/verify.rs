@@ -6,7 +6,8 @@
 //! Both open `events.sqlite3` with `SQLITE_OPEN_READONLY` and read inside one read transaction: a
 //! consistent snapshot, even while the store's own process goes on appending (WAL readers never
 //! block the writer; the writer's checkpoints cannot pass the snapshot while it is held, so a
-//! long `verify` lets the WAL grow until it ends).
+//! long `verify` lets the WAL grow until it ends, and a store closed meanwhile waits up to its
+//! busy timeout for its final `wal_checkpoint(TRUNCATE)`, then leaves the WAL to the next open).
 //!
 //! A read-only connection still needs the WAL's `-wal` and `-shm` files. When the store is open
 //! elsewhere they exist and are used as they are. When it is closed, SQLite creates them, empty,
@@ -311,7 +312,9 @@ impl fmt::Display for VerifyStage {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct VerifyProgress {
+    /// The stage running.
     pub stage: VerifyStage,
+    /// Rows of the stage checked so far (0 throughout the integrity check).
     pub done: u64,
     /// Every stage but the integrity check reads each event once: `total` is the event count.
     pub total: u64,
