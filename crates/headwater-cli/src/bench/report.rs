@@ -35,6 +35,8 @@ pub(crate) struct Rate {
     events: u64,
     elapsed: Duration,
     latency: Histogram<u64>,
+    /// Bytes the process wrote while this was measured (see `system::written_bytes`).
+    written_bytes: Option<u64>,
 }
 
 impl Default for Rate {
@@ -52,6 +54,7 @@ impl Rate {
             events: 0,
             elapsed: Duration::ZERO,
             latency,
+            written_bytes: None,
         }
     }
 
@@ -81,8 +84,19 @@ impl Rate {
         self.elapsed = elapsed;
     }
 
+    /// Counts bytes written during the measurement (`None`: unknown, changes nothing).
+    pub(crate) fn add_written_bytes(&mut self, bytes: Option<u64>) {
+        if let Some(bytes) = bytes {
+            self.written_bytes = Some(self.written_bytes.unwrap_or(0) + bytes);
+        }
+    }
+
     pub(crate) fn add_elapsed(&mut self, elapsed: Duration) {
         self.elapsed += elapsed;
+    }
+
+    pub(crate) fn written_bytes(&self) -> Option<u64> {
+        self.written_bytes
     }
 
     pub(crate) fn elapsed(&self) -> Duration {
@@ -113,6 +127,10 @@ impl Rate {
             p50_ms: self.quantile(0.50).map(millis),
             p99_ms: self.quantile(0.99).map(millis),
             max_ms: self.quantile(1.0).map(millis),
+            written_bytes_per_event: self
+                .written_bytes
+                .filter(|_| self.events > 0)
+                .map(|bytes| (bytes as f64 / self.events as f64).round()),
         }
     }
 }
@@ -132,6 +150,8 @@ struct RateSummary {
     p50_ms: Option<f64>,
     p99_ms: Option<f64>,
     max_ms: Option<f64>,
+    /// Bytes the process wrote per event (write calls: a store's WAL, checkpoints, files).
+    written_bytes_per_event: Option<f64>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -257,6 +277,7 @@ impl Row {
             p50_ms: median_of(&|r| r.rate.p50_ms),
             p99_ms: median_of(&|r| r.rate.p99_ms),
             max_ms: runs.iter().filter_map(|r| r.rate.max_ms).reduce(f64::max),
+            written_bytes_per_event: median_of(&|r| r.rate.written_bytes_per_event),
         };
         let row = Row {
             key: first.key,
@@ -628,6 +649,30 @@ impl Report {
         out.push_str(
             "\np50 / p99: latency of one operation (one append, one write + fdatasync).\n",
         );
+        let written: Vec<&Row> = self
+            .figures
+            .iter()
+            .filter(|row| {
+                row.key.starts_with("append") && row.rate.written_bytes_per_event.is_some()
+            })
+            .collect();
+        if !written.is_empty() {
+            out.push_str(
+                "\nBytes written per appended event (all write calls of the process: the store's \
+                 log or WAL, its checkpoints, its other files):\n\n",
+            );
+            out.push_str("| figure | bytes written per event |\n| --- | ---: |\n");
+            for row in written {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} |",
+                    row.figure,
+                    row.rate
+                        .written_bytes_per_event
+                        .map_or("—".to_owned(), group),
+                );
+            }
+        }
 
         out.push_str("\nMemory as the store grows:\n\n");
         let run_col = if several { "| run " } else { "" };

@@ -25,7 +25,7 @@ use tokio::task::JoinSet;
 use uuid::Uuid;
 
 use super::report::Rate;
-use super::system::{Memory, disk_bytes};
+use super::system::{Memory, disk_bytes, written_bytes};
 use super::{EventIds, Plan, progress_bar};
 
 /// The event type of every benchmark event.
@@ -311,6 +311,7 @@ async fn append_phase<S: EventStore>(
     label: &str,
 ) -> anyhow::Result<Rate> {
     let bar = progress_bar(label, millis(duration), "ms");
+    let written_before = written_bytes();
     let start = Instant::now();
     let deadline = start + duration;
     let mut tasks = JoinSet::new();
@@ -346,6 +347,7 @@ async fn append_phase<S: EventStore>(
         total.merge(&rate);
     }
     total.finish(start.elapsed());
+    total.add_written_bytes(written_since(written_before));
     bar.finish_and_clear();
     tracing::info!(
         figure = label,
@@ -400,6 +402,7 @@ async fn fill<S: EventStore>(
     bar.set_position(current);
     let remaining = Arc::new(AtomicU64::new(target - current));
     let batch = u64::from(plan.batch_events);
+    let written_before = written_bytes();
     let ids = plan.event_ids;
     let start = Instant::now();
     let mut tasks = JoinSet::new();
@@ -440,9 +443,11 @@ async fn fill<S: EventStore>(
         filled.merge(&joined.context("a writer task failed")??);
     }
     filled.finish(start.elapsed());
+    filled.add_written_bytes(written_since(written_before));
     bar.finish_and_clear();
     rate.merge(&filled);
     rate.add_elapsed(filled.elapsed());
+    rate.add_written_bytes(filled.written_bytes());
     Ok(())
 }
 
@@ -532,6 +537,11 @@ async fn read_large_stream<S: EventStore>(
         "read one stream forward"
     );
     Ok(rate)
+}
+
+/// Bytes written since `before` was sampled.
+fn written_since(before: Option<u64>) -> Option<u64> {
+    Some(written_bytes()?.saturating_sub(before?))
 }
 
 fn millis(duration: Duration) -> u64 {

@@ -126,6 +126,16 @@ pub(crate) fn disk_bytes(path: &Path) -> u64 {
         .sum()
 }
 
+/// The bytes this process has handed to `write`-family system calls so far (`wchar` of
+/// `/proc/self/io`): what a store writes, its WAL and checkpoints included. `None` off Linux.
+pub(crate) fn written_bytes() -> Option<u64> {
+    let io = std::fs::read_to_string("/proc/self/io").ok()?;
+    io.lines().find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        (key == "wchar").then(|| value.trim().parse().ok())?
+    })
+}
+
 /// A `Name:   1234 kB` line of `/proc/self/status` or `/proc/meminfo`.
 fn field_kib(text: &str, name: &str) -> Option<u64> {
     text.lines().find_map(|line| {
@@ -160,6 +170,18 @@ mod tests {
         let bytes = disk_bytes(dir.path());
         assert!((20_000..=40_960).contains(&bytes), "{bytes}");
         assert_eq!(disk_bytes(&dir.path().join("missing")), 0);
+    }
+
+    #[test]
+    fn counts_written_bytes() {
+        if !Path::new("/proc/self/io").exists() {
+            return;
+        }
+        let before = written_bytes().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), vec![1u8; 100_000]).unwrap();
+        let after = written_bytes().unwrap();
+        assert!(after - before >= 100_000, "{before} → {after}");
     }
 
     #[test]

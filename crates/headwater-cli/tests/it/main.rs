@@ -128,6 +128,23 @@ fn quick_bench_prints_every_figure_and_cleans_up() {
     ] {
         assert!(stdout.contains(heading), "no {heading:?} in:\n{stdout}");
     }
+    // What the store wrote per event, for each append figure (from /proc/self/io).
+    let written = stdout
+        .split("Bytes written per appended event")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no bytes-written table in:\n{stdout}"));
+    for row in &FIGURE_ROWS[2..6] {
+        let line = written.lines().find(|l| l.starts_with(row)).unwrap();
+        let bytes: u64 = line
+            .trim_end_matches(" |")
+            .rsplit("| ")
+            .next()
+            .unwrap()
+            .replace(',', "")
+            .parse()
+            .unwrap_or_else(|e| panic!("{line}: {e}"));
+        assert!(bytes > 0, "{line}");
+    }
     assert!(
         stdout.contains("bench --quick --dir"),
         "the command line:\n{stdout}"
