@@ -1,0 +1,90 @@
+//! The head watch: `LISTEN` on a dedicated connection, with a fallback poll.
+//!
+//! Every group transaction that writes events calls `pg_notify(<schema>, <new head>)`;
+//! PostgreSQL delivers the notification after the commit, to every listening session (other
+//! replicas' included), in commit order. A notification can still be missed: the listening
+//! connection may drop and reconnect. So the head is also read every poll interval and right
+//! after each (re)connection; the watch only ever moves forward.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use headwater_core::Position;
+use tokio::sync::watch;
+use tokio_postgres::{AsyncMessage, NoTls};
+
+use crate::reader::to_u64;
+use crate::{Target, advance};
+
+/// How long to wait before connecting again after the listener's connection failed, in
+/// milliseconds.
+const RECONNECT_DELAY_MILLIS: u64 = 500;
+/// The longest a poll of the head may take before the connection is taken for dead, in
+/// milliseconds.
+const POLL_TIMEOUT_MILLIS: u64 = 5_000;
+
+/// Keeps `head` up to date until the task is aborted (when the store is dropped).
+pub(crate) async fn follow(target: Target, head: Arc<watch::Sender<Position>>, poll: Duration) {
+    loop {
+        if let Err(error) = listen(&target, &head, poll).await {
+            tracing::warn!(%error, schema = %target.schema, "head listener failed; reconnecting");
+        }
+        tokio::time::sleep(Duration::from_millis(RECONNECT_DELAY_MILLIS)).await;
+    }
+}
+
+/// One connection's life: listen, then poll until the connection fails.
+async fn listen(
+    target: &Target,
+    head: &Arc<watch::Sender<Position>>,
+    poll: Duration,
+) -> Result<(), tokio_postgres::Error> {
+    let (client, mut connection) = target.config.connect(NoTls).await?;
+    let notified = head.clone();
+    let channel = target.sql.channel.clone();
+    let mut driver = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(AsyncMessage::Notification(n)) if n.channel() == channel => {
+                    if let Some(position) = n.payload().parse::<i64>().ok().and_then(to_u64) {
+                        advance(&notified, Position(position));
+                    }
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::debug!(%error, "head listener connection ended");
+                    return;
+                }
+            }
+        }
+    });
+    let result = async {
+        client
+            .batch_execute(&format!("LISTEN \"{}\"", target.sql.channel))
+            .await?;
+        let read_head = client.prepare(&target.sql.read_head).await?;
+        loop {
+            // After LISTEN: whatever committed before it is in this read.
+            let timeout = Duration::from_millis(POLL_TIMEOUT_MILLIS);
+            match tokio::time::timeout(timeout, client.query_one(&read_head, &[])).await {
+                Ok(row) => {
+                    let position: i64 = row?.get(0);
+                    advance(head, Position(to_u64(position).unwrap_or(0)));
+                }
+                Err(_) => {
+                    tracing::warn!("reading the head timed out; reconnecting");
+                    return Ok(());
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(poll) => {}
+                _ = &mut driver => return Ok(()),
+            }
+        }
+    }
+    .await;
+    driver.abort();
+    result
+}

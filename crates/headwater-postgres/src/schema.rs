@@ -1,0 +1,293 @@
+//! The tables, their versioned migrations, and every SQL statement the store runs, written for
+//! one schema.
+//!
+//! A store lives in one PostgreSQL schema (`headwater` by default). `connect` creates and
+//! migrates it under a session advisory lock, so replicas that start at once take turns: the
+//! first applies the missing migrations, the others find them applied.
+
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+use crate::ConnectError;
+
+/// One step of the schema's history. Applied in order, each in its own transaction together with
+/// its row in `schema_migrations`; never edited once released (add a new one instead).
+#[derive(Debug)]
+pub(crate) struct Migration {
+    pub(crate) version: i32,
+    pub(crate) description: &'static str,
+    /// The statements; `{schema}` stands for the quoted schema name.
+    pub(crate) sql: &'static str,
+}
+
+/// The schema's history. The last version is what this build reads and writes.
+pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    description: "events, streams, the log head, leader terms",
+    sql: r#"
+CREATE TABLE {schema}.events (
+    position        bigint      PRIMARY KEY CHECK (position > 0),
+    stream          text        NOT NULL,
+    stream_version  bigint      NOT NULL CHECK (stream_version > 0),
+    event_id        uuid        NOT NULL,
+    event_type      text        NOT NULL,
+    schema_version  bigint      NOT NULL CHECK (schema_version > 0),
+    correlation_id  uuid,
+    causation_id    uuid,
+    recorded_at     timestamptz NOT NULL,
+    data            bytea       NOT NULL,
+    CONSTRAINT events_event_id_key UNIQUE (event_id),
+    CONSTRAINT events_stream_version_key UNIQUE (stream, stream_version)
+);
+CREATE TABLE {schema}.streams (
+    name  text   PRIMARY KEY,
+    head  bigint NOT NULL CHECK (head > 0)
+);
+CREATE TABLE {schema}.log_head (
+    only_row  boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+    position  bigint  NOT NULL CHECK (position >= 0)
+);
+INSERT INTO {schema}.log_head (position) VALUES (0);
+CREATE TABLE {schema}.leader_terms (
+    name  text   PRIMARY KEY,
+    term  bigint NOT NULL
+);
+"#,
+}];
+
+/// The newest schema version this build knows.
+pub(crate) fn current_version() -> i32 {
+    MIGRATIONS.last().map_or(0, |m| m.version)
+}
+
+/// Whether `name` is a schema name the store accepts: lower-case ASCII letters, digits and `_`,
+/// starting with a letter or `_`, at most [`crate::SCHEMA_NAME_BYTES_MAX`] bytes. (Kept simple so
+/// that it is also a valid `LISTEN` channel and never needs escaping.)
+pub(crate) fn valid_schema_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    let Some(first) = bytes.next() else {
+        return false;
+    };
+    name.len() <= crate::SCHEMA_NAME_BYTES_MAX
+        && (first.is_ascii_lowercase() || first == b'_')
+        && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !name.starts_with("pg_")
+}
+
+/// A 64-bit advisory lock key for `purpose` in `schema`: stable across builds and processes.
+pub(crate) fn lock_key(schema: &str, purpose: &str) -> i64 {
+    let namespace = Uuid::from_u128(0x6865_6164_7761_7465_725f_6c6f_636b_7321);
+    let uuid = Uuid::new_v5(&namespace, format!("{schema}/{purpose}").as_bytes());
+    let bytes = uuid.as_bytes();
+    i64::from_be_bytes([
+        bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5], bytes[6], bytes[7],
+    ])
+}
+
+/// Creates the schema if needed and applies the missing migrations, under a session advisory
+/// lock held on `client` for the duration (other replicas wait for it).
+pub(crate) async fn migrate(client: &Client, schema: &str) -> Result<(), ConnectError> {
+    let key = lock_key(schema, "migrate");
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&key])
+        .await
+        .map_err(ConnectError::Migrate)?;
+    let result = migrate_locked(client, schema).await;
+    // If unlocking fails the connection is gone, and with it the lock.
+    let _ = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&key])
+        .await;
+    result
+}
+
+async fn migrate_locked(client: &Client, schema: &str) -> Result<(), ConnectError> {
+    let q = quote(schema);
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {q};
+             CREATE TABLE IF NOT EXISTS {q}.schema_migrations (
+                 version     integer     PRIMARY KEY,
+                 description text        NOT NULL,
+                 applied_at  timestamptz NOT NULL DEFAULT now()
+             );"
+        ))
+        .await
+        .map_err(ConnectError::Migrate)?;
+    let row = client
+        .query_one(
+            &format!("SELECT coalesce(max(version), 0) FROM {q}.schema_migrations"),
+            &[],
+        )
+        .await
+        .map_err(ConnectError::Migrate)?;
+    let applied: i32 = row.get(0);
+    if applied > current_version() {
+        return Err(ConnectError::NewerSchema {
+            found: applied,
+            known: current_version(),
+        });
+    }
+    for migration in MIGRATIONS.iter().filter(|m| m.version > applied) {
+        let sql = migration.sql.replace("{schema}", &q);
+        let record = format!(
+            "INSERT INTO {q}.schema_migrations (version, description) VALUES ({}, '{}')",
+            migration.version,
+            migration.description.replace('\'', "''"),
+        );
+        client
+            .batch_execute(&format!("BEGIN;\n{sql};\n{record};\nCOMMIT;"))
+            .await
+            .map_err(ConnectError::Migrate)?;
+        tracing::info!(schema, version = migration.version, "applied migration");
+    }
+    Ok(())
+}
+
+/// The schema name as a quoted identifier. Schema names are checked by [`valid_schema_name`], so
+/// there is nothing to escape; quoting keeps reserved words usable.
+pub(crate) fn quote(schema: &str) -> String {
+    debug_assert!(valid_schema_name(schema));
+    format!("\"{schema}\"")
+}
+
+/// The columns of an event, in the order [`crate::reader::event_from_row`] reads them.
+pub(crate) const EVENT_COLUMNS: &str = "position, stream, stream_version, event_id, event_type, \
+     schema_version, correlation_id, causation_id, recorded_at, data";
+
+/// Every statement the store runs, for one schema.
+#[derive(Debug)]
+pub(crate) struct Sql {
+    pub(crate) lock_head: String,
+    pub(crate) read_head: String,
+    pub(crate) set_head: String,
+    pub(crate) stream_heads: String,
+    pub(crate) stream_head: String,
+    pub(crate) insert_events: String,
+    pub(crate) upsert_streams: String,
+    pub(crate) delete_from: String,
+    pub(crate) find_id: String,
+    pub(crate) find_ids: String,
+    pub(crate) stream_run: String,
+    pub(crate) read_all: String,
+    pub(crate) read_stream: String,
+    pub(crate) find_event: String,
+    pub(crate) next_term: String,
+    /// The `NOTIFY` channel of this store (the schema's name).
+    pub(crate) channel: String,
+}
+
+impl Sql {
+    pub(crate) fn new(schema: &str) -> Sql {
+        let q = quote(schema);
+        // A page stops once its data reach the byte limit, but always holds its first event:
+        // the running sum over the page decides which rows are sent.
+        let page = |filter: &str, order: &str, limit: &str, bytes: &str| {
+            format!(
+                "SELECT {EVENT_COLUMNS} FROM (
+                     SELECT page.*,
+                            row_number() OVER (ORDER BY {order}) AS nth,
+                            sum(octet_length(data)) OVER (ORDER BY {order}) AS upto
+                     FROM (SELECT * FROM {q}.events WHERE {filter} ORDER BY {order} LIMIT {limit}) page
+                 ) sized
+                 WHERE nth = 1 OR upto <= {bytes}
+                 ORDER BY {order}"
+            )
+        };
+        Sql {
+            lock_head: format!("SELECT position FROM {q}.log_head FOR UPDATE"),
+            read_head: format!("SELECT position FROM {q}.log_head"),
+            set_head: format!(
+                "WITH moved AS (UPDATE {q}.log_head SET position = $1)
+                 SELECT pg_notify($2, $1::text)"
+            ),
+            stream_heads: format!("SELECT name, head FROM {q}.streams WHERE name = ANY($1)"),
+            stream_head: format!("SELECT head FROM {q}.streams WHERE name = $1"),
+            insert_events: format!(
+                "INSERT INTO {q}.events ({EVENT_COLUMNS})
+                 SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::uuid[],
+                                      $5::text[], $6::bigint[], $7::uuid[], $8::uuid[],
+                                      $9::timestamptz[], $10::bytea[])
+                 ON CONFLICT (event_id) DO NOTHING"
+            ),
+            upsert_streams: format!(
+                "INSERT INTO {q}.streams (name, head)
+                 SELECT * FROM unnest($1::text[], $2::bigint[])
+                 ON CONFLICT (name) DO UPDATE SET head = EXCLUDED.head"
+            ),
+            delete_from: format!("DELETE FROM {q}.events WHERE position >= $1"),
+            find_id: format!(
+                "SELECT stream, stream_version, position FROM {q}.events WHERE event_id = $1"
+            ),
+            find_ids: format!(
+                "SELECT event_id, stream, stream_version FROM {q}.events WHERE event_id = ANY($1)"
+            ),
+            stream_run: format!(
+                "SELECT event_id, position, stream_version FROM {q}.events
+                 WHERE stream = $1 AND stream_version >= $2 ORDER BY stream_version LIMIT $3"
+            ),
+            // (after, event limit, byte limit)
+            read_all: page("position > $1", "position", "$2", "$3"),
+            // (stream, after, event limit, byte limit)
+            read_stream: page(
+                "stream = $1 AND stream_version > $2",
+                "stream_version",
+                "$3",
+                "$4",
+            ),
+            find_event: format!("SELECT {EVENT_COLUMNS} FROM {q}.events WHERE event_id = $1"),
+            next_term: format!(
+                "INSERT INTO {q}.leader_terms (name, term) VALUES ($1, 1)
+                 ON CONFLICT (name) DO UPDATE SET term = {q}.leader_terms.term + 1
+                 RETURNING term"
+            ),
+            channel: schema.to_owned(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names() {
+        for good in ["headwater", "_x", "hw_test_0123abcd", &"a".repeat(48)] {
+            assert!(valid_schema_name(good), "{good}");
+        }
+        for bad in [
+            "",
+            "Headwater",
+            "1abc",
+            "a-b",
+            "a\"b",
+            "a b",
+            "pg_catalog",
+            &"a".repeat(49),
+        ] {
+            assert!(!valid_schema_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn lock_keys_differ_by_schema_and_purpose() {
+        let keys = [
+            lock_key("a", "migrate"),
+            lock_key("b", "migrate"),
+            lock_key("a", "leader/x"),
+            lock_key("a", "leader/y"),
+        ];
+        for (i, a) in keys.iter().enumerate() {
+            for b in &keys[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+        assert_eq!(lock_key("a", "migrate"), lock_key("a", "migrate"));
+    }
+
+    #[test]
+    fn migrations_are_numbered_in_order() {
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.version, i as i32 + 1);
+        }
+    }
+}

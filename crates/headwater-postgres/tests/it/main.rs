@@ -1,0 +1,7 @@
+//! The PostgreSQL store's integration tests (one test binary). They need a server: set
+//! `HEADWATER_TEST_POSTGRES_URL` (e.g. `postgres://postgres@127.0.0.1:5432/postgres`), or run
+//! `./scripts/test`, which starts a private cluster and sets it.
+
+mod conformance;
+mod migrate;
+mod support;

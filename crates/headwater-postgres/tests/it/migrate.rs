@@ -1,0 +1,91 @@
+//! Schema creation and migration: several replicas starting at once on a fresh database, and a
+//! schema from a newer build.
+
+use headwater_core::{ExpectedVersion, Position};
+use headwater_postgres::{ConnectError, Options, PostgresStore};
+use headwater_store::EventStore;
+use headwater_store::conformance::{events, stream};
+
+use crate::support::Fresh;
+
+/// Replicas that connect at once to a schema that does not exist yet.
+const REPLICAS: usize = 8;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_replicas_migrate_once() {
+    let fresh = Fresh::new();
+    let mut connects = Vec::new();
+    for _ in 0..REPLICAS {
+        let url = fresh.url.clone();
+        let options = fresh.options();
+        connects.push(tokio::spawn(async move {
+            PostgresStore::connect(&url, options).await
+        }));
+    }
+    let mut stores = Vec::new();
+    for connect in connects {
+        stores.push(connect.await.unwrap().expect("every replica connects"));
+    }
+    let client = fresh.client().await;
+    let rows = client
+        .query(
+            &format!(
+                "SELECT version, count(*) FROM \"{}\".schema_migrations GROUP BY version ORDER BY version",
+                fresh.schema
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let applied: Vec<(i32, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(applied, vec![(1, 1)], "each migration applied exactly once");
+    // They all see one store.
+    stores[0]
+        .append(&stream("m"), ExpectedVersion::NoStream, events(2))
+        .await
+        .unwrap();
+    for store in &stores {
+        assert_eq!(
+            store.read_all(Position::START, 10).await.unwrap().len(),
+            2,
+            "every replica reads the same log"
+        );
+    }
+    // And a replica started later finds nothing to do.
+    drop(stores);
+    let again = fresh.connect(fresh.options()).await;
+    assert_eq!(again.head_position(), Position(2));
+}
+
+#[tokio::test]
+async fn a_newer_schema_is_refused() {
+    let fresh = Fresh::new();
+    drop(fresh.connect(fresh.options()).await);
+    let client = fresh.client().await;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO \"{}\".schema_migrations (version, description) VALUES (999, 'future')",
+            fresh.schema
+        ))
+        .await
+        .unwrap();
+    match PostgresStore::connect(&fresh.url, fresh.options()).await {
+        Err(ConnectError::NewerSchema { found: 999, known }) => assert!(known < 999),
+        other => panic!("expected NewerSchema, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn bad_schema_names_and_urls_are_refused() {
+    let url = crate::support::url();
+    for schema in ["", "Bad", "a-b", "pg_x", "x\"; DROP TABLE y; --"] {
+        match PostgresStore::connect(&url, Options::with_schema(schema)).await {
+            Err(ConnectError::InvalidSchema(s)) => assert_eq!(s, schema),
+            other => panic!("{schema:?}: expected InvalidSchema, got {other:?}"),
+        }
+    }
+    assert!(matches!(
+        PostgresStore::connect("not a url at all ::", Options::default()).await,
+        Err(ConnectError::InvalidUrl(_))
+    ));
+}
