@@ -3,5 +3,6 @@
 //! `./scripts/test`, which starts a private cluster and sets it.
 
 mod conformance;
+mod g4;
 mod migrate;
 mod support;
