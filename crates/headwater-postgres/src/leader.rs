@@ -45,7 +45,7 @@ pub const FOLLOWER_NAME_BYTES_MAX: usize = 200;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LeaderError {
-    #[error("leader election failed: {0}")]
+    #[error("leader election failed: {}", crate::detail(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("invalid follower name: empty or longer than {FOLLOWER_NAME_BYTES_MAX} bytes")]
     InvalidName,

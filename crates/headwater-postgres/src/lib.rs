@@ -174,7 +174,7 @@ impl fmt::Debug for Options {
 #[non_exhaustive]
 pub enum ConnectError {
     /// The URL is not a PostgreSQL connection string.
-    #[error("invalid PostgreSQL URL: {0}")]
+    #[error("invalid PostgreSQL URL: {}", detail(.0))]
     InvalidUrl(#[source] tokio_postgres::Error),
     /// The schema name breaks the rules of [`Options::schema`].
     #[error(
@@ -183,10 +183,10 @@ pub enum ConnectError {
     )]
     InvalidSchema(String),
     /// The server could not be reached or refused the connection.
-    #[error("cannot connect to PostgreSQL: {0}")]
+    #[error("cannot connect to PostgreSQL: {}", detail(.0))]
     Connect(#[source] tokio_postgres::Error),
     /// Creating or migrating the schema failed.
-    #[error("cannot create or migrate the store's schema: {0}")]
+    #[error("cannot create or migrate the store's schema: {}", detail(.0))]
     Migrate(#[source] tokio_postgres::Error),
     /// The schema was migrated by a newer build: this one does not know its format.
     #[error("the store's schema is at version {found}, newer than this build knows ({known})")]
@@ -350,11 +350,11 @@ impl PostgresStore {
         let statement = client
             .prepare_cached(sql)
             .await
-            .map_err(ReadError::backend)?;
+            .map_err(|e| ReadError::backend(PgError(e)))?;
         client
             .query(&statement, params)
             .await
-            .map_err(ReadError::backend)
+            .map_err(|e| ReadError::backend(PgError(e)))
     }
 }
 
@@ -467,6 +467,31 @@ impl EventStore for PostgresStore {
 
     fn watch_head(&self) -> watch::Receiver<Position> {
         self.inner.head.subscribe()
+    }
+}
+
+/// A PostgreSQL error with the server's message in its `Display` (tokio-postgres shows only
+/// "db error" for errors the server reported).
+#[derive(Debug)]
+pub(crate) struct PgError(pub(crate) tokio_postgres::Error);
+
+impl fmt::Display for PgError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&detail(&self.0))
+    }
+}
+
+impl std::error::Error for PgError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+/// The message of a PostgreSQL error, the server's own when it reported one.
+pub(crate) fn detail(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db),
+        None => error.to_string(),
     }
 }
 

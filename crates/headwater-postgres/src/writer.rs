@@ -61,7 +61,9 @@ enum GroupError {
 impl fmt::Display for GroupError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            GroupError::Postgres(e) => write!(f, "the write transaction failed: {e}"),
+            GroupError::Postgres(e) => {
+                write!(f, "the write transaction failed: {}", crate::detail(e))
+            }
             GroupError::Injected(e) => write!(f, "the commit was rolled back: {e}"),
             GroupError::Corrupt(detail) => write!(f, "the store is corrupt: {detail}"),
         }

@@ -115,7 +115,11 @@ async fn appender(store: PostgresStore, seed: u64, index: usize) -> (Vec<Acked>,
 }
 
 /// Reads the log as it grows, checking each page as it comes, until it has `total` events.
-async fn follow(store: PostgresStore, seed: u64, done: Arc<Mutex<Option<u64>>>) -> Vec<(Position, EventId, StreamName, StreamVersion)> {
+async fn follow(
+    store: PostgresStore,
+    seed: u64,
+    done: Arc<Mutex<Option<u64>>>,
+) -> Vec<(Position, EventId, StreamName, StreamVersion)> {
     let mut rng = StdRng::seed_from_u64(seed ^ 0xf011_0e4e);
     let mut cursor = Position::START;
     let mut seen = Vec::new();
@@ -138,7 +142,12 @@ async fn follow(store: PostgresStore, seed: u64, done: Arc<Mutex<Option<u64>>>) 
                 event.position
             );
             cursor = event.position;
-            seen.push((event.position, event.event_id, event.stream, event.stream_version));
+            seen.push((
+                event.position,
+                event.event_id,
+                event.stream,
+                event.stream_version,
+            ));
         }
     }
 }
@@ -189,7 +198,11 @@ async fn follower_sees_exactly_the_committed_log() {
             .unwrap_or_else(|_| panic!("the run took over {TEST_TIMEOUT_SECS} s (seed {seed})"));
 
     // Exactly the committed events, each where its append was acknowledged.
-    assert_eq!(seen.len(), total, "the follower saw every committed event, once");
+    assert_eq!(
+        seen.len(),
+        total,
+        "the follower saw every committed event, once"
+    );
     let by_position: HashMap<Position, &(Position, EventId, StreamName, StreamVersion)> =
         seen.iter().map(|e| (e.0, e)).collect();
     for append in &acked {

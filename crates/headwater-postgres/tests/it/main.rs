@@ -3,6 +3,9 @@
 //! `./scripts/test`, which starts a private cluster and sets it.
 
 mod conformance;
+mod crash;
 mod g4;
+mod leader;
 mod migrate;
+mod process;
 mod support;
