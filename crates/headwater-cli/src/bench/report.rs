@@ -89,10 +89,10 @@ impl Rate {
         self.ops += other.ops;
         self.events += other.events;
         // Both histograms have the same bounds, so adding cannot fail.
-        if let Some(theirs) = &other.latency {
-            if let Some(ours) = self.histogram() {
-                let _ = ours.add(theirs);
-            }
+        if let Some(theirs) = &other.latency
+            && let Some(ours) = self.histogram()
+        {
+            let _ = ours.add(theirs);
         }
     }
 
