@@ -6,6 +6,7 @@
 //! - `report`: the figures beside their comparisons, as a markdown table and as JSON.
 
 mod fsync;
+mod postgres;
 mod report;
 mod store;
 mod system;
@@ -50,6 +51,13 @@ pub(crate) struct BenchArgs {
     /// The store to measure.
     #[arg(long, value_enum, default_value_t = Backend::DEFAULT)]
     backend: Backend,
+
+    /// The PostgreSQL server of `--backend postgres` (`postgres://USER@HOST:PORT/DB`). Each run
+    /// uses a fresh schema `headwater_bench_<random>`, dropped at its end unless `--keep`.
+    /// Put `--dir` on the disk of the server's data directory, so that the fsync bound is that
+    /// disk's.
+    #[arg(long, value_name = "URL", required_if_eq("backend", "postgres"))]
+    postgres: Option<String>,
 
     /// A run of a few seconds: short phases, a small store. For smoke tests: its figures mean
     /// little. Any size flag given beside it still applies.
@@ -115,6 +123,8 @@ pub(crate) enum Backend {
     Embedded,
     /// The in-memory reference store: not durable, a measure of the harness itself.
     Memory,
+    /// The PostgreSQL store, on the server given by `--postgres`.
+    Postgres,
 }
 
 impl Backend {
@@ -124,13 +134,23 @@ impl Backend {
         match self {
             Backend::Embedded => "embedded",
             Backend::Memory => "memory",
+            Backend::Postgres => "postgres",
         }
     }
 
     fn durable(self) -> bool {
         match self {
-            Backend::Embedded => true,
+            Backend::Embedded | Backend::Postgres => true,
             Backend::Memory => false,
+        }
+    }
+
+    /// Whether the store's files are written by this process (so its disk usage and its write
+    /// calls are the store's).
+    fn local_files(self) -> bool {
+        match self {
+            Backend::Embedded => true,
+            Backend::Memory | Backend::Postgres => false,
         }
     }
 }
@@ -262,6 +282,13 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
                     })?;
                     measure(store, &store_dir, &fsync_dir, &plan).await
                 }
+                Backend::Postgres => {
+                    let url = args
+                        .postgres
+                        .as_deref()
+                        .context("--backend postgres needs --postgres URL")?;
+                    postgres::measure(url, args.keep, &store_dir, &fsync_dir, &plan).await
+                }
             }
         })?;
         results.push(result);
@@ -277,6 +304,7 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         &plan,
         args.backend.name(),
         args.backend.durable(),
+        args.backend.local_files(),
         machine,
         &results,
     );
@@ -309,7 +337,7 @@ pub(crate) struct Results {
 
 /// The whole run against one store. The fsync loops run right before the append figures, on the
 /// same disk, so that both see the same conditions (this machine's disk is shared and noisy).
-async fn measure<S: EventStore>(
+pub(crate) async fn measure<S: EventStore>(
     store: S,
     store_dir: &Path,
     fsync_dir: &Path,

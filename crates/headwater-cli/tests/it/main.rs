@@ -24,6 +24,7 @@ const BENCH_FLAGS: &[&str] = &[
     "--dir",
     "--keep",
     "--backend",
+    "--postgres",
     "--quick",
     "--phase-secs",
     "--record-bytes",
@@ -270,6 +271,78 @@ fn bench_runs_against_the_memory_backend() {
     }
 }
 
+/// The variable that names the PostgreSQL server of the tests (`scripts/test` starts one).
+const POSTGRES_URL_ENV: &str = "HEADWATER_TEST_POSTGRES_URL";
+
+#[test]
+fn bench_runs_against_postgres_in_a_schema_it_drops() {
+    let url = std::env::var(POSTGRES_URL_ENV).unwrap_or_else(|_| {
+        panic!(
+            "{POSTGRES_URL_ENV} is not set: run ./scripts/test (it starts a private PostgreSQL), \
+             or set it to a PostgreSQL 15+ where tests may create and drop schemas"
+        )
+    });
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let bench_schemas = || -> Vec<String> {
+        runtime.block_on(async {
+            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(connection);
+            client
+                .query(
+                    "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'headwater\\_bench\\_%' \
+                     ORDER BY nspname",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|row| row.get(0))
+                .collect()
+        })
+    };
+    let before = bench_schemas();
+    let parent = tempfile::tempdir().unwrap();
+    let out = headwater(&[
+        "bench",
+        "--quick",
+        "--backend",
+        "postgres",
+        "--postgres",
+        &url,
+        "--phase-secs",
+        "0.1",
+        "--events",
+        "2000",
+        "--stream-events",
+        "1000",
+        "--writers",
+        "16",
+        "--dir",
+        parent.path().to_str().unwrap(),
+    ]);
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}\n{stdout}");
+    assert!(stdout.contains("postgres backend"), "{stdout}");
+    for row in &FIGURE_ROWS[..6] {
+        assert!(
+            stdout.contains(row.replace("64 writers", "16 writers").as_str()),
+            "{row}: {stdout}"
+        );
+    }
+    // No bytes-written table: the server writes, not this process.
+    assert!(
+        !stdout.contains("Bytes written per appended event"),
+        "{stdout}"
+    );
+    assert!(!stderr.contains("could not drop"), "{stderr}");
+
+    // The run's schema is gone.
+    assert_eq!(bench_schemas(), before, "a schema was left behind");
+}
+
 #[test]
 fn bad_arguments_exit_2_with_a_clear_message() {
     let table: &[(&[&str], &str)] = &[
@@ -285,6 +358,7 @@ fn bad_arguments_exit_2_with_a_clear_message() {
         ),
         (&["bench", "--phase-secs", "0"], "outside the range"),
         (&["bench", "--backend", "floppy"], "--backend"),
+        (&["bench", "--backend", "postgres"], "--postgres <URL>"),
         (&["bench", "--events=0"], "--events"),
     ];
     for (args, expected) in table {
