@@ -196,6 +196,8 @@ pub(crate) struct Plan {
     pub(crate) batch_events: u32,
     pub(crate) batch_writers: u32,
     pub(crate) event_ids: EventIds,
+    /// A `--quick` run: a smoke test whose figures mean little.
+    pub(crate) quick: bool,
 }
 
 impl Plan {
@@ -218,6 +220,7 @@ impl Plan {
             batch_events: args.batch_events,
             batch_writers: args.batch_writers,
             event_ids: args.event_ids,
+            quick,
         }
     }
 

@@ -424,6 +424,7 @@ fn run_rows(plan: &Plan, results: &Results, local_files: bool) -> Vec<Row> {
 #[derive(Debug, Serialize)]
 struct PlanSummary {
     runs: usize,
+    quick: bool,
     phase_secs: f64,
     record_bytes: u64,
     events: u64,
@@ -545,6 +546,7 @@ impl Report {
             machine,
             plan: PlanSummary {
                 runs: results.len(),
+                quick: plan.quick,
                 phase_secs: plan.phase.as_secs_f64(),
                 record_bytes: plan.record_bytes,
                 events: plan.events,
@@ -611,6 +613,13 @@ impl Report {
                  run's figure over that run's fsync bound; memory is the process's, so a run \
                  starts with what earlier runs left",
                 p.runs
+            );
+        }
+        if p.quick {
+            let _ = writeln!(
+                out,
+                "- note: a `--quick` run (a smoke test): short phases on a small store, figures \
+                 that mean little"
             );
         }
         if self.backend == "postgres" {

@@ -147,6 +147,10 @@ fn quick_bench_prints_every_figure_and_cleans_up() {
         assert!(bytes > 0, "{line}");
     }
     assert!(
+        stdout.contains("a `--quick` run (a smoke test)"),
+        "{stdout}"
+    );
+    assert!(
         stdout.contains("bench --quick --dir"),
         "the command line:\n{stdout}"
     );
