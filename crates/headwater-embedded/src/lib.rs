@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use async_trait::async_trait;
+use headwater_core::limits::READ_PAGE_BYTES_MAX;
 use headwater_core::{
     EventId, ExpectedVersion, NewEvent, Position, RecordedEvent, StreamName, StreamVersion,
     validate_append,
@@ -44,6 +45,9 @@ pub const GROUP_EVENTS_MAX: usize = 10_000;
 pub const GROUP_BYTES_MAX: usize = 32 * 1024 * 1024;
 /// How many appends may wait for the writer before `append` waits for room.
 pub const QUEUE_APPENDS_MAX: usize = 4_096;
+/// A page of `read_all` is read in two halves at once when each half holds at least this many
+/// events.
+const SPLIT_READ_EVENTS_MIN: u64 = 1_000;
 /// Read connections, by default.
 pub const READERS_DEFAULT: usize = 4;
 /// The page cache of the write connection, by default, in bytes. The writer's inserts touch
@@ -274,6 +278,25 @@ impl EventStore for EmbeddedStore {
         limit: u64,
     ) -> Result<Vec<RecordedEvent>, ReadError> {
         let limit = headwater_store::validate_limit(limit)?;
+        if limit >= 2 * SPLIT_READ_EVENTS_MIN && self.inner.readers.count() >= 2 {
+            // As `read_all`: versions are contiguous, so a long page is read in two halves.
+            let head = self
+                .stream_head(stream)
+                .await?
+                .unwrap_or(StreamVersion::START);
+            let first_half = limit.min(head.0.saturating_sub(after.0)) / 2;
+            if first_half >= SPLIT_READ_EVENTS_MIN {
+                let middle = StreamVersion(after.0 + first_half);
+                let (one, two) = (stream.clone(), stream.clone());
+                let (first, second) = tokio::join!(
+                    self.read(move |conn| reader::read_stream(conn, &one, after, first_half)),
+                    self.read(move |conn| {
+                        reader::read_stream(conn, &two, middle, limit - first_half)
+                    }),
+                );
+                return Ok(join_halves(first?, first_half, second?));
+            }
+        }
         let stream = stream.clone();
         self.read(move |conn| reader::read_stream(conn, &stream, after, limit))
             .await
@@ -281,8 +304,21 @@ impl EventStore for EmbeddedStore {
 
     async fn read_all(&self, after: Position, limit: u64) -> Result<Vec<RecordedEvent>, ReadError> {
         let limit = headwater_store::validate_limit(limit)?;
-        self.read(move |conn| reader::read_all(conn, after, limit))
-            .await
+        // A long page is read in two halves at once, on two connections: positions are
+        // contiguous, so where the second half starts is known before the first is read.
+        let known = self.head_position().0.saturating_sub(after.0);
+        let first_half = limit.min(known) / 2;
+        if first_half < SPLIT_READ_EVENTS_MIN || self.inner.readers.count() < 2 {
+            return self
+                .read(move |conn| reader::read_all(conn, after, limit))
+                .await;
+        }
+        let middle = Position(after.0 + first_half);
+        let (first, second) = tokio::join!(
+            self.read(move |conn| reader::read_all(conn, after, first_half)),
+            self.read(move |conn| reader::read_all(conn, middle, limit - first_half)),
+        );
+        Ok(join_halves(first?, first_half, second?))
     }
 
     async fn stream_head(&self, stream: &StreamName) -> Result<Option<StreamVersion>, ReadError> {
@@ -303,4 +339,29 @@ impl EventStore for EmbeddedStore {
     fn watch_head(&self) -> watch::Receiver<Position> {
         self.inner.head.clone()
     }
+}
+
+/// Joins the two halves of a page read at once: the first half asked for `first_half` events,
+/// the second for the rest, starting right after (positions and versions are contiguous).
+/// The result is the page one read would have given.
+fn join_halves(
+    mut page: Vec<RecordedEvent>,
+    first_half: u64,
+    second: Vec<RecordedEvent>,
+) -> Vec<RecordedEvent> {
+    if page.len() as u64 != first_half {
+        // The first half ended early (its data reached the byte limit): it is the page.
+        return page;
+    }
+    // The second half's events are a prefix that fits the byte limit alone; keep what fits
+    // beside the first half.
+    let mut bytes: usize = page.iter().map(|e| e.data.len()).sum();
+    for event in second {
+        if bytes + event.data.len() > READ_PAGE_BYTES_MAX {
+            break;
+        }
+        bytes += event.data.len();
+        page.push(event);
+    }
+    page
 }

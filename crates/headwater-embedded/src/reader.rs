@@ -43,6 +43,11 @@ impl Readers {
         })
     }
 
+    /// How many reads may run at once.
+    pub(crate) fn count(&self) -> usize {
+        self.options.readers.max(1)
+    }
+
     /// Closes the idle connections and refuses further reads.
     pub(crate) fn close(&self) {
         self.permits.close();

@@ -8,6 +8,7 @@ mod format;
 mod group;
 mod integrity;
 mod locking;
+mod paging;
 mod process;
 mod support;
 mod torn;
