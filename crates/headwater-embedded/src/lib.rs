@@ -278,28 +278,35 @@ impl EventStore for EmbeddedStore {
         limit: u64,
     ) -> Result<Vec<RecordedEvent>, ReadError> {
         let limit = headwater_store::validate_limit(limit)?;
-        if limit >= 2 * SPLIT_READ_EVENTS_MIN && self.inner.readers.count() >= 2 {
-            // As `read_all`: versions are contiguous, so a long page is read in two halves.
-            let head = self
-                .stream_head(stream)
-                .await?
-                .unwrap_or(StreamVersion::START);
-            let first_half = limit.min(head.0.saturating_sub(after.0)) / 2;
-            if first_half >= SPLIT_READ_EVENTS_MIN {
-                let middle = StreamVersion(after.0 + first_half);
-                let (one, two) = (stream.clone(), stream.clone());
-                let (first, second) = tokio::join!(
-                    self.read(move |conn| reader::read_stream(conn, &one, after, first_half)),
-                    self.read(move |conn| {
-                        reader::read_stream(conn, &two, middle, limit - first_half)
-                    }),
-                );
-                return Ok(join_halves(first?, first_half, second?));
-            }
-        }
-        let stream = stream.clone();
-        self.read(move |conn| reader::read_stream(conn, &stream, after, limit))
-            .await
+        // As `read_all`: versions are contiguous, so a long page is read in two halves at once.
+        // The first read tells whether the page is long (and reads it whole if not).
+        let split_min = if self.inner.readers.count() >= 2 {
+            2 * SPLIT_READ_EVENTS_MIN
+        } else {
+            u64::MAX
+        };
+        let name = stream.clone();
+        let head = match self
+            .read(move |conn| reader::read_stream(conn, &name, after, limit, split_min))
+            .await?
+        {
+            reader::StreamRead::Page(page) => return Ok(page),
+            reader::StreamRead::Long(head) => head,
+        };
+        let first_half = limit.min(head.0.saturating_sub(after.0)) / 2;
+        let middle = StreamVersion(after.0 + first_half);
+        let (one, two) = (stream.clone(), stream.clone());
+        let whole = |read| match read {
+            reader::StreamRead::Page(page) => Ok(page),
+            reader::StreamRead::Long(_) => Err(ReadError::backend("a half page asked to split")),
+        };
+        let (first, second) = tokio::join!(
+            self.read(move |conn| reader::read_stream(conn, &one, after, first_half, u64::MAX)),
+            self.read(move |conn| {
+                reader::read_stream(conn, &two, middle, limit - first_half, u64::MAX)
+            }),
+        );
+        Ok(join_halves(whole(first?)?, first_half, whole(second?)?))
     }
 
     async fn read_all(&self, after: Position, limit: u64) -> Result<Vec<RecordedEvent>, ReadError> {

@@ -191,27 +191,45 @@ pub(crate) fn read_all(
     page(conn, rows, limit, near, StreamNames::default())
 }
 
-fn stream_id(conn: &Connection, stream: &StreamName) -> Result<Option<i64>, ReadError> {
+/// The stream's row id and head.
+fn stream_row(conn: &Connection, stream: &StreamName) -> Result<Option<(i64, i64)>, ReadError> {
     let mut statement = conn
-        .prepare_cached("SELECT id FROM streams WHERE name = ?1")
+        .prepare_cached("SELECT id, head FROM streams WHERE name = ?1")
         .map_err(sqlite(Position::START))?;
     statement
-        .query_row([stream.as_str()], |row| row.get(0))
+        .query_row([stream.as_str()], |row| Ok((row.get(0)?, row.get(1)?)))
         .optional()
         .map_err(sqlite(Position::START))
 }
 
+/// What [`read_stream`] found.
+#[derive(Debug)]
+pub(crate) enum StreamRead {
+    /// The page.
+    Page(Vec<RecordedEvent>),
+    /// The page would hold at least `split_min` events: read it in parts; the stream's head is
+    /// this.
+    Long(StreamVersion),
+}
+
+/// One page of a stream, or, when the page would hold at least `split_min` events, the
+/// stream's head instead (so that the caller reads the page in parts).
 pub(crate) fn read_stream(
     conn: &Connection,
     stream: &StreamName,
     after: StreamVersion,
     limit: u64,
-) -> Result<Vec<RecordedEvent>, ReadError> {
-    let Some(stream_id) = stream_id(conn, stream)? else {
-        return Ok(Vec::new());
+    split_min: u64,
+) -> Result<StreamRead, ReadError> {
+    let Some((stream_id, head)) = stream_row(conn, stream)? else {
+        return Ok(StreamRead::Page(Vec::new()));
     };
+    let head = u64::try_from(head).unwrap_or(0);
+    if limit.min(head.saturating_sub(after.0)) >= split_min {
+        return Ok(StreamRead::Long(StreamVersion(head)));
+    }
     let (Some(after_sql), Some(limit_sql)) = (to_sql(after.0), to_sql(limit)) else {
-        return Ok(Vec::new());
+        return Ok(StreamRead::Page(Vec::new()));
     };
     let mut statement = conn
         .prepare_cached(SELECT_STREAM_AFTER)
@@ -223,7 +241,7 @@ pub(crate) fn read_stream(
     // checksums, which cover the stored name, tell).
     let mut names = StreamNames::default();
     names.names.insert(stream_id, stream.clone());
-    page(conn, rows, limit, Position::START, names)
+    page(conn, rows, limit, Position::START, names).map(StreamRead::Page)
 }
 
 pub(crate) fn stream_head(
