@@ -162,7 +162,10 @@ pub(crate) struct Sql {
     pub(crate) set_head: String,
     pub(crate) stream_heads: String,
     pub(crate) stream_head: String,
+    /// Fails on a recorded event id (the fast path: the whole group transaction aborts).
     pub(crate) insert_events: String,
+    /// Skips rows whose event id is recorded (the slow path counts the rows it wrote).
+    pub(crate) insert_events_or_skip: String,
     pub(crate) upsert_streams: String,
     pub(crate) delete_from: String,
     pub(crate) find_id: String,
@@ -193,6 +196,12 @@ impl Sql {
                  ORDER BY {order}"
             )
         };
+        let insert = format!(
+            "INSERT INTO {q}.events ({EVENT_COLUMNS})
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::uuid[],
+                                  $5::text[], $6::bigint[], $7::uuid[], $8::uuid[],
+                                  $9::timestamptz[], $10::bytea[])"
+        );
         Sql {
             lock_head: format!("SELECT position FROM {q}.log_head FOR UPDATE"),
             read_head: format!("SELECT position FROM {q}.log_head"),
@@ -202,13 +211,8 @@ impl Sql {
             ),
             stream_heads: format!("SELECT name, head FROM {q}.streams WHERE name = ANY($1)"),
             stream_head: format!("SELECT head FROM {q}.streams WHERE name = $1"),
-            insert_events: format!(
-                "INSERT INTO {q}.events ({EVENT_COLUMNS})
-                 SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::uuid[],
-                                      $5::text[], $6::bigint[], $7::uuid[], $8::uuid[],
-                                      $9::timestamptz[], $10::bytea[])
-                 ON CONFLICT (event_id) DO NOTHING"
-            ),
+            insert_events: insert.clone(),
+            insert_events_or_skip: format!("{insert} ON CONFLICT (event_id) DO NOTHING"),
             upsert_streams: format!(
                 "INSERT INTO {q}.streams (name, head)
                  SELECT * FROM unnest($1::text[], $2::bigint[])

@@ -112,6 +112,7 @@ struct Connection {
     stream_heads: Statement,
     stream_head: Statement,
     insert_events: Statement,
+    insert_events_or_skip: Statement,
     upsert_streams: Statement,
     delete_from: Statement,
     find_id: Statement,
@@ -215,6 +216,7 @@ impl Writer {
                 client.prepare(&sql.stream_head),
                 client.prepare(&sql.insert_events),
             )?;
+            let insert_events_or_skip = client.prepare(&sql.insert_events_or_skip).await?;
             let (upsert_streams, delete_from, find_id, find_ids, stream_run) = tokio::try_join!(
                 client.prepare(&sql.upsert_streams),
                 client.prepare(&sql.delete_from),
@@ -229,6 +231,7 @@ impl Writer {
                 stream_heads,
                 stream_head,
                 insert_events,
+                insert_events_or_skip,
                 upsert_streams,
                 delete_from,
                 find_id,
@@ -247,15 +250,26 @@ impl Writer {
         let hook = self.before_commit.clone();
         let channel = self.target.sql.channel.clone();
         let conn = self.connection().await?;
-        let start = begin(conn).await?;
-        let outcome = match fast(conn, group, start, recorded_at, &channel).await? {
-            Fast::Written(decisions, head) => (decisions, head),
-            Fast::NothingWritten => slow(conn, group, start, recorded_at, &channel).await?,
-            Fast::RolledBack => {
-                conn.client.batch_execute("ROLLBACK").await?;
-                let start = begin(conn).await?;
-                slow(conn, group, start, recorded_at, &channel).await?
+        let mut names: Vec<&str> = group.iter().map(|r| r.stream.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        let (start, heads) = begin(conn, &names).await?;
+        let outcome = match plan(group, start, &names, &heads, recorded_at)? {
+            Some(plan) => {
+                // Without a hook, COMMIT goes out in the same flight as the writes.
+                match write(conn, &plan, &channel, hook.is_none()).await? {
+                    Written::Committed => return Ok((plan.decisions, plan.head)),
+                    Written::Open => (plan.decisions, plan.head),
+                    Written::IdRecorded => {
+                        // The failed insert aborted the transaction (and a pipelined COMMIT
+                        // ended it as a rollback): decide again, append by append.
+                        conn.client.batch_execute("ROLLBACK").await?;
+                        let (start, _) = begin(conn, &[]).await?;
+                        slow(conn, group, start, recorded_at, &channel).await?
+                    }
+                }
             }
+            None => slow(conn, group, start, recorded_at, &channel).await?,
         };
         if let Some(hook) = hook {
             let positions = if outcome.1 > start {
@@ -276,25 +290,145 @@ impl Writer {
     }
 }
 
-/// Opens the group's transaction and takes the log head lock; returns the committed head.
-async fn begin(conn: &Connection) -> Result<Position, GroupError> {
-    let (_, row) = tokio::try_join!(
+/// Step 1 of the module's description, with the heads of `streams`: `BEGIN`, the log head lock
+/// and the heads in one flight. PostgreSQL runs them in order, so the heads are read after the
+/// lock is held, in a snapshot that includes every earlier group.
+async fn begin(
+    conn: &Connection,
+    streams: &[&str],
+) -> Result<(Position, Vec<tokio_postgres::Row>), GroupError> {
+    let params: [&(dyn ToSql + Sync); 1] = [&streams];
+    let (_, row, heads) = tokio::try_join!(
         conn.client.batch_execute("BEGIN"),
         conn.client.query_one(&conn.lock_head, &[]),
+        conn.client.query(&conn.stream_heads, &params),
     )?;
     let head: i64 = row.get(0);
-    to_u64(head)
+    let head = to_u64(head)
         .map(Position)
-        .ok_or_else(|| GroupError::Corrupt(format!("the log head is {head}")))
+        .ok_or_else(|| GroupError::Corrupt(format!("the log head is {head}")))?;
+    Ok((head, heads))
 }
 
-enum Fast {
-    /// Every append was admitted and written.
-    Written(Vec<Decision>, Position),
-    /// An expectation failed before anything was written: decide append by append.
-    NothingWritten,
-    /// An event id was already recorded: roll back, then decide append by append.
-    RolledBack,
+/// A group decided on the fast path: every append admitted.
+struct Plan<'a> {
+    columns: Columns<'a>,
+    stream_names: Vec<&'a str>,
+    stream_heads: Vec<i64>,
+    decisions: Vec<Decision>,
+    head: Position,
+}
+
+/// Step 2 of the module's description: each append decided on the streams' heads, in order.
+/// `None` when an expectation fails.
+fn plan<'a>(
+    group: &'a [Request],
+    start: Position,
+    names: &[&'a str],
+    rows: &[tokio_postgres::Row],
+    recorded_at: SystemTime,
+) -> Result<Option<Plan<'a>>, GroupError> {
+    let mut heads: HashMap<&'a str, u64> = HashMap::with_capacity(names.len());
+    for row in rows {
+        let name: &str = row.get(0);
+        let head: i64 = row.get(1);
+        let head = to_u64(head)
+            .ok_or_else(|| GroupError::Corrupt(format!("stream {name} has head {head}")))?;
+        let name = names
+            .iter()
+            .find(|n| **n == name)
+            .ok_or_else(|| GroupError::Corrupt(format!("unasked stream {name}")))?;
+        heads.insert(name, head);
+    }
+    let mut next = start.0 + 1;
+    let mut columns = Columns::default();
+    let mut decisions = Vec::with_capacity(group.len());
+    for request in group {
+        let name = request.stream.as_str();
+        let head = heads.get(name).copied().map(StreamVersion);
+        if !request.expected.admits(head) {
+            return Ok(None);
+        }
+        let first = next;
+        columns.push(&request.stream, &request.events, first, head, recorded_at);
+        next += request.events.len() as u64;
+        let version = head.map_or(0, |h| h.0) + request.events.len() as u64;
+        heads.insert(name, version);
+        decisions.push(Ok(AppendOutcome {
+            stream_version: StreamVersion(version),
+            first_position: Position(first),
+            last_position: Position(next - 1),
+            replayed: false,
+        }));
+    }
+    let (stream_names, stream_heads) = heads
+        .into_iter()
+        .map(|(name, head)| (name, to_i64(head)))
+        .unzip();
+    Ok(Some(Plan {
+        columns,
+        stream_names,
+        stream_heads,
+        decisions,
+        head: Position(next - 1),
+    }))
+}
+
+enum Written {
+    /// Written and committed.
+    Committed,
+    /// Written; the transaction is open.
+    Open,
+    /// An event id is already recorded: nothing was written, the transaction is aborted.
+    IdRecorded,
+}
+
+/// Step 3's fast case: the events, the streams' heads, the log head and its notification in one
+/// flight, and `COMMIT` too when `commit`.
+async fn write(
+    conn: &Connection,
+    plan: &Plan<'_>,
+    channel: &str,
+    commit: bool,
+) -> Result<Written, GroupError> {
+    let head = to_i64(plan.head.0);
+    let streams_params: [&(dyn ToSql + Sync); 2] = [&plan.stream_names, &plan.stream_heads];
+    let head_params: [&(dyn ToSql + Sync); 2] = [&head, &channel];
+    let (inserted, streams, log_head, committed) = tokio::join!(
+        plan.columns.insert(conn, &conn.insert_events),
+        conn.client.execute(&conn.upsert_streams, &streams_params),
+        conn.client.execute(&conn.set_head, &head_params),
+        async {
+            if commit {
+                conn.client.batch_execute("COMMIT").await
+            } else {
+                Ok(())
+            }
+        },
+    );
+    match inserted {
+        Err(e) if is_recorded_id(&e) => return Ok(Written::IdRecorded),
+        Err(e) => return Err(e.into()),
+        Ok(_) => {}
+    }
+    // After a failed statement, a pipelined COMMIT rolls back (and reports no error): the
+    // first error is the group's.
+    streams?;
+    log_head?;
+    committed?;
+    Ok(if commit {
+        Written::Committed
+    } else {
+        Written::Open
+    })
+}
+
+/// Whether `error` is the unique index on `event_id` refusing a row.
+fn is_recorded_id(error: &tokio_postgres::Error) -> bool {
+    error.as_db_error().is_some_and(|db| {
+        db.code() == &tokio_postgres::error::SqlState::UNIQUE_VIOLATION
+            && db.constraint() == Some("events_event_id_key")
+    })
 }
 
 /// The events of a group in column arrays, for one `INSERT … SELECT unnest(…)`.
@@ -337,10 +471,14 @@ impl<'a> Columns<'a> {
         }
     }
 
-    async fn insert(&self, conn: &Connection) -> Result<u64, tokio_postgres::Error> {
+    async fn insert(
+        &self,
+        conn: &Connection,
+        statement: &Statement,
+    ) -> Result<u64, tokio_postgres::Error> {
         conn.client
             .execute(
-                &conn.insert_events,
+                statement,
                 &[
                     &self.positions,
                     &self.streams,
@@ -356,71 +494,6 @@ impl<'a> Columns<'a> {
             )
             .await
     }
-}
-
-/// Step 2 of the module's description.
-async fn fast(
-    conn: &Connection,
-    group: &[Request],
-    start: Position,
-    recorded_at: SystemTime,
-    channel: &str,
-) -> Result<Fast, GroupError> {
-    let mut names: Vec<&str> = group.iter().map(|r| r.stream.as_str()).collect();
-    names.sort_unstable();
-    names.dedup();
-    let rows = conn.client.query(&conn.stream_heads, &[&names]).await?;
-    let mut heads: HashMap<&str, u64> = HashMap::with_capacity(rows.len());
-    for row in &rows {
-        let name: &str = row.get(0);
-        let head: i64 = row.get(1);
-        let head = to_u64(head)
-            .ok_or_else(|| GroupError::Corrupt(format!("stream {name} has head {head}")))?;
-        let name = names
-            .iter()
-            .find(|n| **n == name)
-            .ok_or_else(|| GroupError::Corrupt(format!("unasked stream {name}")))?;
-        heads.insert(name, head);
-    }
-    let mut next = start.0 + 1;
-    let mut columns = Columns::default();
-    let mut decisions = Vec::with_capacity(group.len());
-    for request in group {
-        let name = request.stream.as_str();
-        let head = heads.get(name).copied().map(StreamVersion);
-        if !request.expected.admits(head) {
-            return Ok(Fast::NothingWritten);
-        }
-        let first = next;
-        columns.push(&request.stream, &request.events, first, head, recorded_at);
-        next += request.events.len() as u64;
-        let version = head.map_or(0, |h| h.0) + request.events.len() as u64;
-        heads.insert(name, version);
-        decisions.push(Ok(AppendOutcome {
-            stream_version: StreamVersion(version),
-            first_position: Position(first),
-            last_position: Position(next - 1),
-            replayed: false,
-        }));
-    }
-    let total = columns.positions.len() as u64;
-    let (stream_names, stream_heads): (Vec<&str>, Vec<i64>) = heads
-        .iter()
-        .filter(|(name, _)| group.iter().any(|r| r.stream.as_str() == **name))
-        .map(|(name, head)| (*name, to_i64(*head)))
-        .unzip();
-    let head = to_i64(next - 1);
-    let streams_params: [&(dyn ToSql + Sync); 2] = [&stream_names, &stream_heads];
-    let head_params: [&(dyn ToSql + Sync); 2] = [&head, &channel];
-    let (inserted, _, _) = tokio::try_join!(
-        columns.insert(conn),
-        conn.client.execute(&conn.upsert_streams, &streams_params),
-        conn.client.execute(&conn.set_head, &head_params),
-    )?;
-    if inserted != total {
-        return Ok(Fast::RolledBack);
-    }
-    Ok(Fast::Written(decisions, Position(next - 1)))
 }
 
 /// Step 3 of the module's description: the group decided append by append.
@@ -464,7 +537,7 @@ async fn append_one(
     if expected.admits(head) {
         let mut columns = Columns::default();
         columns.push(stream, events, *next, head, recorded_at);
-        let inserted = columns.insert(conn).await?;
+        let inserted = columns.insert(conn, &conn.insert_events_or_skip).await?;
         if inserted == events.len() as u64 {
             let version = head.map_or(0, |h| h.0) + events.len() as u64;
             conn.client
