@@ -56,7 +56,9 @@ async fn commit_bound(url: &str, schema: &str, connections: usize, secs: Duratio
     let mut tasks = Vec::new();
     for _ in 0..connections {
         let c = client(url).await;
-        c.batch_execute("SET synchronous_commit = on").await.unwrap();
+        c.batch_execute("SET synchronous_commit = on")
+            .await
+            .unwrap();
         let insert = c
             .prepare(&format!(
                 "INSERT INTO \"{schema}\".probe (data) VALUES ($1)"

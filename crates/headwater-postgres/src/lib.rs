@@ -48,6 +48,8 @@ pub use crate::leader::{
     RETRY_BACKOFF_MILLIS_MAX, RETRY_INTERVAL_MILLIS_DEFAULT,
 };
 
+/// The version of the tables this build reads and writes (its last migration).
+pub const SCHEMA_VERSION: i32 = 2;
 /// The schema a store uses unless told otherwise.
 pub const SCHEMA_DEFAULT: &str = "headwater";
 /// The longest schema name, in bytes (PostgreSQL's identifiers stop at 63).

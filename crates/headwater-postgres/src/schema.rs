@@ -21,10 +21,11 @@ pub(crate) struct Migration {
 }
 
 /// The schema's history. The last version is what this build reads and writes.
-pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "events, streams, the log head, leader terms",
-    sql: r#"
+pub(crate) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "events, streams, the log head, leader terms",
+        sql: r#"
 CREATE TABLE {schema}.events (
     position        bigint      PRIMARY KEY CHECK (position > 0),
     stream          text        NOT NULL,
@@ -53,7 +54,74 @@ CREATE TABLE {schema}.leader_terms (
     term  bigint NOT NULL
 );
 "#,
-}];
+    },
+    Migration {
+        version: 2,
+        description: "append_group: a group's fast path in one statement",
+        sql: APPEND_GROUP,
+    },
+];
+
+/// The fast path of a group commit, run by the writer as `BEGIN; SELECT append_group(…);
+/// COMMIT` in one flight. It takes the log head lock first; every statement after that runs in a
+/// fresh snapshot (a VOLATILE PL/pgSQL function takes one per statement), which includes every
+/// group committed before. The appends are given as parallel arrays (stream, expected version
+/// encoded as -1 any / -2 no stream / -3 stream exists / v exact, event count), their events
+/// as parallel arrays in order. Returns `[head before, prior version of append 1, …]`, or NULL
+/// (writing nothing) when an expectation fails; a recorded event id raises the unique violation
+/// of `events_event_id_key`. Either way the writer decides the group again, append by append.
+const APPEND_GROUP: &str = r#"
+CREATE FUNCTION {schema}.append_group(
+    p_streams text[], p_expected bigint[], p_counts bigint[],
+    p_event_ids uuid[], p_event_types text[], p_schema_versions bigint[],
+    p_correlation_ids uuid[], p_causation_ids uuid[], p_data bytea[],
+    p_recorded_at timestamptz, p_channel text
+) RETURNS bigint[] LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+    v_start bigint;
+    v_priors bigint[];
+    v_refused boolean;
+    v_total bigint;
+BEGIN
+    SELECT position INTO v_start FROM {schema}.log_head FOR UPDATE;
+    SELECT array_agg(a.prior ORDER BY a.idx),
+           coalesce(bool_or(NOT CASE
+               WHEN a.exp = -1 THEN true
+               WHEN a.exp = -2 THEN a.prior = 0
+               WHEN a.exp = -3 THEN a.prior > 0
+               ELSE a.prior = a.exp END), false)
+      INTO v_priors, v_refused
+      FROM (SELECT u.idx, u.exp,
+                   coalesce(s.head, 0) + coalesce(sum(u.cnt) OVER (PARTITION BY u.stream
+                       ORDER BY u.idx ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS prior
+              FROM unnest(p_streams, p_expected, p_counts) WITH ORDINALITY AS u(stream, exp, cnt, idx)
+              LEFT JOIN {schema}.streams s ON s.name = u.stream) a;
+    IF v_refused THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO {schema}.events (position, stream, stream_version, event_id, event_type,
+                                 schema_version, correlation_id, causation_id, recorded_at, data)
+    SELECT v_start + e.ord, a.stream, a.prior + g.k, e.id, e.typ, e.sv, e.corr, e.caus,
+           p_recorded_at, e.dat
+      FROM (SELECT u.stream, u.cnt, u.prior,
+                   sum(u.cnt) OVER (ORDER BY u.idx) - u.cnt AS before
+              FROM unnest(p_streams, p_counts, v_priors) WITH ORDINALITY AS u(stream, cnt, prior, idx)) a
+     CROSS JOIN LATERAL generate_series(1::bigint, a.cnt) AS g(k)
+      JOIN unnest(p_event_ids, p_event_types, p_schema_versions, p_correlation_ids, p_causation_ids, p_data)
+           WITH ORDINALITY AS e(id, typ, sv, corr, caus, dat, ord)
+        ON e.ord = a.before + g.k;
+    INSERT INTO {schema}.streams (name, head)
+    SELECT u.stream, max(u.prior + u.cnt)
+      FROM unnest(p_streams, p_counts, v_priors) AS u(stream, cnt, prior)
+     GROUP BY u.stream
+    ON CONFLICT (name) DO UPDATE SET head = EXCLUDED.head;
+    v_total := (SELECT sum(c) FROM unnest(p_counts) AS c);
+    UPDATE {schema}.log_head SET position = v_start + v_total;
+    PERFORM pg_notify(p_channel, (v_start + v_total)::text);
+    RETURN v_start || v_priors;
+END
+$fn$;
+"#;
 
 /// The newest schema version this build knows.
 pub(crate) fn current_version() -> i32 {
@@ -160,10 +228,7 @@ pub(crate) struct Sql {
     pub(crate) lock_head: String,
     pub(crate) read_head: String,
     pub(crate) set_head: String,
-    pub(crate) stream_heads: String,
     pub(crate) stream_head: String,
-    /// Fails on a recorded event id (the fast path: the whole group transaction aborts).
-    pub(crate) insert_events: String,
     /// Skips rows whose event id is recorded (the slow path counts the rows it wrote).
     pub(crate) insert_events_or_skip: String,
     pub(crate) upsert_streams: String,
@@ -175,6 +240,7 @@ pub(crate) struct Sql {
     pub(crate) read_stream: String,
     pub(crate) find_event: String,
     pub(crate) next_term: String,
+    pub(crate) append_group: String,
     /// The `NOTIFY` channel of this store (the schema's name).
     pub(crate) channel: String,
 }
@@ -209,9 +275,7 @@ impl Sql {
                 "WITH moved AS (UPDATE {q}.log_head SET position = $1)
                  SELECT pg_notify($2, $1::text)"
             ),
-            stream_heads: format!("SELECT name, head FROM {q}.streams WHERE name = ANY($1)"),
             stream_head: format!("SELECT head FROM {q}.streams WHERE name = $1"),
-            insert_events: insert.clone(),
             insert_events_or_skip: format!("{insert} ON CONFLICT (event_id) DO NOTHING"),
             upsert_streams: format!(
                 "INSERT INTO {q}.streams (name, head)
@@ -243,6 +307,9 @@ impl Sql {
                 "INSERT INTO {q}.leader_terms (name, term) VALUES ($1, 1)
                  ON CONFLICT (name) DO UPDATE SET term = {q}.leader_terms.term + 1
                  RETURNING term"
+            ),
+            append_group: format!(
+                "SELECT {q}.append_group($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
             ),
             channel: schema.to_owned(),
         }
@@ -293,5 +360,6 @@ mod tests {
         for (i, m) in MIGRATIONS.iter().enumerate() {
             assert_eq!(m.version, i as i32 + 1);
         }
+        assert_eq!(current_version(), crate::SCHEMA_VERSION);
     }
 }

@@ -109,9 +109,8 @@ struct Connection {
     client: Client,
     lock_head: Statement,
     set_head: Statement,
-    stream_heads: Statement,
+    append_group: Statement,
     stream_head: Statement,
-    insert_events: Statement,
     insert_events_or_skip: Statement,
     upsert_streams: Statement,
     delete_from: Statement,
@@ -209,14 +208,13 @@ impl Writer {
             let client = self.target.connect().await?;
             client.batch_execute(&self.session).await?;
             let sql = &self.target.sql;
-            let (lock_head, set_head, stream_heads, stream_head, insert_events) = tokio::try_join!(
+            let (lock_head, set_head, append_group, stream_head, insert_events_or_skip) = tokio::try_join!(
                 client.prepare(&sql.lock_head),
                 client.prepare(&sql.set_head),
-                client.prepare(&sql.stream_heads),
+                client.prepare(&sql.append_group),
                 client.prepare(&sql.stream_head),
-                client.prepare(&sql.insert_events),
+                client.prepare(&sql.insert_events_or_skip),
             )?;
-            let insert_events_or_skip = client.prepare(&sql.insert_events_or_skip).await?;
             let (upsert_streams, delete_from, find_id, find_ids, stream_run) = tokio::try_join!(
                 client.prepare(&sql.upsert_streams),
                 client.prepare(&sql.delete_from),
@@ -228,9 +226,8 @@ impl Writer {
                 client,
                 lock_head,
                 set_head,
-                stream_heads,
+                append_group,
                 stream_head,
-                insert_events,
                 insert_events_or_skip,
                 upsert_streams,
                 delete_from,
@@ -250,32 +247,23 @@ impl Writer {
         let hook = self.before_commit.clone();
         let channel = self.target.sql.channel.clone();
         let conn = self.connection().await?;
-        let mut names: Vec<&str> = group.iter().map(|r| r.stream.as_str()).collect();
-        names.sort_unstable();
-        names.dedup();
-        let (start, heads) = begin(conn, &names).await?;
-        let outcome = match plan(group, start, &names, &heads, recorded_at)? {
-            Some(plan) => {
-                // Without a hook, COMMIT goes out in the same flight as the writes.
-                match write(conn, &plan, &channel, hook.is_none()).await? {
-                    Written::Committed => return Ok((plan.decisions, plan.head)),
-                    Written::Open => (plan.decisions, plan.head),
-                    Written::IdRecorded => {
-                        // The failed insert aborted the transaction (and a pipelined COMMIT
-                        // ended it as a rollback): decide again, append by append.
-                        conn.client.batch_execute("ROLLBACK").await?;
-                        let (start, _) = begin(conn, &[]).await?;
-                        slow(conn, group, start, recorded_at, &channel).await?
-                    }
-                }
+        // Without a hook, COMMIT goes out in the same flight as the group.
+        let outcome = match fast(conn, group, recorded_at, &channel, hook.is_none()).await? {
+            Fast::Committed(decisions, head) => return Ok((decisions, head)),
+            Fast::Open(decisions, head) => (decisions, head),
+            Fast::Refused => {
+                // An expectation failed or an id is recorded. The transaction wrote nothing
+                // and is over or aborted: decide again, append by append.
+                conn.client.batch_execute("ROLLBACK").await?;
+                let start = begin(conn).await?;
+                slow(conn, group, start, recorded_at, &channel).await?
             }
-            None => slow(conn, group, start, recorded_at, &channel).await?,
         };
         if let Some(hook) = hook {
-            let positions = if outcome.1 > start {
-                (start.next(), outcome.1)
-            } else {
-                (Position::START, Position::START)
+            let start = outcome.0.iter().find_map(|d| d.as_ref().ok());
+            let positions = match start {
+                Some(first) => (first.first_position, outcome.1),
+                None => (Position::START, Position::START),
             };
             hook(CommitAttempt {
                 number: attempt,
@@ -290,114 +278,80 @@ impl Writer {
     }
 }
 
-/// Step 1 of the module's description, with the heads of `streams`: `BEGIN`, the log head lock
-/// and the heads in one flight. PostgreSQL runs them in order, so the heads are read after the
-/// lock is held, in a snapshot that includes every earlier group.
-async fn begin(
-    conn: &Connection,
-    streams: &[&str],
-) -> Result<(Position, Vec<tokio_postgres::Row>), GroupError> {
-    let params: [&(dyn ToSql + Sync); 1] = [&streams];
-    let (_, row, heads) = tokio::try_join!(
+/// For the slow path: `BEGIN` and the log head lock, in one flight; returns the committed head.
+async fn begin(conn: &Connection) -> Result<Position, GroupError> {
+    let (_, row) = tokio::try_join!(
         conn.client.batch_execute("BEGIN"),
         conn.client.query_one(&conn.lock_head, &[]),
-        conn.client.query(&conn.stream_heads, &params),
     )?;
     let head: i64 = row.get(0);
-    let head = to_u64(head)
+    to_u64(head)
         .map(Position)
-        .ok_or_else(|| GroupError::Corrupt(format!("the log head is {head}")))?;
-    Ok((head, heads))
+        .ok_or_else(|| GroupError::Corrupt(format!("the log head is {head}")))
 }
 
-/// A group decided on the fast path: every append admitted.
-struct Plan<'a> {
-    columns: Columns<'a>,
-    stream_names: Vec<&'a str>,
-    stream_heads: Vec<i64>,
-    decisions: Vec<Decision>,
-    head: Position,
+enum Fast {
+    /// Every append was admitted, written and committed.
+    Committed(Vec<Decision>, Position),
+    /// Every append was admitted and written; the transaction is open.
+    Open(Vec<Decision>, Position),
+    /// An expectation failed, or an event id is recorded: nothing was written.
+    Refused,
 }
 
-/// Step 2 of the module's description: each append decided on the streams' heads, in order.
-/// `None` when an expectation fails.
-fn plan<'a>(
-    group: &'a [Request],
-    start: Position,
-    names: &[&'a str],
-    rows: &[tokio_postgres::Row],
-    recorded_at: SystemTime,
-) -> Result<Option<Plan<'a>>, GroupError> {
-    let mut heads: HashMap<&'a str, u64> = HashMap::with_capacity(names.len());
-    for row in rows {
-        let name: &str = row.get(0);
-        let head: i64 = row.get(1);
-        let head = to_u64(head)
-            .ok_or_else(|| GroupError::Corrupt(format!("stream {name} has head {head}")))?;
-        let name = names
-            .iter()
-            .find(|n| **n == name)
-            .ok_or_else(|| GroupError::Corrupt(format!("unasked stream {name}")))?;
-        heads.insert(name, head);
-    }
-    let mut next = start.0 + 1;
-    let mut columns = Columns::default();
-    let mut decisions = Vec::with_capacity(group.len());
-    for request in group {
-        let name = request.stream.as_str();
-        let head = heads.get(name).copied().map(StreamVersion);
-        if !request.expected.admits(head) {
-            return Ok(None);
-        }
-        let first = next;
-        columns.push(&request.stream, &request.events, first, head, recorded_at);
-        next += request.events.len() as u64;
-        let version = head.map_or(0, |h| h.0) + request.events.len() as u64;
-        heads.insert(name, version);
-        decisions.push(Ok(AppendOutcome {
-            stream_version: StreamVersion(version),
-            first_position: Position(first),
-            last_position: Position(next - 1),
-            replayed: false,
-        }));
-    }
-    let (stream_names, stream_heads) = heads
-        .into_iter()
-        .map(|(name, head)| (name, to_i64(head)))
-        .unzip();
-    Ok(Some(Plan {
-        columns,
-        stream_names,
-        stream_heads,
-        decisions,
-        head: Position(next - 1),
-    }))
-}
-
-enum Written {
-    /// Written and committed.
-    Committed,
-    /// Written; the transaction is open.
-    Open,
-    /// An event id is already recorded: nothing was written, the transaction is aborted.
-    IdRecorded,
-}
-
-/// Step 3's fast case: the events, the streams' heads, the log head and its notification in one
-/// flight, and `COMMIT` too when `commit`.
-async fn write(
+/// Steps 1–3 of the module's description in one flight: `BEGIN`, `append_group(…)` (see
+/// `schema::APPEND_GROUP`) and, when `commit`, `COMMIT`.
+async fn fast(
     conn: &Connection,
-    plan: &Plan<'_>,
+    group: &[Request],
+    recorded_at: SystemTime,
     channel: &str,
     commit: bool,
-) -> Result<Written, GroupError> {
-    let head = to_i64(plan.head.0);
-    let streams_params: [&(dyn ToSql + Sync); 2] = [&plan.stream_names, &plan.stream_heads];
-    let head_params: [&(dyn ToSql + Sync); 2] = [&head, &channel];
-    let (inserted, streams, log_head, committed) = tokio::join!(
-        plan.columns.insert(conn, &conn.insert_events),
-        conn.client.execute(&conn.upsert_streams, &streams_params),
-        conn.client.execute(&conn.set_head, &head_params),
+) -> Result<Fast, GroupError> {
+    let events: usize = group.iter().map(|r| r.events.len()).sum();
+    let mut streams = Vec::with_capacity(group.len());
+    let mut expected = Vec::with_capacity(group.len());
+    let mut counts = Vec::with_capacity(group.len());
+    let mut ids = Vec::with_capacity(events);
+    let mut types = Vec::with_capacity(events);
+    let mut schema_versions = Vec::with_capacity(events);
+    let mut correlation_ids = Vec::with_capacity(events);
+    let mut causation_ids = Vec::with_capacity(events);
+    let mut data = Vec::with_capacity(events);
+    for request in group {
+        streams.push(request.stream.as_str());
+        expected.push(match request.expected {
+            ExpectedVersion::Any => -1,
+            ExpectedVersion::NoStream => -2,
+            ExpectedVersion::StreamExists => -3,
+            ExpectedVersion::Exact(v) => to_i64(v.0),
+        });
+        counts.push(request.events.len() as i64);
+        for event in &request.events {
+            ids.push(*event.event_id.as_uuid());
+            types.push(event.event_type.as_str());
+            schema_versions.push(i64::from(event.schema_version));
+            correlation_ids.push(event.correlation_id);
+            causation_ids.push(event.causation_id);
+            data.push(event.data.as_slice());
+        }
+    }
+    let params: [&(dyn ToSql + Sync); 11] = [
+        &streams,
+        &expected,
+        &counts,
+        &ids,
+        &types,
+        &schema_versions,
+        &correlation_ids,
+        &causation_ids,
+        &data,
+        &recorded_at,
+        &channel,
+    ];
+    let (began, appended, committed) = tokio::join!(
+        conn.client.batch_execute("BEGIN"),
+        conn.client.query_one(&conn.append_group, &params),
         async {
             if commit {
                 conn.client.batch_execute("COMMIT").await
@@ -406,20 +360,40 @@ async fn write(
             }
         },
     );
-    match inserted {
-        Err(e) if is_recorded_id(&e) => return Ok(Written::IdRecorded),
-        Err(e) => return Err(e.into()),
-        Ok(_) => {}
-    }
-    // After a failed statement, a pipelined COMMIT rolls back (and reports no error): the
-    // first error is the group's.
-    streams?;
-    log_head?;
+    began?;
+    let row = match appended {
+        Err(e) if is_recorded_id(&e) => return Ok(Fast::Refused),
+        other => other?,
+    };
+    // After a failed statement a pipelined COMMIT rolls back without an error; the statement's
+    // error came first above.
     committed?;
+    let Some(answer) = row.get::<_, Option<Vec<i64>>>(0) else {
+        return Ok(Fast::Refused);
+    };
+    let corrupt = || GroupError::Corrupt(format!("append_group answered {answer:?}"));
+    let (&start, priors) = answer.split_first().ok_or_else(corrupt)?;
+    if priors.len() != group.len() {
+        return Err(corrupt());
+    }
+    let mut next = to_u64(start).ok_or_else(corrupt)? + 1;
+    let mut decisions = Vec::with_capacity(group.len());
+    for (request, &prior) in group.iter().zip(priors) {
+        let n = request.events.len() as u64;
+        let prior = to_u64(prior).ok_or_else(corrupt)?;
+        decisions.push(Ok(AppendOutcome {
+            stream_version: StreamVersion(prior + n),
+            first_position: Position(next),
+            last_position: Position(next + n - 1),
+            replayed: false,
+        }));
+        next += n;
+    }
+    let head = Position(next - 1);
     Ok(if commit {
-        Written::Committed
+        Fast::Committed(decisions, head)
     } else {
-        Written::Open
+        Fast::Open(decisions, head)
     })
 }
 

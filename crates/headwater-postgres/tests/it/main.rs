@@ -5,6 +5,7 @@
 mod conformance;
 mod crash;
 mod g4;
+mod group;
 mod leader;
 mod migrate;
 mod process;
