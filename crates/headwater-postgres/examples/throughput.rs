@@ -5,7 +5,7 @@
 //! cargo run --release -p headwater-postgres --example throughput -- URL [SECS] [ONLY]
 //! ```
 //!
-//! `ONLY` runs one workload: `commit`, `one`, `many`, `many4`, `batch` or `batch4` (then the
+//! `HEADWATER_WRITER_CONNECTIONS=N` sets `Options::writer_connections`. `ONLY` runs one workload: `commit`, `one`, `many`, `many4`, `batch` or `batch4` (then the
 //! read). Prints the server's commit bound (single-row autocommit `INSERT`s on one connection,
 //! and on 8 connections in parallel — what PostgreSQL does without any serialisation), then
 //! durable appends/s with 1 writer, events/s with 64 writers on distinct streams (in one
@@ -127,9 +127,14 @@ async fn main() {
     let only = args.next();
     let run = |name: &str| only.as_deref().is_none_or(|o| o == name);
     let schema = format!("hw_bench_{:08x}", rand::random::<u32>());
-    let store = PostgresStore::connect(&url, Options::with_schema(&schema))
-        .await
-        .unwrap();
+    let options = || {
+        let mut options = Options::with_schema(&schema);
+        if let Ok(n) = std::env::var("HEADWATER_WRITER_CONNECTIONS") {
+            options.writer_connections = n.parse().unwrap();
+        }
+        options
+    };
+    let store = PostgresStore::connect(&url, options()).await.unwrap();
     if run("commit") {
         let one = commit_bound(&url, &schema, 1, secs).await;
         let eight = commit_bound(&url, &schema, 8, secs).await;
@@ -148,11 +153,7 @@ async fn main() {
     if run("many4") {
         let mut stores = vec![store.clone()];
         for _ in 1..4 {
-            stores.push(
-                PostgresStore::connect(&url, Options::with_schema(&schema))
-                    .await
-                    .unwrap(),
-            );
+            stores.push(PostgresStore::connect(&url, options()).await.unwrap());
         }
         let many = appends(&stores, 64, 1, secs).await;
         println!(

@@ -60,6 +60,9 @@ pub const GROUP_EVENTS_MAX: usize = 10_000;
 pub const GROUP_BYTES_MAX: usize = 32 * 1024 * 1024;
 /// How many appends may wait for the writer before `append` waits for room.
 pub const QUEUE_APPENDS_MAX: usize = 4_096;
+/// Connections of the writer, by default: while one commits a group, the next group waits at
+/// the server for the log head lock.
+pub const WRITER_CONNECTIONS_DEFAULT: usize = 2;
 /// Pooled connections for reads, by default.
 pub const READ_CONNECTIONS_DEFAULT: usize = 8;
 /// How often the head is read when no notification came, by default, in milliseconds.
@@ -100,9 +103,14 @@ pub struct Options {
     /// The schema that holds the store's tables ([`SCHEMA_DEFAULT`]). Several stores can share
     /// one database, each in its own schema.
     pub schema: String,
-    /// Pooled connections for reads ([`READ_CONNECTIONS_DEFAULT`], at least 1). The writer, the
-    /// head listener and each [`Leadership`] use one dedicated connection more each.
+    /// Pooled connections for reads ([`READ_CONNECTIONS_DEFAULT`], at least 1). The writer
+    /// (`writer_connections`), the head listener and each [`Leadership`] use dedicated
+    /// connections besides.
     pub read_connections: usize,
+    /// Connections of the writer ([`WRITER_CONNECTIONS_DEFAULT`], at least 1). Groups from one
+    /// handle may commit in either order when several are in flight; appends that are not
+    /// concurrent (one awaited before the next is sent) keep their order.
+    pub writer_connections: usize,
     /// The most events one group commit writes ([`GROUP_EVENTS_MAX`]).
     pub group_events_max: usize,
     /// The most event data one group commit writes, in bytes ([`GROUP_BYTES_MAX`]).
@@ -127,6 +135,7 @@ impl Default for Options {
         Options {
             schema: SCHEMA_DEFAULT.to_owned(),
             read_connections: READ_CONNECTIONS_DEFAULT,
+            writer_connections: WRITER_CONNECTIONS_DEFAULT,
             group_events_max: GROUP_EVENTS_MAX,
             group_bytes_max: GROUP_BYTES_MAX,
             queue_appends_max: QUEUE_APPENDS_MAX,
@@ -156,6 +165,7 @@ impl fmt::Debug for Options {
         f.debug_struct("Options")
             .field("schema", &self.schema)
             .field("read_connections", &self.read_connections)
+            .field("writer_connections", &self.writer_connections)
             .field("group_events_max", &self.group_events_max)
             .field("group_bytes_max", &self.group_bytes_max)
             .field("queue_appends_max", &self.queue_appends_max)

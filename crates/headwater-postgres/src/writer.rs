@@ -25,6 +25,7 @@ use std::collections::HashMap;
 use std::error::Error as StdError;
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use headwater_core::{ExpectedVersion, NewEvent, Position, StreamName, StreamVersion};
@@ -119,15 +120,19 @@ struct Connection {
     stream_run: Statement,
 }
 
+/// One of the writer's connections, with what it needs to commit groups.
+#[derive(Clone)]
 pub(crate) struct Writer {
     target: Target,
-    conn: Option<Connection>,
+    conn: Option<Arc<Connection>>,
     head: Arc<watch::Sender<Position>>,
     group_events_max: usize,
     group_bytes_max: usize,
-    session: String,
+    session: Arc<str>,
     before_commit: Option<CommitHook>,
-    commits: u64,
+    /// Commit attempts of all the writer's connections (for [`CommitAttempt::number`]).
+    commits: Arc<AtomicU64>,
+    connections: usize,
 }
 
 impl Writer {
@@ -152,24 +157,45 @@ impl Writer {
             head,
             group_events_max: options.group_events_max.max(1),
             group_bytes_max: options.group_bytes_max.max(1),
-            session,
+            session: session.into(),
             before_commit: options.before_commit.clone(),
-            commits: 0,
+            commits: Arc::new(AtomicU64::new(0)),
+            connections: options.writer_connections.max(1),
         }
     }
 
-    /// Serves appends until every sender is gone.
-    pub(crate) async fn run(mut self, mut queue: mpsc::Receiver<Request>) {
+    /// Serves appends until every sender is gone, on `connections` connections: each takes the
+    /// next group from the queue while the others commit theirs, so that the next group waits
+    /// at the server for the log head lock instead of in this process.
+    pub(crate) async fn run(self, queue: mpsc::Receiver<Request>) {
+        let queue = Arc::new(tokio::sync::Mutex::new(queue));
+        let mut workers = Vec::new();
+        for _ in 1..self.connections {
+            workers.push(tokio::spawn(self.clone().work(queue.clone())));
+        }
+        self.work(queue).await;
+        for worker in workers {
+            let _ = worker.await;
+        }
+    }
+
+    async fn work(mut self, queue: Arc<tokio::sync::Mutex<mpsc::Receiver<Request>>>) {
         let mut group = Vec::new();
-        while let Some(first) = queue.recv().await {
-            let mut events = first.events.len();
-            let mut bytes = data_bytes(&first.events);
-            group.push(first);
-            while events < self.group_events_max && bytes < self.group_bytes_max {
-                let Ok(next) = queue.try_recv() else { break };
-                events += next.events.len();
-                bytes += data_bytes(&next.events);
-                group.push(next);
+        loop {
+            {
+                let mut queue = queue.lock().await;
+                let Some(first) = queue.recv().await else {
+                    return;
+                };
+                let mut events = first.events.len();
+                let mut bytes = data_bytes(&first.events);
+                group.push(first);
+                while events < self.group_events_max && bytes < self.group_bytes_max {
+                    let Ok(next) = queue.try_recv() else { break };
+                    events += next.events.len();
+                    bytes += data_bytes(&next.events);
+                    group.push(next);
+                }
             }
             self.serve(&mut group).await;
         }
@@ -200,7 +226,7 @@ impl Writer {
         }
     }
 
-    async fn connection(&mut self) -> Result<&Connection, GroupError> {
+    async fn connection(&mut self) -> Result<Arc<Connection>, GroupError> {
         if self.conn.as_ref().is_some_and(|c| c.client.is_closed()) {
             self.conn = None;
         }
@@ -222,7 +248,7 @@ impl Writer {
                 client.prepare(&sql.find_ids),
                 client.prepare(&sql.stream_run),
             )?;
-            self.conn = Some(Connection {
+            self.conn = Some(Arc::new(Connection {
                 client,
                 lock_head,
                 set_head,
@@ -234,19 +260,19 @@ impl Writer {
                 find_id,
                 find_ids,
                 stream_run,
-            });
+            }));
         }
-        Ok(self.conn.as_ref().expect("connected above"))
+        Ok(self.conn.clone().expect("connected above"))
     }
 
     /// Runs the group's transaction; returns each append's decision and the log head after it.
     async fn commit(&mut self, group: &[Request]) -> Result<(Vec<Decision>, Position), GroupError> {
         let recorded_at = now();
-        self.commits += 1;
-        let attempt = self.commits;
+        let attempt = self.commits.fetch_add(1, Ordering::Relaxed) + 1;
         let hook = self.before_commit.clone();
         let channel = self.target.sql.channel.clone();
         let conn = self.connection().await?;
+        let conn = &*conn;
         // Without a hook, COMMIT goes out in the same flight as the group.
         let outcome = match fast(conn, group, recorded_at, &channel, hook.is_none()).await? {
             Fast::Committed(decisions, head) => return Ok((decisions, head)),
