@@ -19,6 +19,7 @@ mod head;
 mod leader;
 mod reader;
 mod schema;
+mod tools;
 mod writer;
 
 use std::fmt;
@@ -47,6 +48,10 @@ pub use crate::leader::{
     HEALTH_CHECK_TIMEOUT_MILLIS_DEFAULT, LeaderElection, LeaderError, Leadership,
     RETRY_BACKOFF_MILLIS_MAX, RETRY_INTERVAL_MILLIS_DEFAULT,
 };
+pub use crate::tools::{
+    CategoryCount, EVENT_TYPES_CHECKED_MAX, Inspection, PROBLEMS_RECORDED_MAX, Problem,
+    TOP_CATEGORIES_MAX, VerifyProgress, VerifyReport, VerifyStage, inspect, verify,
+};
 
 /// The version of the tables this build reads and writes (its last migration).
 pub const SCHEMA_VERSION: i32 = 2;
@@ -60,9 +65,10 @@ pub const GROUP_EVENTS_MAX: usize = 10_000;
 pub const GROUP_BYTES_MAX: usize = 32 * 1024 * 1024;
 /// How many appends may wait for the writer before `append` waits for room.
 pub const QUEUE_APPENDS_MAX: usize = 4_096;
-/// Connections of the writer, by default: while one commits a group, the next group waits at
-/// the server for the log head lock.
-pub const WRITER_CONNECTIONS_DEFAULT: usize = 2;
+/// Connections of the writer, by default. With more than one, the next group waits at the
+/// server for the log head lock while one commits; measured here with 64 closed-loop writers
+/// that splits the groups and costs more fsyncs than it saves round trips (docs/design/postgres.md).
+pub const WRITER_CONNECTIONS_DEFAULT: usize = 1;
 /// Pooled connections for reads, by default.
 pub const READ_CONNECTIONS_DEFAULT: usize = 8;
 /// How often the head is read when no notification came, by default, in milliseconds.
@@ -203,6 +209,9 @@ pub enum ConnectError {
     /// The schema was migrated by a newer build: this one does not know its format.
     #[error("the store's schema is at version {found}, newer than this build knows ({known})")]
     NewerSchema { found: i32, known: i32 },
+    /// The schema holds no store (for the read-only tools, which create nothing).
+    #[error("schema {schema:?} holds no Headwater store")]
+    NoStore { schema: String },
     /// The server is older than PostgreSQL 15.
     #[error("PostgreSQL {found} is too old: 15 or newer is needed")]
     ServerTooOld { found: String },

@@ -1,5 +1,5 @@
 //! G4 torture: several store handles (each with its own writer and connections, as separate
-//! processes would have) append concurrently while a commit hook holds their transactions open
+//! processes would have; half of them with two writer connections) append concurrently while a commit hook holds their transactions open
 //! for a random while or rolls them back at random; a follower on another handle reads the log
 //! page by page (random page sizes) as it grows. The follower must see exactly the committed
 //! appends: positions 1, 2, 3 … with no gap and no repeat, each stream's versions in order, every
@@ -166,6 +166,8 @@ async fn follower_sees_exactly_the_committed_log() {
         for h in 0..WRITER_HANDLES {
             let mut options: Options = fresh.options();
             options.before_commit = Some(hook(seed.wrapping_add(h as u64)));
+            // Half the handles keep two groups in flight.
+            options.writer_connections = 1 + h % 2;
             handles.push(fresh.connect(options).await);
         }
         let done = Arc::new(Mutex::new(None));

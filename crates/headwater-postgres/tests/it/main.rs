@@ -10,3 +10,4 @@ mod leader;
 mod migrate;
 mod process;
 mod support;
+mod tools;

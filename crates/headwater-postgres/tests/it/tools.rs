@@ -1,0 +1,127 @@
+//! `inspect` and `verify` on a small store, then on the same store damaged behind its back.
+
+use headwater_core::{ExpectedVersion, Position};
+use headwater_postgres::{ConnectError, Problem, VerifyStage, inspect, verify};
+use headwater_store::EventStore;
+use headwater_store::conformance::{events, stream};
+
+use crate::support::Fresh;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_and_verify_a_sound_then_a_damaged_store() {
+    let fresh = Fresh::new();
+    let store = fresh.connect(fresh.options()).await;
+    for i in 0..6 {
+        store
+            .append(
+                &stream(&format!("s{}", i % 3)),
+                ExpectedVersion::Any,
+                events(2),
+            )
+            .await
+            .unwrap();
+    }
+    store
+        .append(
+            &headwater_core::StreamName::new("other-1").unwrap(),
+            ExpectedVersion::Any,
+            events(1),
+        )
+        .await
+        .unwrap();
+    drop(store);
+
+    let inspection = inspect(&fresh.url, &fresh.schema).await.unwrap();
+    assert_eq!(
+        (inspection.streams, inspection.events, inspection.head),
+        (4, 13, Position(13))
+    );
+    assert_eq!(
+        inspection.schema_version,
+        headwater_postgres::SCHEMA_VERSION
+    );
+    assert_eq!(inspection.categories, 2);
+    assert_eq!(inspection.top_categories[0].category, "test");
+    assert_eq!(
+        (
+            inspection.top_categories[0].streams,
+            inspection.top_categories[0].events
+        ),
+        (3, 12)
+    );
+    assert!(inspection.first_recorded_at <= inspection.last_recorded_at);
+    assert!(inspection.total_bytes > 0);
+
+    let mut stages = Vec::new();
+    let report = verify(&fresh.url, &fresh.schema, &mut |p| stages.push(p.stage))
+        .await
+        .unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+    assert_eq!((report.events_checked, report.streams_checked), (13, 4));
+    assert!(stages.contains(&VerifyStage::Positions) && stages.contains(&VerifyStage::Streams));
+
+    // Damage: an event deleted from the middle of a stream, the log head moved, a stream row
+    // with a bad name and no events.
+    let client = fresh.client().await;
+    let q = format!("\"{}\"", fresh.schema);
+    client
+        .batch_execute(&format!(
+            "DELETE FROM {q}.events WHERE position = 5;
+             UPDATE {q}.log_head SET position = 99;
+             INSERT INTO {q}.streams (name, head) VALUES ('no dash here', 3);"
+        ))
+        .await
+        .unwrap();
+    let report = verify(&fresh.url, &fresh.schema, &mut |_| {})
+        .await
+        .unwrap();
+    assert!(!report.is_clean());
+    let has = |wanted: &dyn Fn(&Problem) -> bool| report.problems.iter().any(wanted);
+    assert!(has(&|p| matches!(
+        p,
+        Problem::PositionGap {
+            after: Position(4),
+            next: Position(6)
+        }
+    )));
+    assert!(has(&|p| matches!(p, Problem::LogHead { log_head: 99, .. })));
+    assert!(has(&|p| matches!(p, Problem::VersionGap { .. })));
+    assert!(has(&|p| matches!(
+        p,
+        Problem::HeadMismatch { stream, head: Some(3), last_version: None } if stream == "no dash here"
+    )));
+    assert!(has(&|p| matches!(
+        p,
+        Problem::InvalidName {
+            what: "stream name",
+            ..
+        }
+    )));
+    assert_eq!(report.problems_found, report.problems.len() as u64);
+    for problem in &report.problems {
+        assert!(!problem.to_string().is_empty());
+    }
+}
+
+#[tokio::test]
+async fn the_tools_create_nothing() {
+    let fresh = Fresh::new();
+    match inspect(&fresh.url, &fresh.schema).await {
+        Err(ConnectError::NoStore { schema }) => assert_eq!(schema, fresh.schema),
+        other => panic!("expected NoStore, got {other:?}"),
+    }
+    assert!(matches!(
+        verify(&fresh.url, &fresh.schema, &mut |_| {}).await,
+        Err(ConnectError::NoStore { .. })
+    ));
+    let client = fresh.client().await;
+    let exists: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+            &[&fresh.schema],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!exists, "the tools created the schema");
+}
