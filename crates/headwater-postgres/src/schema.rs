@@ -92,8 +92,9 @@ BEGIN
                ELSE a.prior = a.exp END), false)
       INTO v_priors, v_refused
       FROM (SELECT u.idx, u.exp,
-                   coalesce(s.head, 0) + coalesce(sum(u.cnt) OVER (PARTITION BY u.stream
-                       ORDER BY u.idx ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS prior
+                   coalesce(s.head, 0) + coalesce((sum(u.cnt) OVER (PARTITION BY u.stream
+                       ORDER BY u.idx ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING))::bigint,
+                       0) AS prior
               FROM unnest(p_streams, p_expected, p_counts) WITH ORDINALITY AS u(stream, exp, cnt, idx)
               LEFT JOIN {schema}.streams s ON s.name = u.stream) a;
     IF v_refused THEN
@@ -104,7 +105,7 @@ BEGIN
     SELECT v_start + e.ord, a.stream, a.prior + g.k, e.id, e.typ, e.sv, e.corr, e.caus,
            p_recorded_at, e.dat
       FROM (SELECT u.stream, u.cnt, u.prior,
-                   sum(u.cnt) OVER (ORDER BY u.idx) - u.cnt AS before
+                   (sum(u.cnt) OVER (ORDER BY u.idx))::bigint - u.cnt AS before
               FROM unnest(p_streams, p_counts, v_priors) WITH ORDINALITY AS u(stream, cnt, prior, idx)) a
      CROSS JOIN LATERAL generate_series(1::bigint, a.cnt) AS g(k)
       JOIN unnest(p_event_ids, p_event_types, p_schema_versions, p_correlation_ids, p_causation_ids, p_data)
@@ -115,7 +116,7 @@ BEGIN
       FROM unnest(p_streams, p_counts, v_priors) AS u(stream, cnt, prior)
      GROUP BY u.stream
     ON CONFLICT (name) DO UPDATE SET head = EXCLUDED.head;
-    v_total := (SELECT sum(c) FROM unnest(p_counts) AS c);
+    v_total := (SELECT sum(c)::bigint FROM unnest(p_counts) AS c);
     UPDATE {schema}.log_head SET position = v_start + v_total;
     PERFORM pg_notify(p_channel, (v_start + v_total)::text);
     RETURN v_start || v_priors;
