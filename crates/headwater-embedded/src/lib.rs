@@ -9,6 +9,7 @@
 //! Architecture invariant: this crate is the only one that knows the store's files. Everything
 //! above it sees an [`EventStore`](headwater_store::EventStore).
 
+mod checkpoint;
 mod lock;
 mod open;
 mod reader;

@@ -10,6 +10,7 @@ use headwater_core::Position;
 use rusqlite::{Connection, ErrorCode, OpenFlags};
 use tokio::sync::{mpsc, watch};
 
+use crate::checkpoint::Checkpointer;
 use crate::reader::Readers;
 use crate::schema::{APPLICATION_ID, CREATE_SCHEMA, DATABASE_FILE, FORMAT_VERSION, LOCK_FILE};
 use crate::writer::Writer;
@@ -51,7 +52,7 @@ pub(crate) fn open(dir: &Path, options: Options) -> Result<EmbeddedStore, OpenEr
     }
 
     let path = dir.join(DATABASE_FILE);
-    let conn = connect(&path, options.page_cache_bytes)?;
+    let mut conn = connect(&path, options.page_cache_bytes)?;
     check_format(&conn, &path)?;
     if is_blank(&conn, &path)? {
         create(&conn, &path)?;
@@ -65,7 +66,9 @@ pub(crate) fn open(dir: &Path, options: Options) -> Result<EmbeddedStore, OpenEr
     let readers = Arc::new(Readers::open(path.clone(), &options)?);
     let (head_tx, head_rx) = watch::channel(head);
     let (requests, queue) = mpsc::channel(options.queue_appends_max.max(1));
-    let writer = Writer::new(conn, head, head_tx, &options);
+    let checkpointer = Checkpointer::start(&path)?;
+    checkpointer.hook(&mut conn).map_err(sqlite_error(&path))?;
+    let writer = Writer::new(conn, head, head_tx, &options, checkpointer);
     let thread = std::thread::Builder::new()
         .name("headwater-writer".to_owned())
         .spawn(move || writer.run(queue, lock))

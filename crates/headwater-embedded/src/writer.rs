@@ -18,6 +18,7 @@ use headwater_store::{AppendError, AppendOutcome};
 use rusqlite::{Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::checkpoint::Checkpointer;
 use crate::schema::{EventFields, INSERT_EVENT};
 use crate::{CommitAttempt, CommitHook, Options};
 
@@ -94,6 +95,8 @@ type Decision = Result<AppendOutcome, AppendError>;
 
 pub(crate) struct Writer {
     conn: Connection,
+    /// Checkpoints off the commit path (`checkpoint.rs`); `None` once stopped.
+    checkpointer: Option<Checkpointer>,
     /// The position the next event gets.
     next_position: u64,
     head: watch::Sender<Position>,
@@ -113,9 +116,11 @@ impl Writer {
         head: Position,
         head_tx: watch::Sender<Position>,
         options: &Options,
+        checkpointer: Checkpointer,
     ) -> Writer {
         Writer {
             conn,
+            checkpointer: Some(checkpointer),
             next_position: head.0 + 1,
             head: head_tx,
             group_events_max: options.group_events_max.max(1),
@@ -142,6 +147,13 @@ impl Writer {
                 group.push(next);
             }
             self.serve(&mut group);
+        }
+        if let Some(mut checkpointer) = self.checkpointer.take() {
+            // The hook holds a way to wake the thread: remove it first.
+            let _ = self
+                .conn
+                .wal_hook(None::<fn(&mut rusqlite::hooks::Wal, i32) -> rusqlite::Result<()>>);
+            checkpointer.stop();
         }
         if !self.poisoned {
             // Best effort: a failure leaves the WAL in place for the next open to recover.
