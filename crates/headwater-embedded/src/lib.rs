@@ -54,7 +54,7 @@ pub const READERS_DEFAULT: usize = 4;
 /// The page cache of the write connection, by default, in bytes. The writer's inserts touch
 /// the tails of the table and of the position index, and the leaves of the two other indexes
 /// where appends land: the larger the cache, the fewer of those it reads back.
-pub const PAGE_CACHE_BYTES_DEFAULT: u64 = 16 * 1024 * 1024;
+pub const PAGE_CACHE_BYTES_DEFAULT: u64 = 8 * 1024 * 1024;
 /// The page cache of each read connection, by default, in bytes. Reads walk forward; the
 /// operating system's cache serves pages again.
 pub const READER_PAGE_CACHE_BYTES_DEFAULT: u64 = 2 * 1024 * 1024;
@@ -363,6 +363,7 @@ fn join_halves(
     }
     // The second half's events are a prefix that fits the byte limit alone; keep what fits
     // beside the first half.
+    page.reserve_exact(second.len());
     let mut bytes: usize = page.iter().map(|e| e.data.len()).sum();
     for event in second {
         if bytes + event.data.len() > READ_PAGE_BYTES_MAX {
