@@ -18,7 +18,8 @@ use rusqlite::Connection;
 use crate::OpenError;
 use crate::open::{connect, sqlite_error};
 
-/// The WAL size, in pages, past which the writer wakes the checkpointer.
+/// The WAL growth, in pages, after which the writer wakes the checkpointer (SQLite's default
+/// checkpoint interval).
 pub(crate) const WAL_CHECKPOINT_PAGES: i32 = 1_000;
 /// The WAL size, in pages, past which the writer checkpoints itself (16 × the above, 64 MiB of
 /// 4 KiB pages).
@@ -60,12 +61,22 @@ impl Checkpointer {
     /// commit.
     pub(crate) fn hook(&self, conn: &mut Connection) -> rusqlite::Result<()> {
         let wake = self.wake.clone();
+        // The WAL size at which to wake the checkpointer next: every `WAL_CHECKPOINT_PAGES` new
+        // pages, so that each checkpoint (and its fsync of the database file) covers that many.
+        let mut next_wake = WAL_CHECKPOINT_PAGES;
+        let mut last_pages = 0;
         conn.wal_hook(Some(move |wal: &mut rusqlite::hooks::Wal, pages: i32| {
+            if pages < last_pages {
+                // The WAL started over.
+                next_wake = WAL_CHECKPOINT_PAGES;
+            }
+            last_pages = pages;
             if pages >= WAL_BACKSTOP_PAGES {
                 let _ = wal.checkpoint();
-            } else if pages >= WAL_CHECKPOINT_PAGES
+            } else if pages >= next_wake
                 && let Some(wake) = &wake
             {
+                next_wake = pages.saturating_add(WAL_CHECKPOINT_PAGES);
                 match wake.try_send(()) {
                     // Already awake, or gone: either way nothing to do.
                     Ok(()) | Err(TrySendError::Full(())) | Err(TrySendError::Disconnected(())) => {}
