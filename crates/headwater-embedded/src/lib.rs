@@ -7,7 +7,7 @@
 //! each step.
 //!
 //! Architecture invariant: this crate is the only one that knows the store's files. Everything
-//! above it sees an [`EventStore`](headwater_store::EventStore).
+//! above it sees an [`EventStore`].
 
 mod checkpoint;
 mod lock;
@@ -40,20 +40,22 @@ pub use crate::verify::{
     TOP_CATEGORIES_MAX, VerifyProgress, VerifyReport, VerifyStage, inspect, verify,
 };
 
-/// The most events one group commit writes (it always takes at least one append whole).
+/// A group commit stops taking appends once it holds this many events (appends are never split:
+/// the last one taken can carry it past, by at most `APPEND_EVENTS_MAX`).
 pub const GROUP_EVENTS_MAX: usize = 10_000;
-/// The most event data one group commit writes, in bytes (it always takes at least one append).
+/// A group commit stops taking appends once their data reach this many bytes (the last one
+/// taken can carry it past, by at most `APPEND_BYTES_MAX`).
 pub const GROUP_BYTES_MAX: usize = 32 * 1024 * 1024;
 /// How many appends may wait for the writer before `append` waits for room.
 pub const QUEUE_APPENDS_MAX: usize = 4_096;
-/// A page of `read_all` is read in two halves at once when each half holds at least this many
-/// events.
+/// A page of `read_all` or `read_stream` is read in two halves at once, on two connections,
+/// when each half holds at least this many events.
 const SPLIT_READ_EVENTS_MIN: u64 = 1_000;
 /// Read connections, by default.
 pub const READERS_DEFAULT: usize = 4;
-/// The page cache of the write connection, by default, in bytes. The writer's inserts touch
-/// the tails of the table and of the position index, and the leaves of the two other indexes
-/// where appends land: the larger the cache, the fewer of those it reads back.
+/// The page cache of the write connection, by default, in bytes. The writer's inserts touch the
+/// table's tail, the streams' rows and the leaves of the two indexes where appends land: the
+/// larger the cache, the fewer of those it reads back from the operating system.
 pub const PAGE_CACHE_BYTES_DEFAULT: u64 = 8 * 1024 * 1024;
 /// The page cache of each read connection, by default, in bytes. Reads walk forward; the
 /// operating system's cache serves pages again.
@@ -78,9 +80,10 @@ pub struct CommitAttempt {
 #[derive(Clone)]
 #[non_exhaustive]
 pub struct Options {
-    /// The most events one group commit writes ([`GROUP_EVENTS_MAX`]).
+    /// A group commit stops taking appends at this many events ([`GROUP_EVENTS_MAX`]).
     pub group_events_max: usize,
-    /// The most event data one group commit writes, in bytes ([`GROUP_BYTES_MAX`]).
+    /// A group commit stops taking appends at this much event data, in bytes
+    /// ([`GROUP_BYTES_MAX`]).
     pub group_bytes_max: usize,
     /// How many appends may wait for the writer ([`QUEUE_APPENDS_MAX`]).
     pub queue_appends_max: usize,
@@ -129,7 +132,8 @@ impl fmt::Debug for Options {
     }
 }
 
-/// Why a store could not be opened. In every case nothing in the directory was changed.
+/// Why a store could not be opened. A database file that is refused (not a store, a newer
+/// format, locked) is left as it was.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum OpenError {
