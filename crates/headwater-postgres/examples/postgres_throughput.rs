@@ -2,7 +2,7 @@
 //! the server to measure (a schema `hw_bench_<random>` is created and dropped):
 //!
 //! ```text
-//! cargo run --release -p headwater-postgres --example throughput -- URL [SECS] [ONLY]
+//! cargo run --release -p headwater-postgres --example postgres_throughput -- URL [SECS] [ONLY]
 //! ```
 //!
 //! `HEADWATER_WRITER_CONNECTIONS=N` sets `Options::writer_connections`. `ONLY` runs one workload: `commit`, `one`, `many`, `many4`, `batch` or `batch4` (then the
