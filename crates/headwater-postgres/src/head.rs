@@ -43,7 +43,7 @@ async fn listen(
     let (client, mut connection) = target.config.connect(NoTls).await?;
     let notified = head.clone();
     let channel = target.sql.channel.clone();
-    let mut driver = tokio::spawn(async move {
+    let driver = tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(message) = messages.next().await {
             match message {
@@ -60,6 +60,8 @@ async fn listen(
             }
         }
     });
+    // Aborted however this function ends, also when the store drops (aborts) its caller.
+    let mut driver = AbortOnDrop(driver);
     let result = async {
         client
             .batch_execute(&format!("LISTEN \"{}\"", target.sql.channel))
@@ -80,11 +82,20 @@ async fn listen(
             }
             tokio::select! {
                 _ = tokio::time::sleep(poll) => {}
-                _ = &mut driver => return Ok(()),
+                _ = &mut driver.0 => return Ok(()),
             }
         }
     }
     .await;
-    driver.abort();
+    drop(driver);
     result
+}
+
+/// A task aborted when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

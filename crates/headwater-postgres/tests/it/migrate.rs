@@ -90,3 +90,52 @@ async fn bad_schema_names_and_urls_are_refused() {
         Err(ConnectError::InvalidUrl(_))
     ));
 }
+
+/// How long a dropped store's sessions may take to end, in seconds.
+const SESSIONS_END_SECS: u64 = 10;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_store_and_leadership_leave_no_session_behind() {
+    let fresh = Fresh::new();
+    let app = format!("hw_drop_{}", fresh.schema);
+    let url = format!(
+        "{}{}application_name={app}",
+        fresh.url,
+        if fresh.url.contains('?') { '&' } else { '?' }
+    );
+    let store = PostgresStore::connect(&url, fresh.options()).await.unwrap();
+    store
+        .append(&stream("d"), ExpectedVersion::Any, events(1))
+        .await
+        .unwrap();
+    store.read_all(Position::START, 10).await.unwrap();
+    let leadership = store
+        .leader_election("dropper")
+        .try_acquire()
+        .await
+        .unwrap()
+        .expect("nobody else leads");
+    let client = fresh.client().await;
+    let sessions = || async {
+        client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                &[&app],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    // Writer, listener, a pooled reader and the leadership's connection.
+    assert!(sessions().await >= 4, "the store's sessions are visible");
+    drop(leadership);
+    drop(store);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(SESSIONS_END_SECS);
+    while sessions().await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sessions outlive the dropped store"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
