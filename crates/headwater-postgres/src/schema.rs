@@ -67,9 +67,11 @@ CREATE TABLE {schema}.leader_terms (
 /// fresh snapshot (a VOLATILE PL/pgSQL function takes one per statement), which includes every
 /// group committed before. The appends are given as parallel arrays (stream, expected version
 /// encoded as -1 any / -2 no stream / -3 stream exists / v exact, event count), their events
-/// as parallel arrays in order. Returns `[head before, prior version of append 1, …]`, or NULL
-/// (writing nothing) when an expectation fails; a recorded event id raises the unique violation
-/// of `events_event_id_key`. Either way the writer decides the group again, append by append.
+/// as parallel arrays in order. Returns `[head before, prior version of append 1, …]`. When an
+/// expectation fails it raises SQLSTATE `HW409` (writing nothing; an error, so that the
+/// transaction rolls back instead of committing, which would flush the WAL for nothing); a
+/// recorded event id raises the unique violation of `events_event_id_key`. Either way the writer
+/// decides the group again, append by append.
 const APPEND_GROUP: &str = r#"
 CREATE FUNCTION {schema}.append_group(
     p_streams text[], p_expected bigint[], p_counts bigint[],
@@ -98,7 +100,8 @@ BEGIN
               FROM unnest(p_streams, p_expected, p_counts) WITH ORDINALITY AS u(stream, exp, cnt, idx)
               LEFT JOIN {schema}.streams s ON s.name = u.stream) a;
     IF v_refused THEN
-        RETURN NULL;
+        -- An error rolls back without the WAL flush a COMMIT would cost.
+        RAISE EXCEPTION 'headwater: an expected version does not hold' USING ERRCODE = 'HW409';
     END IF;
     INSERT INTO {schema}.events (position, stream, stream_version, event_id, event_type,
                                  schema_version, correlation_id, causation_id, recorded_at, data)
@@ -123,6 +126,9 @@ BEGIN
 END
 $fn$;
 "#;
+
+/// The SQLSTATE `append_group` raises when an expected version does not hold.
+pub(crate) const REFUSED_SQLSTATE: &str = "HW409";
 
 /// The newest schema version this build knows.
 pub(crate) fn current_version() -> i32 {

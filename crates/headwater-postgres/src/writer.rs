@@ -278,9 +278,12 @@ impl Writer {
             Fast::Committed(decisions, head) => return Ok((decisions, head)),
             Fast::Open(decisions, head) => (decisions, head),
             Fast::Refused => {
-                // An expectation failed or an id is recorded. The transaction wrote nothing
-                // and is over or aborted: decide again, append by append.
-                conn.client.batch_execute("ROLLBACK").await?;
+                // An expectation failed or an id is recorded: the transaction wrote nothing.
+                // A pipelined COMMIT ended it (as a rollback); else it is aborted and open.
+                if hook.is_some() {
+                    conn.client.batch_execute("ROLLBACK").await?;
+                }
+                // Decide again, append by append.
                 let start = begin(conn).await?;
                 slow(conn, group, start, recorded_at, &channel).await?
             }
@@ -388,14 +391,14 @@ async fn fast(
     );
     began?;
     let row = match appended {
-        Err(e) if is_recorded_id(&e) => return Ok(Fast::Refused),
+        Err(e) if is_recorded_id(&e) || is_refused(&e) => return Ok(Fast::Refused),
         other => other?,
     };
     // After a failed statement a pipelined COMMIT rolls back without an error; the statement's
     // error came first above.
     committed?;
     let Some(answer) = row.get::<_, Option<Vec<i64>>>(0) else {
-        return Ok(Fast::Refused);
+        return Err(GroupError::Corrupt("append_group answered NULL".to_owned()));
     };
     let corrupt = || GroupError::Corrupt(format!("append_group answered {answer:?}"));
     let (&start, priors) = answer.split_first().ok_or_else(corrupt)?;
@@ -421,6 +424,13 @@ async fn fast(
     } else {
         Fast::Open(decisions, head)
     })
+}
+
+/// Whether `error` is `append_group` refusing the group for an expected version.
+fn is_refused(error: &tokio_postgres::Error) -> bool {
+    error
+        .as_db_error()
+        .is_some_and(|db| db.code().code() == crate::schema::REFUSED_SQLSTATE)
 }
 
 /// Whether `error` is the unique index on `event_id` refusing a row.
