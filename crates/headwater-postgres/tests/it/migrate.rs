@@ -139,3 +139,76 @@ async fn a_dropped_store_and_leadership_leave_no_session_behind() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// How long the store may take to recover from lost connections, in seconds.
+const RECOVER_SECS: u64 = 30;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_recovers_when_its_connections_are_cut() {
+    let fresh = Fresh::new();
+    let app = format!("hw_cut_{}", fresh.schema);
+    let url = format!(
+        "{}{}application_name={app}",
+        fresh.url,
+        if fresh.url.contains('?') { '&' } else { '?' }
+    );
+    let store = PostgresStore::connect(&url, fresh.options()).await.unwrap();
+    let other = fresh.connect(fresh.options()).await;
+    store
+        .append(&stream("cut"), ExpectedVersion::Any, events(1))
+        .await
+        .unwrap();
+    store.read_all(Position::START, 10).await.unwrap();
+    let client = fresh.client().await;
+    let cut: i64 = client
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(cut >= 3, "writer, listener and a reader were cut ({cut})");
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(RECOVER_SECS);
+    // An append may fail while the writer learns its connection is gone; the same append
+    // retried goes through once (G3).
+    let batch = events(2);
+    let outcome = loop {
+        match store
+            .append(&stream("cut"), ExpectedVersion::Any, batch.clone())
+            .await
+        {
+            Ok(outcome) => break outcome,
+            Err(e) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "appends never recovered: {e}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert_eq!(outcome.last_position, Position(3));
+    let read = loop {
+        match store.read_all(Position::START, 10).await {
+            Ok(read) => break read,
+            Err(e) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "reads never recovered: {e}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert_eq!(read.len(), 3);
+    // The listener is back: another handle's append reaches this handle's watch.
+    other
+        .append(&stream("elsewhere"), ExpectedVersion::Any, events(1))
+        .await
+        .unwrap();
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
+    let head = headwater_store::wait_for_position(&store, Position(3), left).await;
+    assert_eq!(head, Position(4));
+}
