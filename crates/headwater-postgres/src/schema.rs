@@ -255,18 +255,30 @@ pub(crate) struct Sql {
 impl Sql {
     pub(crate) fn new(schema: &str) -> Sql {
         let q = quote(schema);
-        // A page stops once its data reach the byte limit, but always holds its first event:
-        // the running sum over the page decides which rows are sent.
-        let page = |filter: &str, order: &str, limit: &str, bytes: &str| {
+        // A page stops once its data reach the byte limit, but always holds its first event.
+        // Keys (positions, a stream's versions) are contiguous, so a page is the key range
+        // after `after` of the length that fits: usually the whole limit, checked by one sum
+        // over the page's lengths; only a page over the byte limit pays for a running sum.
+        let page = |filter: &str, key: &str, after: &str, limit: &str, bytes: &str| {
+            let lengths = |what: &str| {
+                format!(
+                    "SELECT {what} FROM {q}.events WHERE {filter} AND {key} > {after}
+                     ORDER BY {key} LIMIT {limit}"
+                )
+            };
             format!(
-                "SELECT {EVENT_COLUMNS} FROM (
-                     SELECT page.*,
-                            row_number() OVER (ORDER BY {order}) AS nth,
-                            sum(octet_length(data)) OVER (ORDER BY {order}) AS upto
-                     FROM (SELECT * FROM {q}.events WHERE {filter} ORDER BY {order} LIMIT {limit}) page
-                 ) sized
-                 WHERE nth = 1 OR upto <= {bytes}
-                 ORDER BY {order}"
+                "SELECT {EVENT_COLUMNS} FROM {q}.events
+                 WHERE {filter} AND {key} > {after} AND {key} <= {after} + (
+                     SELECT CASE WHEN coalesce(sum(page.len), 0) <= {bytes} THEN count(*)
+                            ELSE (SELECT greatest(1, count(*) FILTER (WHERE sized.upto <= {bytes}))
+                                    FROM (SELECT sum(octet_length(w.data)) OVER (ORDER BY w.{key}
+                                                 ROWS UNBOUNDED PRECEDING) AS upto
+                                            FROM ({window}) w) sized)
+                            END
+                       FROM ({sizes}) page)
+                 ORDER BY {key}",
+                window = lengths(&format!("{key}, data")),
+                sizes = lengths("octet_length(data) AS len"),
             )
         };
         let insert = format!(
@@ -301,14 +313,9 @@ impl Sql {
                  WHERE stream = $1 AND stream_version >= $2 ORDER BY stream_version LIMIT $3"
             ),
             // (after, event limit, byte limit)
-            read_all: page("position > $1", "position", "$2", "$3"),
+            read_all: page("true", "position", "$1", "$2", "$3"),
             // (stream, after, event limit, byte limit)
-            read_stream: page(
-                "stream = $1 AND stream_version > $2",
-                "stream_version",
-                "$3",
-                "$4",
-            ),
+            read_stream: page("stream = $1", "stream_version", "$2", "$3", "$4"),
             find_event: format!("SELECT {EVENT_COLUMNS} FROM {q}.events WHERE event_id = $1"),
             next_term: format!(
                 "INSERT INTO {q}.leader_terms (name, term) VALUES ($1, 1)
