@@ -1,25 +1,22 @@
-//! The writer: one task per store handle owns a dedicated connection and commits appends in
-//! groups.
+//! The writer: one task per store handle (by default one connection, see
+//! `Options::writer_connections`) commits appends in groups.
 //!
 //! Each turn it takes the first waiting append, drains whatever else is queued (up to the group
-//! limits) and runs one transaction for the whole group:
+//! limits) and runs one READ COMMITTED transaction for the whole group:
 //!
-//! 1. `BEGIN` and `SELECT position FROM log_head FOR UPDATE` (pipelined). This row lock is the
-//!    store's serialisation point: it is held until the commit, so the group transactions of all
-//!    processes commit one at a time, in the order in which they allocated positions. (A waiter
-//!    is woken only after the holder's commit became visible — PostgreSQL releases a
-//!    transaction's locks after `ProcArrayEndTransaction` — so the head it reads is the
-//!    committed one, and every statement after it sees the holder's events.)
-//! 2. The fast path: the heads of the group's streams in one query; each append decided on them
-//!    in order (the group's earlier appends included); if every expectation holds, all events
-//!    go in with one `INSERT … SELECT unnest(…) ON CONFLICT (event_id) DO NOTHING`, pipelined
-//!    with the streams' new heads and the log head's update + `pg_notify`. If the insert wrote
-//!    every row, that is all.
-//! 3. Otherwise (an expectation failed, or an event id is already recorded) the group is
-//!    decided again append by append, with `MemoryStore::append`'s rules and order (G3 replay,
-//!    duplicate, conflict), each on the state that includes the earlier ones — in the same
-//!    transaction when nothing was written yet, else in a fresh one after a rollback.
-//! 4. `COMMIT` (with `synchronous_commit = on`), then the answers and the head watch.
+//! 1. The fast path, in one flight: `BEGIN`, `SELECT append_group(…)` and (unless a test's
+//!    commit hook must run first) `COMMIT`. The function (`schema::APPEND_GROUP`) takes the row
+//!    lock of `log_head` — the store's serialisation point, held until the commit, so the group
+//!    transactions of all processes commit one at a time in the order in which they allocated
+//!    positions (a waiter is woken only after the holder's commit became visible: PostgreSQL
+//!    releases a transaction's locks after `ProcArrayEndTransaction`) — then decides every
+//!    append on the streams' heads (the group's earlier appends included) and writes them all.
+//! 2. When an expectation fails (`HW409`) or an event id is already recorded (the unique
+//!    violation of `events_event_id_key`), the transaction wrote nothing; the group is decided
+//!    again append by append in a new transaction under the same lock, with
+//!    `MemoryStore::append`'s rules and order (G3 replay, duplicate, conflict), each append on
+//!    the state that includes the earlier ones.
+//! 3. After `COMMIT` (with `synchronous_commit = on`): the answers and the head watch.
 
 use std::collections::HashMap;
 use std::error::Error as StdError;
@@ -37,6 +34,10 @@ use uuid::Uuid;
 
 use crate::reader::{to_i64, to_u64};
 use crate::{CommitAttempt, CommitHook, Options, Target, advance};
+
+/// Every group transaction runs in READ COMMITTED, whatever the session's default: the
+/// statements after the log head lock must each see a fresh snapshot (module docs).
+const BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
 
 /// One append waiting for the writer. Its input was validated before it was queued.
 #[derive(Debug)]
@@ -310,7 +311,7 @@ impl Writer {
 /// For the slow path: `BEGIN` and the log head lock, in one flight; returns the committed head.
 async fn begin(conn: &Connection) -> Result<Position, GroupError> {
     let (_, row) = tokio::try_join!(
-        conn.client.batch_execute("BEGIN"),
+        conn.client.batch_execute(BEGIN),
         conn.client.query_one(&conn.lock_head, &[]),
     )?;
     let head: i64 = row.get(0);
@@ -328,7 +329,7 @@ enum Fast {
     Refused,
 }
 
-/// Steps 1–3 of the module's description in one flight: `BEGIN`, `append_group(…)` (see
+/// Step 1 of the module's description, in one flight: `BEGIN`, `append_group(…)` (see
 /// `schema::APPEND_GROUP`) and, when `commit`, `COMMIT`.
 async fn fast(
     conn: &Connection,
@@ -379,7 +380,7 @@ async fn fast(
         &channel,
     ];
     let (began, appended, committed) = tokio::join!(
-        conn.client.batch_execute("BEGIN"),
+        conn.client.batch_execute(BEGIN),
         conn.client.query_one(&conn.append_group, &params),
         async {
             if commit {
@@ -506,7 +507,7 @@ impl<'a> Columns<'a> {
     }
 }
 
-/// Step 3 of the module's description: the group decided append by append.
+/// Step 2 of the module's description: the group decided append by append.
 async fn slow(
     conn: &Connection,
     group: &[Request],

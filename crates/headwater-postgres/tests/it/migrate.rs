@@ -212,3 +212,43 @@ async fn the_store_recovers_when_its_connections_are_cut() {
     let head = headwater_store::wait_for_position(&store, Position(3), left).await;
     assert_eq!(head, Position(4));
 }
+
+/// Appends per handle in the isolation test.
+const ISOLATION_APPENDS: usize = 50;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serializable_default_isolation_does_not_break_appends() {
+    // The writer's reasoning needs READ COMMITTED (a fresh snapshot per statement after the
+    // lock); a server or role default of SERIALIZABLE must not change that.
+    let fresh = Fresh::new();
+    let url = format!(
+        "{}{}options=-c%20default_transaction_isolation%3Dserializable",
+        fresh.url,
+        if fresh.url.contains('?') { '&' } else { '?' }
+    );
+    let a = PostgresStore::connect(&url, fresh.options()).await.unwrap();
+    let b = PostgresStore::connect(&url, fresh.options()).await.unwrap();
+    let mut tasks = Vec::new();
+    for (i, store) in [a.clone(), b.clone(), a.clone(), b.clone()]
+        .into_iter()
+        .enumerate()
+    {
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..ISOLATION_APPENDS {
+                store
+                    .append(
+                        &stream(&format!("iso{}", i % 2)),
+                        ExpectedVersion::Any,
+                        events(1),
+                    )
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let log = headwater_store::conformance::assert_store_invariants(&a).await;
+    assert_eq!(log.len(), 4 * ISOLATION_APPENDS);
+}
