@@ -142,13 +142,11 @@ pub enum Problem {
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Problem::PositionGap { after, next } if next.0 == after.0 + 2 => {
+                write!(f, "position {} is missing", after.0 + 1)
+            }
             Problem::PositionGap { after, next } => {
-                write!(
-                    f,
-                    "no event has positions {} to {}",
-                    after.0 + 1,
-                    next.0 - 1
-                )
+                write!(f, "positions {} to {} are missing", after.0 + 1, next.0 - 1)
             }
             Problem::LogHead { log_head, last } => {
                 write!(f, "the log head is {log_head}, the last event is at {last}")
