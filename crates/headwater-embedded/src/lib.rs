@@ -155,8 +155,9 @@ pub enum OpenError {
     /// The database file is damaged.
     #[error("{path} is corrupt: {detail}")]
     Corrupt { path: PathBuf, detail: String },
-    /// A file system operation failed.
-    #[error("{what} {path}: {source}")]
+    /// A file system operation failed. (Its cause is the error's `source`, not repeated in its
+    /// message: print the chain.)
+    #[error("{what} {path}")]
     Io {
         what: &'static str,
         path: PathBuf,
@@ -164,7 +165,7 @@ pub enum OpenError {
         source: io::Error,
     },
     /// SQLite failed.
-    #[error("opening {path}: {source}")]
+    #[error("opening {path}")]
     Sqlite {
         path: PathBuf,
         #[source]

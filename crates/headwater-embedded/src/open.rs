@@ -52,10 +52,21 @@ pub(crate) fn open(dir: &Path, options: Options) -> Result<EmbeddedStore, OpenEr
     }
 
     let path = dir.join(DATABASE_FILE);
+    let exists = path.try_exists().map_err(io("looking for", &path))?;
+    if !exists {
+        create_database(&dir, &path)?;
+    }
     let mut conn = connect(&path, options.page_cache_bytes)?;
     check_format(&conn, &path)?;
     if is_blank(&conn, &path)? {
-        create(&conn, &path)?;
+        // A store's database is created whole under another name and renamed into place, so an
+        // empty one was emptied by something else: refuse it rather than start afresh over it.
+        return Err(OpenError::Corrupt {
+            path,
+            detail:
+                "the database file is empty (a store is never created in place: it was truncated)"
+                    .to_owned(),
+        });
     }
     configure_writer(&conn, &path, &options)?;
     // SQLite fsyncs the directory when it creates the WAL; the database and LOCK files are ours
@@ -173,7 +184,44 @@ fn is_blank(conn: &Connection, path: &Path) -> Result<bool, OpenError> {
     Ok(application_id == 0 && objects == 0)
 }
 
-/// Creates the schema and the format markers in one transaction, then switches to WAL.
+/// Creates a new store's database whole under a temporary name (schema, format markers, WAL
+/// mode), makes it durable, and renames it into place. A crash at any step leaves either no
+/// database (the next open starts again, removing the leftover) or a complete one.
+fn create_database(dir: &Path, path: &Path) -> Result<(), OpenError> {
+    let io = |what: &'static str, path: &Path| {
+        let path = path.to_owned();
+        move |source| OpenError::Io { what, path, source }
+    };
+    let creating = dir.join(format!("{DATABASE_FILE}.creating"));
+    for leftover in ["", "-journal", "-wal", "-shm"] {
+        let file = dir.join(format!("{DATABASE_FILE}.creating{leftover}"));
+        match fs::remove_file(&file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("removing the leftover", &file)(e)),
+        }
+    }
+    {
+        let conn = connect(&creating, 1024 * 1024)?;
+        create(&conn, &creating)?;
+        let mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+            .map_err(sqlite_error(&creating))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(io("switching to WAL mode", &creating)(
+                std::io::Error::other(format!("journal_mode stayed {mode}")),
+            ));
+        }
+        // Closing checkpoints and removes the (empty) WAL.
+    }
+    File::open(&creating)
+        .and_then(|file| file.sync_all())
+        .map_err(io("syncing", &creating))?;
+    fs::rename(&creating, path).map_err(io("renaming into place", &creating))?;
+    sync_dir(dir).map_err(io("syncing the directory", dir))
+}
+
+/// Creates the schema and the format markers in one transaction.
 fn create(conn: &Connection, path: &Path) -> Result<(), OpenError> {
     let sql = format!(
         "BEGIN IMMEDIATE;

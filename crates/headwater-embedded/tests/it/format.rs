@@ -103,3 +103,38 @@ async fn one_handle_at_a_time() {
     let second = open(dir.path());
     assert_eq!(second.head_position().0, 1);
 }
+
+#[test]
+fn an_emptied_database_file_is_refused_not_recreated() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(dir.path());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(store.append(&stream("a"), ExpectedVersion::Any, events(3)))
+            .unwrap();
+    }
+    // Something truncates the database file (an operator's `> events.sqlite3`, a bad copy).
+    std::fs::write(database(dir.path()), b"").unwrap();
+    let err = refused(dir.path());
+    assert!(matches!(err, OpenError::Corrupt { .. }), "{err:?}");
+    assert!(err.to_string().contains("empty"), "{err}");
+    assert_eq!(std::fs::metadata(database(dir.path())).unwrap().len(), 0);
+}
+
+#[test]
+fn a_creation_cut_short_is_started_again() {
+    let dir = tempfile::tempdir().unwrap();
+    // What a crash while creating the store leaves: the database under its temporary name.
+    std::fs::write(dir.path().join("events.sqlite3.creating"), b"half").unwrap();
+    std::fs::write(dir.path().join("events.sqlite3.creating-journal"), b"x").unwrap();
+    let store = open(dir.path());
+    assert_eq!(store.head_position(), headwater_core::Position::START);
+    drop(store);
+    assert!(!dir.path().join("events.sqlite3.creating").exists());
+    assert!(!dir.path().join("events.sqlite3.creating-journal").exists());
+    // And the store it made is a store.
+    drop(open(dir.path()));
+}
