@@ -22,7 +22,7 @@ use headwater_store::{AppendError, AppendOutcome, EventStore};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::process::{ChildProcess, say};
+use headwater_testkit::process::{ChildProcess, say};
 
 /// Set in the child: the store directory. Marks the process as a child.
 const CHILD_ENV: &str = "HEADWATER_CRASH_CHILD";

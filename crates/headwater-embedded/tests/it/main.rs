@@ -9,6 +9,5 @@ mod group;
 mod integrity;
 mod locking;
 mod paging;
-mod process;
 mod support;
 mod torn;

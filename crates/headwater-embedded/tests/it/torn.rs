@@ -23,7 +23,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::crash::{Ack, Said, append_events, parse_line, seed};
-use crate::process::{ChildProcess, say};
+use headwater_testkit::process::{ChildProcess, say};
 
 /// Set in the child: the store directory. Marks the process as a child.
 const CHILD_ENV: &str = "HEADWATER_TORN_CHILD";

@@ -19,8 +19,8 @@ use headwater_store::{AppendError, AppendOutcome, EventStore};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::process::{ChildProcess, say};
 use crate::support::Fresh;
+use headwater_testkit::process::{ChildProcess, say};
 
 /// How often the parent polls `pg_stat_activity` for the end of the child's sessions, in
 /// milliseconds.

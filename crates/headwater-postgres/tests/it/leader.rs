@@ -11,8 +11,8 @@ use headwater_postgres::{LeaderElection, Options, PostgresStore};
 use headwater_store::conformance::event;
 use headwater_store::{AppendError, EventStore};
 
-use crate::process::{ChildProcess, say};
 use crate::support::Fresh;
+use headwater_testkit::process::{ChildProcess, say};
 
 const CHILD_URL_ENV: &str = "HEADWATER_PG_LEADER_CHILD_URL";
 const CHILD_SCHEMA_ENV: &str = "HEADWATER_PG_LEADER_CHILD_SCHEMA";

@@ -8,6 +8,5 @@ mod g4;
 mod group;
 mod leader;
 mod migrate;
-mod process;
 mod support;
 mod tools;

@@ -1,4 +1,4 @@
-//! Child processes for the crash tests: this test binary re-executed to run one child test
+//! Child processes for crash tests: the test binary re-executed to run one child test
 //! function, its stdout read line by line, killed with SIGKILL.
 
 use std::io::{BufRead, BufReader, Write};
@@ -14,14 +14,14 @@ const LINE_MARK: &str = "@@ ";
 /// What the parent gets from a child's stdout: the text after [`LINE_MARK`] of whole lines only
 /// (a line the child was killed in the middle of writing is dropped), then `Eof`.
 #[derive(Debug)]
-pub(crate) enum Output {
+pub enum Output {
     Line(String),
     Eof,
 }
 
 /// A running child. Dropping it kills it (a failing parent leaves no process behind).
 #[derive(Debug)]
-pub(crate) struct ChildProcess {
+pub struct ChildProcess {
     child: Child,
     lines: mpsc::Receiver<Output>,
     reader: Option<JoinHandle<()>>,
@@ -30,9 +30,9 @@ pub(crate) struct ChildProcess {
 impl ChildProcess {
     /// Runs the test function `test` (its path in this binary, e.g. `crash::child_appender`) in
     /// a new process of this test binary, with `env` set.
-    pub(crate) fn spawn(test: &str, env: &[(&str, String)]) -> ChildProcess {
+    pub fn spawn(test: &str, env: &[(&str, String)]) -> ChildProcess {
         let exe = std::env::current_exe().unwrap();
-        let mut command = Command::new(exe);
+        let mut command = Command::new(&exe);
         command
             .args(["--exact", test, "--nocapture", "--test-threads", "1"])
             .stdin(Stdio::null())
@@ -41,7 +41,9 @@ impl ChildProcess {
         for (key, value) in env {
             command.env(key, value);
         }
-        let mut child = command.spawn().unwrap();
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("running {} again: {e}", exe.display()));
         let stdout = child.stdout.take().unwrap();
         let (tx, lines) = mpsc::channel();
         let reader = std::thread::spawn(move || {
@@ -75,7 +77,7 @@ impl ChildProcess {
     }
 
     /// The next line, or `None` once `deadline` passed. Panics when the child's output ended.
-    pub(crate) fn line_before(&mut self, deadline: Instant) -> Option<String> {
+    pub fn line_before(&mut self, deadline: Instant) -> Option<String> {
         let wait = deadline.saturating_duration_since(Instant::now());
         match self.lines.recv_timeout(wait) {
             Ok(Output::Line(line)) => Some(line),
@@ -89,7 +91,7 @@ impl ChildProcess {
 
     /// Waits up to `timeout` for a line starting with `prefix`, handing the lines before it to
     /// `other`; panics on timeout.
-    pub(crate) fn wait_for(
+    pub fn wait_for(
         &mut self,
         prefix: &str,
         timeout: Duration,
@@ -107,7 +109,7 @@ impl ChildProcess {
 
     /// SIGKILLs the child (it must still be running), reaps it, and returns every whole line
     /// it wrote that was not read yet.
-    pub(crate) fn kill(mut self) -> Vec<String> {
+    pub fn kill(mut self) -> Vec<String> {
         if let Some(status) = self.child.try_wait().unwrap() {
             panic!("the child exited by itself ({status}) before it was killed");
         }
@@ -140,7 +142,7 @@ impl Drop for ChildProcess {
 }
 
 /// Writes one line to stdout and flushes it: once it is written, the parent may rely on it.
-pub(crate) fn say(line: &str) {
+pub fn say(line: &str) {
     let mut out = std::io::stdout().lock();
     out.write_all(LINE_MARK.as_bytes()).unwrap();
     out.write_all(line.as_bytes()).unwrap();

@@ -1,0 +1,9 @@
+//! Test support shared by Headwater's crates (a dev-dependency only).
+//!
+//! [`process`]: crash tests on real processes. A test binary re-executes itself to run one child
+//! test function in a new process, reads what the child acknowledges on stdout, and kills it with
+//! SIGKILL at a moment of its choosing.
+//!
+//! Architecture invariant: nothing here is linked into a library or a binary users run.
+
+pub mod process;
