@@ -4,6 +4,7 @@
 //! 2 on usage errors.
 
 mod bench;
+mod pg_tools;
 mod store_tools;
 mod text;
 
@@ -25,9 +26,11 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Show what an embedded store holds: streams, event counts, head position, size on disk.
+    /// Show what a store holds: streams, event counts, head position, size on disk (an embedded
+    /// store's directory, or a PostgreSQL store with `--postgres URL`).
     Inspect(store_tools::InspectArgs),
-    /// Check an embedded store's integrity: contiguous versions and positions, checksums.
+    /// Check a store's integrity: contiguous versions and positions, checksums (embedded), heads
+    /// (an embedded store's directory, or a PostgreSQL store with `--postgres URL`).
     ///
     /// Exits 0 when the store is sound and 1, with a report of each problem, when it is not.
     Verify(store_tools::VerifyArgs),

@@ -17,22 +17,48 @@ use crate::text::{bytes, count, utc};
 
 #[derive(Debug, Args)]
 pub(crate) struct InspectArgs {
-    /// The store's directory (the one given to the service as its data directory).
-    #[arg(value_name = "DIR")]
-    dir: PathBuf,
+    /// The store's directory (the one given to the service as its data directory), or a
+    /// PostgreSQL URL (as `--postgres`).
+    #[arg(
+        value_name = "DIR",
+        required_unless_present = "postgres",
+        conflicts_with = "postgres"
+    )]
+    dir: Option<PathBuf>,
+    /// A PostgreSQL store instead: the server (`postgres://USER@HOST:PORT/DB`).
+    #[arg(long, value_name = "URL")]
+    postgres: Option<String>,
+    /// The PostgreSQL store's schema.
+    #[arg(long, value_name = "NAME", default_value = headwater_postgres::SCHEMA_DEFAULT)]
+    schema: String,
 }
 
 #[derive(Debug, Args)]
 pub(crate) struct VerifyArgs {
-    /// The store's directory (the one given to the service as its data directory).
-    #[arg(value_name = "DIR")]
-    dir: PathBuf,
+    /// The store's directory (the one given to the service as its data directory), or a
+    /// PostgreSQL URL (as `--postgres`).
+    #[arg(
+        value_name = "DIR",
+        required_unless_present = "postgres",
+        conflicts_with = "postgres"
+    )]
+    dir: Option<PathBuf>,
+    /// A PostgreSQL store instead: the server (`postgres://USER@HOST:PORT/DB`).
+    #[arg(long, value_name = "URL")]
+    postgres: Option<String>,
+    /// The PostgreSQL store's schema.
+    #[arg(long, value_name = "NAME", default_value = headwater_postgres::SCHEMA_DEFAULT)]
+    schema: String,
 }
 
 pub(crate) fn inspect(args: &InspectArgs) -> anyhow::Result<ExitCode> {
-    check_store_dir(&args.dir)?;
-    let inspection = headwater_embedded::inspect(&args.dir)
-        .with_context(|| format!("cannot inspect the store in {}", args.dir.display()))?;
+    let dir = match Target::of(args.dir.as_deref(), args.postgres.as_deref())? {
+        Target::Postgres(url) => return crate::pg_tools::inspect(url, &args.schema),
+        Target::Dir(dir) => dir,
+    };
+    check_store_dir(dir)?;
+    let inspection = headwater_embedded::inspect(dir)
+        .with_context(|| format!("cannot inspect the store in {}", dir.display()))?;
     print!("{}", render_inspection(&inspection));
     Ok(ExitCode::SUCCESS)
 }
@@ -101,13 +127,16 @@ fn render_inspection(i: &Inspection) -> String {
 }
 
 pub(crate) fn verify(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
-    check_store_dir(&args.dir)?;
+    let dir = match Target::of(args.dir.as_deref(), args.postgres.as_deref())? {
+        Target::Postgres(url) => return crate::pg_tools::verify(url, &args.schema),
+        Target::Dir(dir) => dir,
+    };
+    check_store_dir(dir)?;
     let mut bars = StageBars::default();
-    let report = headwater_embedded::verify(&args.dir, &mut |progress| bars.update(progress));
+    let report = headwater_embedded::verify(dir, &mut |progress| bars.update(progress));
     bars.finish();
-    let report =
-        report.with_context(|| format!("cannot verify the store in {}", args.dir.display()))?;
-    print!("{}", render_report(&args.dir, &report));
+    let report = report.with_context(|| format!("cannot verify the store in {}", dir.display()))?;
+    print!("{}", render_report(dir, &report));
     Ok(if report.is_clean() {
         ExitCode::SUCCESS
     } else {
@@ -186,6 +215,28 @@ fn render_report(dir: &Path, report: &VerifyReport) -> String {
         let _ = writeln!(out, "- … and {} more", count(unlisted));
     }
     out
+}
+
+/// The store a command names: a directory, or a PostgreSQL server (by `--postgres URL`, or a
+/// URL in place of the directory).
+enum Target<'a> {
+    Dir(&'a Path),
+    Postgres(&'a str),
+}
+
+impl<'a> Target<'a> {
+    fn of(dir: Option<&'a Path>, postgres: Option<&'a str>) -> anyhow::Result<Target<'a>> {
+        if let Some(url) = postgres {
+            return Ok(Target::Postgres(url));
+        }
+        let Some(dir) = dir else {
+            bail!("name the store: a directory, or --postgres URL");
+        };
+        match dir.to_str() {
+            Some(text) if crate::pg_tools::is_url(text) => Ok(Target::Postgres(text)),
+            _ => Ok(Target::Dir(dir)),
+        }
+    }
 }
 
 /// Refuses early, with a clear message, a path that cannot be a store.

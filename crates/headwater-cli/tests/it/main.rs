@@ -486,3 +486,169 @@ fn a_missing_directory_is_a_clear_error() {
         assert!(!Path::new(missing).exists());
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// A PostgreSQL store: `--postgres URL` (or the URL in place of DIR) and `--schema`.
+
+/// The PostgreSQL server of the tests. Fails the test when it is not set: never skipped.
+fn postgres_url() -> String {
+    std::env::var("HEADWATER_TEST_POSTGRES_URL").unwrap_or_else(|_| {
+        panic!(
+            "HEADWATER_TEST_POSTGRES_URL is not set: run ./scripts/test (it starts a private \
+             PostgreSQL), or set it to a PostgreSQL 15+ where tests may create schemas"
+        )
+    })
+}
+
+/// A schema of its own on the test server, dropped at the end of the test.
+struct PgSchema {
+    url: String,
+    schema: String,
+}
+
+impl PgSchema {
+    fn new() -> PgSchema {
+        PgSchema {
+            url: postgres_url(),
+            schema: format!("hw_cli_test_{:016x}", rand::random::<u64>()),
+        }
+    }
+
+    fn sql(&self, sql: &str) {
+        let (url, sql) = (self.url.clone(), sql.to_owned());
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(async move {
+                let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(connection);
+                client.batch_execute(&sql).await.unwrap();
+            });
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        let (url, schema) = (self.url.clone(), self.schema.clone());
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Runtime::new()
+                .unwrap()
+                .block_on(async move {
+                    if let Ok((client, connection)) =
+                        tokio_postgres::connect(&url, tokio_postgres::NoTls).await
+                    {
+                        tokio::spawn(connection);
+                        let _ = client
+                            .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                            .await;
+                    }
+                });
+        })
+        .join();
+    }
+}
+
+/// The events of [`small_store`], in a PostgreSQL store.
+fn small_pg_store() -> PgSchema {
+    let pg = PgSchema::new();
+    let (url, schema) = (pg.url.clone(), pg.schema.clone());
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async move {
+            let store = headwater_postgres::PostgresStore::connect(
+                &url,
+                headwater_postgres::Options::with_schema(schema),
+            )
+            .await
+            .unwrap();
+            let event = |n: u32| {
+                NewEvent::new(
+                    EventId::new_random(),
+                    EventType::new("account.deposited").unwrap(),
+                    format!(r#"{{"amount_cents":{n}}}"#).into_bytes(),
+                )
+            };
+            for (stream, events) in [
+                ("account-1", vec![event(1), event(2)]),
+                ("account-2", vec![event(3)]),
+                ("account-1", vec![event(4)]),
+                ("order-1", vec![event(5)]),
+            ] {
+                let stream = StreamName::new(stream).unwrap();
+                store
+                    .append(&stream, ExpectedVersion::Any, events)
+                    .await
+                    .unwrap();
+            }
+        });
+    pg
+}
+
+#[test]
+fn inspect_summarises_a_postgres_store() {
+    let pg = small_pg_store();
+    // As a flag, and as the URL in place of the directory.
+    for args in [
+        vec!["inspect", "--postgres", &pg.url, "--schema", &pg.schema],
+        vec!["inspect", &pg.url, "--schema", &pg.schema],
+    ] {
+        let out = headwater(&args);
+        let stdout = text(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        for expected in [
+            "events     5\n",
+            "streams    3 in 2 categories\n",
+            "head       position 5\n",
+            "| account | 2 | 4 |",
+            "| order | 1 | 1 |",
+            "on disk    ",
+            " UTC … ",
+            &format!("schema {}", pg.schema),
+        ] {
+            assert!(stdout.contains(expected), "no {expected:?} in:\n{stdout}");
+        }
+    }
+}
+
+#[test]
+fn verify_passes_a_sound_postgres_store_and_fails_a_damaged_one() {
+    let pg = small_pg_store();
+    let args = ["verify", "--postgres", &pg.url, "--schema", &pg.schema];
+    let out = headwater(&args);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.contains("sound. Checked 5 events in 3 streams"),
+        "{stdout}"
+    );
+
+    pg.sql(&format!(
+        "DELETE FROM {s}.events WHERE position = 2; UPDATE {s}.streams SET head = 7 WHERE name = 'account-2'",
+        s = pg.schema
+    ));
+    let out = headwater(&args);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{}", text(&out.stderr));
+    for expected in [
+        "DAMAGED.",
+        "position 2 is missing",
+        "account-2: the recorded head is 7, the last event's version 1",
+    ] {
+        assert!(stdout.contains(expected), "no {expected:?} in:\n{stdout}");
+    }
+}
+
+#[test]
+fn a_schema_without_a_store_is_a_clear_error() {
+    let pg = PgSchema::new();
+    for verb in ["inspect", "verify"] {
+        let out = headwater(&[verb, "--postgres", &pg.url, "--schema", &pg.schema]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{verb}: {stderr}");
+        assert!(
+            stderr.contains("holds no Headwater store"),
+            "{verb}: {stderr}"
+        );
+    }
+}
