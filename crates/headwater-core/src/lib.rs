@@ -10,6 +10,7 @@
 
 mod aggregate;
 mod event;
+mod feed;
 mod ids;
 pub mod limits;
 mod stream;
@@ -20,6 +21,10 @@ pub use aggregate::{Aggregate, DecodeError, DomainEvent, EncodeError};
 pub use event::{
     EventType, EventTypeError, InvalidAppend, Metadata, NewEvent, RecordedEvent, Timestamp,
     validate_append,
+};
+pub use feed::{
+    FeedId, FeedName, FeedPosition, FeedStatus, FeedVersion, FeedWordError,
+    INTEGRATION_EVENT_ID_NAMESPACE, Sequence, Subject, integration_event_id,
 };
 pub use ids::{EventId, ExpectedVersion, Position, StreamVersion};
 pub use stream::{StreamName, StreamNameError};

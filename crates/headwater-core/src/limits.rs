@@ -20,3 +20,15 @@ pub const READ_PAGE_EVENTS_MAX: u64 = 10_000;
 pub const READ_PAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// The most times a command is decided again on fresh state after a conflict.
 pub const COMMAND_ATTEMPTS_MAX: u32 = 8;
+/// The longest feed (projection) name, in bytes.
+pub const FEED_NAME_BYTES_MAX: usize = 64;
+/// The longest subject of an integration event, in bytes.
+pub const SUBJECT_BYTES_MAX: usize = 200;
+/// The largest `data` of one integration event, in bytes (serialized JSON).
+pub const INTEGRATION_DATA_BYTES_MAX: usize = 1024 * 1024;
+/// The most integration events one projection may make of one internal event.
+pub const PROJECTED_EVENTS_PER_EVENT_MAX: usize = 64;
+/// The most integration events one feed read returns.
+pub const FEED_PAGE_EVENTS_MAX: u64 = 10_000;
+/// The most subjects one subject listing returns.
+pub const SUBJECT_PAGE_MAX: u64 = 10_000;

@@ -1,4 +1,4 @@
-//! The event store interface ([`EventStore`]), its errors, the in-memory reference backend
+//! The event store interface ([`EventStore`]), the feed store interface ([`FeedStore`]), their errors, the in-memory reference backend
 //! ([`MemoryStore`]) and, behind the `conformance` feature, the suite every backend passes
 //! unchanged.
 //!
@@ -11,9 +11,17 @@
 #[cfg(feature = "conformance")]
 pub mod conformance;
 mod error;
+mod feed;
+mod feed_memory;
 mod memory;
 mod store;
 
 pub use error::{AppendError, ReadError};
+pub use feed::{
+    COMMIT_EVENTS_MAX, FeedCommit, FeedError, FeedEvent, FeedReader, FeedState, FeedStore,
+    ProjectedEvent, ProjectorBatch, ReaderSeen, SubjectHead, validate_batch, validate_feed_limit,
+    validate_subject_limit, wait_for_feed_position,
+};
+pub use feed_memory::MemoryFeedStore;
 pub use memory::MemoryStore;
 pub use store::{AppendOutcome, EventStore, read_all_pages, validate_limit, wait_for_position};
