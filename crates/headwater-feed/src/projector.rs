@@ -469,7 +469,6 @@ where
                         s.feed_status = feed_status;
                         s.backfill = None;
                         s.state = ProjectorState::Running;
-                        s.last_error = None;
                     });
                     self.update_metrics(cursor, log_head, state.head, feed_status);
                     if feed_status == FeedStatus::Retired {

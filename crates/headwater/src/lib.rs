@@ -10,7 +10,9 @@
 //! - command handling: [`CommandHandler`] loads a stream, decides, appends at the version it
 //!   loaded, retries on conflict with fresh state, and makes every command idempotent by its
 //!   [`CommandId`];
-//! - the event store interface and its backends, in [`store`].
+//! - the event store interface and its backends, in [`store`];
+//! - integration feeds, in [`feed`]: a [`feed::Projection`] per feed version (`accounts.v2`),
+//!   run by [`feed::Projectors`], which backfills new versions and keeps the others live.
 //!
 //! A service writes its aggregate, tests it with [`testing::given`], and handles commands with a
 //! [`CommandHandler`] over a store.
@@ -41,4 +43,20 @@ pub mod store {
         AppendError, AppendOutcome, EventStore, MemoryStore, ReadError, read_all_pages,
         wait_for_position,
     };
+}
+
+/// Integration feeds: projections of the internal log into versioned public feeds, and the
+/// projectors that fill them (see `headwater-feed`).
+pub mod feed {
+    pub use headwater_core::{
+        FeedId, FeedName, FeedPosition, FeedStatus, FeedVersion, FeedWordError, Sequence, Subject,
+        integration_event_id,
+    };
+    pub use headwater_feed::{
+        AlwaysLead, BackfillProgress, BuildError, COMMIT_BYTES_MAX, Emit, FnProjection, Leadership,
+        Lease, LeaseHolder, ProjectFailure, Projection, ProjectionError, Projector, ProjectorError,
+        ProjectorOptions, ProjectorState, ProjectorStatus, Projectors, ProjectorsBuilder,
+        StartError, Stopped, build_feed, build_feed_until, decode, projection,
+    };
+    pub use headwater_store::{FeedError, FeedEvent, FeedState, FeedStore, MemoryFeedStore};
 }

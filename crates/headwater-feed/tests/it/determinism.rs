@@ -22,7 +22,12 @@ async fn project_fresh(
     options.read_page_events = read_page_events;
     options.commit_events_max = commit_events_max;
     options.commit_bytes_max = commit_bytes_max;
-    let projector = Projector::new(Arc::clone(events), Arc::clone(&feeds), Arc::new(projection), options);
+    let projector = Projector::new(
+        Arc::clone(events),
+        Arc::clone(&feeds),
+        Arc::new(projection),
+        options,
+    );
     let mut status = projector.status();
     let shutdown = CancellationToken::new();
     let run = {
@@ -46,7 +51,10 @@ async fn a_rebuilt_feed_is_identical_whatever_the_page_and_batch_sizes() {
 
     // The projection skips events and makes two of some: the feed shows both.
     let internal = events.head_position().0;
-    let sevens = reference.iter().filter(|e| e.subject.as_str() == "all").count();
+    let sevens = reference
+        .iter()
+        .filter(|e| e.subject.as_str() == "all")
+        .count();
     assert!(sevens > 10, "{sevens}");
     assert!((reference.len() as u64) < internal, "nothing skipped");
 
@@ -59,7 +67,11 @@ async fn a_rebuilt_feed_is_identical_whatever_the_page_and_batch_sizes() {
     ] {
         let feed = project_fresh(&events, Accounts::v1(), page, commit_events, commit_bytes).await;
         assert_numbered(&feed);
-        assert_eq!(feed.len(), reference.len(), "page {page}, commit {commit_events}");
+        assert_eq!(
+            feed.len(),
+            reference.len(),
+            "page {page}, commit {commit_events}"
+        );
         for (got, want) in feed.iter().zip(&reference) {
             assert_eq!(got, want, "page {page}, commit {commit_events}");
         }
@@ -77,7 +89,10 @@ async fn two_versions_never_share_an_id() {
     assert!(v2.iter().all(|e| !ids.contains(&e.id)));
     // Every event's time is its source's recorded_at.
     for event in &v2 {
-        let source = events.read_all(headwater_core::Position(event.source_position.0 - 1), 1).await.unwrap();
+        let source = events
+            .read_all(headwater_core::Position(event.source_position.0 - 1), 1)
+            .await
+            .unwrap();
         assert_eq!(event.time, source[0].metadata.recorded_at);
     }
 }

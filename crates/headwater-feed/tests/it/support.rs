@@ -17,7 +17,12 @@ use tokio::sync::watch;
 pub(crate) const EVENT_TYPE: &str = "acct.changed";
 
 /// Appends `count` events to `acct-{account}`, numbered from `first`: data `{"n": …}`.
-pub(crate) async fn append<E: EventStore + ?Sized>(events: &E, account: u64, first: u64, count: u64) {
+pub(crate) async fn append<E: EventStore + ?Sized>(
+    events: &E,
+    account: u64,
+    first: u64,
+    count: u64,
+) {
     let stream = StreamName::new(format!("acct-{account}")).unwrap();
     let batch = (first..first + count)
         .map(|n| {
@@ -77,6 +82,10 @@ impl Accounts {
     pub(crate) fn v2() -> Accounts {
         Accounts { version: 2 }
     }
+
+    pub(crate) fn feed_id(&self) -> FeedId {
+        Projection::feed(self)
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -103,11 +112,15 @@ impl Projection for Accounts {
                 &serde_json::json!({"number": data.n, "account": subject, "v": 2}),
             );
         }
-        if data.n % 5 == 0 {
+        if data.n.is_multiple_of(5) {
             return Ok(());
         }
-        out.emit("accounts.counted", subject, &serde_json::json!({"n": data.n}))?;
-        if data.n % 7 == 0 {
+        out.emit(
+            "accounts.counted",
+            subject,
+            &serde_json::json!({"n": data.n}),
+        )?;
+        if data.n.is_multiple_of(7) {
             out.emit(
                 "accounts.sevens",
                 "all",
@@ -119,11 +132,17 @@ impl Projection for Accounts {
 }
 
 /// Every event of a feed, by pages.
-pub(crate) async fn read_whole_feed<F: FeedStore + ?Sized>(feeds: &F, feed: &FeedId) -> Vec<FeedEvent> {
+pub(crate) async fn read_whole_feed<F: FeedStore + ?Sized>(
+    feeds: &F,
+    feed: &FeedId,
+) -> Vec<FeedEvent> {
     let mut out = Vec::new();
     let mut after = FeedPosition::START;
     loop {
-        let page = feeds.read_feed(feed, after, FEED_PAGE_EVENTS_MAX).await.unwrap();
+        let page = feeds
+            .read_feed(feed, after, FEED_PAGE_EVENTS_MAX)
+            .await
+            .unwrap();
         let Some(last) = page.last() else {
             return out;
         };
