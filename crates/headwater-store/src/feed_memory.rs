@@ -260,3 +260,22 @@ impl FeedStore for MemoryFeedStore {
         Ok(state.feed(feed)?.readers.values().cloned().collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::MemoryFeedStore;
+    use crate::conformance::FeedHarness;
+
+    /// The memory feed store's "storage" is the shared state: reopening hands out another clone.
+    struct Memory(MemoryFeedStore);
+
+    impl FeedHarness for Memory {
+        type Store = MemoryFeedStore;
+
+        async fn open(&self) -> MemoryFeedStore {
+            self.0.clone()
+        }
+    }
+
+    crate::feed_conformance_suite!(Memory(MemoryFeedStore::new()));
+}

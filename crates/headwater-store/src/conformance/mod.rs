@@ -7,6 +7,9 @@
 //! ```text
 //! headwater_store::conformance_suite!(MyHarness::new());
 //! ```
+//!
+//! Feed stores have their own suite in [`feed`]: a [`FeedHarness`] and
+//! [`feed_conformance_suite!`](crate::feed_conformance_suite).
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
@@ -24,7 +27,10 @@ use uuid::Uuid;
 
 use crate::{AppendError, AppendOutcome, EventStore, ReadError, read_all_pages};
 
+pub mod feed;
+mod feed_model;
 mod model;
+pub use feed::FeedHarness;
 pub use model::random_operations_match_the_model;
 
 /// How the suite opens the backend under test.
