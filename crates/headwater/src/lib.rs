@@ -12,7 +12,8 @@
 //!   [`CommandId`];
 //! - the event store interface and its backends, in [`store`];
 //! - integration feeds, in [`feed`]: a [`feed::Projection`] per feed version (`accounts.v2`),
-//!   run by [`feed::Projectors`], which backfills new versions and keeps the others live.
+//!   run by [`feed::Projectors`], which backfills new versions and keeps the others live;
+//! - the feed API, serving a producer's integration feeds over HTTP, in [`api`].
 //!
 //! A service writes its aggregate, tests it with [`testing::given`], and handles commands with a
 //! [`CommandHandler`] over a store.
@@ -59,4 +60,14 @@ pub mod feed {
         StartError, Stopped, build_feed, build_feed_until, decode, projection,
     };
     pub use headwater_store::{FeedError, FeedEvent, FeedState, FeedStore, MemoryFeedStore};
+}
+
+/// The feed API: a producer's integration feeds over HTTP (CloudEvents, long polling, bearer
+/// tokens), on a feed store.
+pub mod api {
+    pub use headwater_api::{
+        ApiConfig, CLOUDEVENTS_BATCH_CONTENT_TYPE, ConfigError, FEED_PAGE_EVENTS_DEFAULT, FeedApi,
+        FeedScope, LONG_POLL_TIMEOUT_MS_MAX, MetricsAccess, OPENAPI_JSON, PROBLEM_CONTENT_TYPE,
+        ProblemType, READERS_FLUSH_INTERVAL, SUBJECT_PAGE_DEFAULT, Tokens, serve,
+    };
 }

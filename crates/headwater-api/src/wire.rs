@@ -1,0 +1,182 @@
+//! The feed API's wire format, written here and nowhere else: CloudEvents 1.0 in JSON
+//! (`application/cloudevents-batch+json`), feed listings and subject heads.
+
+use headwater_core::{FeedId, Timestamp};
+use headwater_store::{FeedEvent, FeedReader, FeedState, SubjectHead};
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+/// The media type of a page of events.
+pub const CLOUDEVENTS_BATCH_CONTENT_TYPE: &str = "application/cloudevents-batch+json";
+
+/// One CloudEvent as it goes on the wire. `data` is the stored JSON, embedded as it is.
+#[derive(Serialize)]
+struct CloudEvent<'a> {
+    specversion: &'static str,
+    id: String,
+    source: &'a str,
+    #[serde(rename = "type")]
+    event_type: &'a str,
+    subject: &'a str,
+    time: String,
+    datacontenttype: &'static str,
+    data: &'a RawValue,
+    sequence: u64,
+    position: u64,
+    feed: &'a str,
+}
+
+/// Why a page could not be written: an event's stored data is not JSON.
+#[derive(Debug, thiserror::Error)]
+#[error("the data of event {id} (feed position {position}) is not valid JSON")]
+pub(crate) struct NotJson {
+    pub(crate) id: String,
+    pub(crate) position: u64,
+}
+
+/// Writes a page of events as a JSON array of CloudEvents.
+pub(crate) fn events_page(
+    source: &str,
+    feed: &FeedId,
+    events: &[FeedEvent],
+) -> Result<Vec<u8>, NotJson> {
+    let feed = feed.to_string();
+    let mut wire = Vec::with_capacity(events.len());
+    let mut data_bytes = 0usize;
+    for event in events {
+        // Validates without building a value: the bytes are embedded as stored.
+        let data: &RawValue = serde_json::from_slice(&event.data).map_err(|_| NotJson {
+            id: event.id.to_string(),
+            position: event.position.get(),
+        })?;
+        data_bytes += event.data.len();
+        wire.push(CloudEvent {
+            specversion: "1.0",
+            id: event.id.to_string(),
+            source,
+            event_type: event.event_type.as_str(),
+            subject: event.subject.as_str(),
+            time: rfc3339(event.time),
+            datacontenttype: "application/json",
+            data,
+            sequence: event.sequence.get(),
+            position: event.position.get(),
+            feed: &feed,
+        });
+    }
+    let mut body = Vec::with_capacity(data_bytes + events.len() * 320 + 2);
+    // Serializing strings, integers and raw JSON into a Vec cannot fail.
+    serde_json::to_writer(&mut body, &wire).map_err(|_| NotJson {
+        id: String::new(),
+        position: 0,
+    })?;
+    Ok(body)
+}
+
+#[derive(Serialize)]
+struct FeedEntry<'a> {
+    name: &'a str,
+    version: u32,
+    status: &'static str,
+    head: u64,
+    readers: Vec<ReaderEntry<'a>>,
+}
+
+#[derive(Serialize)]
+struct ReaderEntry<'a> {
+    reader: &'a str,
+    last_read_at: String,
+    reads: u64,
+}
+
+/// `GET /feeds`: SPEC's fields (`name`, `version`, `status`, `head`) and `readers`, who read the
+/// feed and when last.
+pub(crate) fn feeds_listing(feeds: &[(FeedState, Vec<FeedReader>)]) -> Vec<u8> {
+    let entries: Vec<FeedEntry<'_>> = feeds
+        .iter()
+        .map(|(state, readers)| FeedEntry {
+            name: state.feed.name.as_str(),
+            version: state.feed.version.get(),
+            status: state.status.as_str(),
+            head: state.head.get(),
+            readers: readers
+                .iter()
+                .map(|r| ReaderEntry {
+                    reader: &r.reader,
+                    last_read_at: rfc3339(r.last_read_at),
+                    reads: r.reads,
+                })
+                .collect(),
+        })
+        .collect();
+    serde_json::to_vec(&entries).unwrap_or_default()
+}
+
+#[derive(Serialize)]
+struct SubjectEntry<'a> {
+    subject: &'a str,
+    sequence: u64,
+}
+
+/// `GET /feeds/{name}/v{version}/subjects`: `[{"subject":"42","sequence":17}]`.
+pub(crate) fn subjects_page(heads: &[SubjectHead]) -> Vec<u8> {
+    let entries: Vec<SubjectEntry<'_>> = heads
+        .iter()
+        .map(|h| SubjectEntry {
+            subject: h.subject.as_str(),
+            sequence: h.sequence.get(),
+        })
+        .collect();
+    serde_json::to_vec(&entries).unwrap_or_default()
+}
+
+/// RFC 3339 in UTC with microseconds: `2026-11-27T14:06:59.123456Z`.
+pub fn rfc3339(time: Timestamp) -> String {
+    let micros = time.unix_micros();
+    let seconds = micros / 1_000_000;
+    let fraction = micros % 1_000_000;
+    let days = seconds / 86_400;
+    let of_day = seconds % 86_400;
+    let (year, month, day) = civil_from_days(days);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{fraction:06}Z",
+        of_day / 3600,
+        of_day / 60 % 60,
+        of_day % 60
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm, for
+/// non-negative day counts).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let day_of_era = z % 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let mp = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = year_of_era + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_rfc3339_utc_with_microseconds() {
+        for (micros, text) in [
+            (0, "1970-01-01T00:00:00.000000Z"),
+            (1, "1970-01-01T00:00:00.000001Z"),
+            (951_782_400_000_000, "2000-02-29T00:00:00.000000Z"),
+            (951_868_799_999_999, "2000-02-29T23:59:59.999999Z"),
+            (1_798_380_419_123_456, "2026-12-27T14:06:59.123456Z"),
+            (4_107_542_400_000_000, "2100-03-01T00:00:00.000000Z"),
+        ] {
+            assert_eq!(rfc3339(Timestamp::from_unix_micros(micros)), text);
+        }
+    }
+}
