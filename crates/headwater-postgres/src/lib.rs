@@ -15,6 +15,7 @@
 //! Architecture invariant: this crate is the only one that knows the tables. Everything above it
 //! sees an [`EventStore`](headwater_store::EventStore).
 
+mod feed;
 mod head;
 mod leader;
 mod reader;
@@ -43,6 +44,7 @@ use tokio_postgres::NoTls;
 use crate::schema::Sql;
 use crate::writer::Request;
 
+pub use crate::feed::{FEED_TIME_MICROS_MAX, PgFeedStore};
 pub use crate::leader::{
     FOLLOWER_NAME_BYTES_MAX, HEALTH_CHECK_INTERVAL_MILLIS_DEFAULT,
     HEALTH_CHECK_TIMEOUT_MILLIS_DEFAULT, LeaderElection, LeaderError, Leadership,
@@ -54,7 +56,7 @@ pub use crate::tools::{
 };
 
 /// The version of the tables this build reads and writes (its last migration).
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 /// The schema a store uses unless told otherwise.
 pub const SCHEMA_DEFAULT: &str = "headwater";
 /// The longest schema name, in bytes (PostgreSQL's identifiers stop at 63).
@@ -256,6 +258,11 @@ struct Inner {
     queue: mpsc::Sender<Request>,
     head: Arc<watch::Sender<Position>>,
     tasks: Vec<JoinHandle<()>>,
+    /// The feeds' head watches and row ids ([`PgFeedStore`]).
+    feeds: Arc<feed::FeedShared>,
+    /// What opens a feed commit's transaction: `BEGIN` and the writer's session settings, for
+    /// this transaction only (feed commits run on pooled connections).
+    feed_begin: String,
 }
 
 impl Drop for Inner {
@@ -323,6 +330,18 @@ impl PostgresStore {
             .build()
             .expect("a pool without timeouts needs no runtime setting");
 
+        let feeds = Arc::new(feed::FeedShared::default());
+        let millis = |d: Duration| d.as_millis().max(1);
+        let feed_begin = format!(
+            "BEGIN ISOLATION LEVEL READ COMMITTED;
+             SET LOCAL synchronous_commit = on;
+             SET LOCAL lock_timeout = {};
+             SET LOCAL idle_in_transaction_session_timeout = {};
+             SET LOCAL statement_timeout = {};",
+            millis(options.lock_timeout),
+            millis(options.idle_in_transaction_timeout),
+            millis(options.statement_timeout),
+        );
         let (head_tx, _) = watch::channel(head_now);
         let head = Arc::new(head_tx);
         let (queue, requests) = mpsc::channel(options.queue_appends_max.max(1));
@@ -334,6 +353,7 @@ impl PostgresStore {
         tasks.push(tokio::spawn(head::follow(
             target.clone(),
             head.clone(),
+            feeds.clone(),
             options.head_poll_interval,
         )));
         Ok(PostgresStore {
@@ -343,6 +363,8 @@ impl PostgresStore {
                 queue,
                 head,
                 tasks,
+                feeds,
+                feed_begin,
             }),
         })
     }

@@ -60,7 +60,115 @@ CREATE TABLE {schema}.leader_terms (
         description: "append_group: a group's fast path in one statement",
         sql: APPEND_GROUP,
     },
+    Migration {
+        version: 3,
+        description: "integration feeds: feeds, feed_events, subject_heads, feed_readers, feed_commit",
+        sql: FEEDS,
+    },
 ];
+
+/// The feed tables (`docs/design/postgres.md`, "Feeds") and `feed_commit`, the one statement of
+/// a projector's commit.
+///
+/// A feed is known by a small integer `id` everywhere but in `feeds`, to keep the event rows and
+/// their indexes narrow. No foreign keys: the store never deletes a feed, and a per-row RI check
+/// would cost the backfill about as much as the insert. Subjects (and reader names) use the
+/// `"C"` collation: listings are in byte order, whatever the database's default collation.
+///
+/// `feed_commit(name, version, from, to, events as parallel arrays, channel)` locks the feed's
+/// row (`FOR UPDATE`: the serialisation point of one feed's commits, held until `COMMIT`),
+/// checks the cursor (else raises `HW412` with the actual cursor as the error's detail, writing
+/// nothing; an unknown feed raises `HW404`), numbers the events — positions after the head in
+/// array order, sequences after each subject's head in array order — inserts them in one
+/// statement, moves the subjects' heads, the feed's head and cursor, notifies
+/// `<channel>` with `<feed> <new head>` when the head moved, and returns the new head.
+const FEEDS: &str = r#"
+CREATE TABLE {schema}.feeds (
+    id             integer     GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name           text        COLLATE "C" NOT NULL,
+    version        bigint      NOT NULL CHECK (version > 0),
+    status         text        NOT NULL CHECK (status IN ('backfilling', 'live', 'retired')),
+    head           bigint      NOT NULL DEFAULT 0 CHECK (head >= 0),
+    cursor         bigint      NOT NULL DEFAULT 0 CHECK (cursor >= 0),
+    registered_at  timestamptz NOT NULL,
+    live_at        timestamptz,
+    CONSTRAINT feeds_name_version_key UNIQUE (name, version)
+);
+CREATE TABLE {schema}.feed_events (
+    feed             integer     NOT NULL,
+    position         bigint      NOT NULL CHECK (position > 0),
+    subject          text        COLLATE "C" NOT NULL,
+    sequence         bigint      NOT NULL CHECK (sequence > 0),
+    event_id         uuid        NOT NULL,
+    event_type       text        NOT NULL,
+    time             timestamptz NOT NULL,
+    data             bytea       NOT NULL,
+    source_position  bigint      NOT NULL CHECK (source_position > 0),
+    CONSTRAINT feed_events_pkey PRIMARY KEY (feed, position),
+    CONSTRAINT feed_events_subject_sequence_key UNIQUE (feed, subject, sequence)
+);
+CREATE TABLE {schema}.subject_heads (
+    feed      integer NOT NULL,
+    subject   text    COLLATE "C" NOT NULL,
+    sequence  bigint  NOT NULL CHECK (sequence > 0),
+    CONSTRAINT subject_heads_pkey PRIMARY KEY (feed, subject)
+);
+CREATE TABLE {schema}.feed_readers (
+    feed           integer     NOT NULL,
+    reader         text        COLLATE "C" NOT NULL,
+    first_read_at  timestamptz NOT NULL,
+    last_read_at   timestamptz NOT NULL,
+    reads          bigint      NOT NULL CHECK (reads >= 0),
+    CONSTRAINT feed_readers_pkey PRIMARY KEY (feed, reader)
+);
+CREATE FUNCTION {schema}.feed_commit(
+    p_name text, p_version bigint, p_from bigint, p_to bigint,
+    p_ids uuid[], p_types text[], p_subjects text[], p_times timestamptz[], p_data bytea[],
+    p_sources bigint[], p_channel text
+) RETURNS bigint LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+    v_feed integer;
+    v_head bigint;
+    v_cursor bigint;
+    v_count bigint;
+BEGIN
+    SELECT id, head, cursor INTO v_feed, v_head, v_cursor FROM {schema}.feeds
+     WHERE name = p_name AND version = p_version FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'headwater: no feed %.v%', p_name, p_version USING ERRCODE = 'HW404';
+    END IF;
+    IF v_cursor <> p_from THEN
+        RAISE EXCEPTION 'headwater: the cursor of feed %.v% moved', p_name, p_version
+            USING ERRCODE = 'HW412', DETAIL = v_cursor::text;
+    END IF;
+    v_count := coalesce(cardinality(p_ids), 0);
+    IF v_count > 0 THEN
+        INSERT INTO {schema}.feed_events (feed, position, subject, sequence, event_id, event_type,
+                                          time, data, source_position)
+        SELECT v_feed, v_head + e.ord, e.subject,
+               coalesce(h.sequence, 0) + row_number() OVER (PARTITION BY e.subject ORDER BY e.ord),
+               e.id, e.typ, e.tim, e.dat, e.src
+          FROM unnest(p_ids, p_types, p_subjects, p_times, p_data, p_sources)
+               WITH ORDINALITY AS e(id, typ, subject, tim, dat, src, ord)
+          LEFT JOIN {schema}.subject_heads h ON h.feed = v_feed AND h.subject = e.subject;
+        INSERT INTO {schema}.subject_heads (feed, subject, sequence)
+        SELECT v_feed, s.subject, count(*)
+          FROM unnest(p_subjects) AS s(subject)
+         GROUP BY s.subject
+        ON CONFLICT (feed, subject)
+        DO UPDATE SET sequence = {schema}.subject_heads.sequence + EXCLUDED.sequence;
+        PERFORM pg_notify(p_channel, p_name || '.v' || p_version || ' ' || (v_head + v_count));
+    END IF;
+    UPDATE {schema}.feeds SET head = v_head + v_count, cursor = p_to WHERE id = v_feed;
+    RETURN v_head + v_count;
+END
+$fn$;
+"#;
+
+/// The SQLSTATE `feed_commit` raises when the feed's cursor is not the batch's start.
+pub(crate) const CURSOR_MOVED_SQLSTATE: &str = "HW412";
+/// The SQLSTATE `feed_commit` raises for a feed that is not registered.
+pub(crate) const UNKNOWN_FEED_SQLSTATE: &str = "HW404";
 
 /// The fast path of a group commit, run by the writer as `BEGIN; SELECT append_group(…);
 /// COMMIT` in one flight. It takes the log head lock first; every statement after that runs in a
@@ -229,6 +337,138 @@ pub(crate) fn quote(schema: &str) -> String {
 pub(crate) const EVENT_COLUMNS: &str = "position, stream, stream_version, event_id, event_type, \
      schema_version, correlation_id, causation_id, recorded_at, data";
 
+/// The columns of a feed event, in the order `crate::feed::event_from_row` reads them.
+pub(crate) const FEED_EVENT_COLUMNS: &str =
+    "position, sequence, event_id, event_type, subject, time, data, source_position";
+
+/// The columns of a feed's state, in the order `crate::feed::state_from_row` reads them.
+pub(crate) const FEED_COLUMNS: &str = "name, version, status, head, cursor, registered_at, live_at";
+
+/// A page of rows of `table` whose `key` is contiguous within `filter`: the rows after `after`,
+/// at most `limit`, stopping once their data reach `bytes` (but always holding the first).
+/// The page is the key range after `after` of the length that fits: usually the whole limit,
+/// checked by one sum over the page's lengths; only a page over the byte limit pays for a
+/// running sum.
+fn page_query(
+    q: &str,
+    table: &str,
+    columns: &str,
+    filter: &str,
+    [key, after, limit, bytes]: [&str; 4],
+) -> String {
+    let lengths = |what: &str| {
+        format!(
+            "SELECT {what} FROM {q}.{table} WHERE {filter} AND {key} > {after}
+             ORDER BY {key} LIMIT {limit}"
+        )
+    };
+    format!(
+        "SELECT {columns} FROM {q}.{table}
+         WHERE {filter} AND {key} > {after} AND {key} <= {after} + (
+             SELECT CASE WHEN coalesce(sum(page.len), 0) <= {bytes} THEN count(*)
+                    ELSE (SELECT greatest(1, count(*) FILTER (WHERE sized.upto <= {bytes}))
+                            FROM (SELECT sum(octet_length(w.data)) OVER (ORDER BY w.{key}
+                                         ROWS UNBOUNDED PRECEDING) AS upto
+                                    FROM ({window}) w) sized)
+                    END
+               FROM ({sizes}) page)
+         ORDER BY {key}",
+        window = lengths(&format!("{key}, data")),
+        sizes = lengths("octet_length(data) AS len"),
+    )
+}
+
+/// Every statement of the feed store, for one schema.
+#[derive(Debug)]
+pub(crate) struct FeedSql {
+    pub(crate) register: String,
+    pub(crate) feed: String,
+    pub(crate) feeds: String,
+    pub(crate) feed_id: String,
+    pub(crate) set_status: String,
+    pub(crate) commit: String,
+    pub(crate) read_feed: String,
+    pub(crate) subjects: String,
+    pub(crate) read_subject: String,
+    pub(crate) record_readers: String,
+    pub(crate) readers: String,
+    /// Every feed's head, for the listener's poll.
+    pub(crate) heads: String,
+    /// The `NOTIFY` channel of feed heads (`<schema>.feeds`).
+    pub(crate) channel: String,
+}
+
+impl FeedSql {
+    fn new(schema: &str) -> FeedSql {
+        let q = quote(schema);
+        FeedSql {
+            register: format!(
+                "INSERT INTO {q}.feeds (name, version, status, registered_at)
+                 VALUES ($1, $2, 'backfilling', now())
+                 ON CONFLICT (name, version) DO NOTHING"
+            ),
+            feed: format!(
+                "SELECT id, {FEED_COLUMNS} FROM {q}.feeds WHERE name = $1 AND version = $2"
+            ),
+            feeds: format!("SELECT id, {FEED_COLUMNS} FROM {q}.feeds ORDER BY name, version"),
+            feed_id: format!("SELECT id FROM {q}.feeds WHERE name = $1 AND version = $2"),
+            set_status: format!(
+                "UPDATE {q}.feeds
+                    SET status = $3::text,
+                        live_at = CASE WHEN $3::text = 'live' THEN coalesce(live_at, now())
+                                       ELSE live_at END
+                  WHERE name = $1 AND version = $2
+                 RETURNING id, {FEED_COLUMNS}"
+            ),
+            commit: format!(
+                "SELECT {q}.feed_commit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+            ),
+            // (feed, after, event limit, byte limit)
+            read_feed: page_query(
+                &q,
+                "feed_events",
+                FEED_EVENT_COLUMNS,
+                "feed = $1",
+                ["position", "$2", "$3", "$4"],
+            ),
+            subjects: format!(
+                "SELECT subject, sequence FROM {q}.subject_heads
+                  WHERE feed = $1 AND subject > $2 ORDER BY subject LIMIT $3"
+            ),
+            // (feed, subject, after, event limit, byte limit)
+            read_subject: page_query(
+                &q,
+                "feed_events",
+                FEED_EVENT_COLUMNS,
+                "feed = $1 AND subject = $2",
+                ["sequence", "$3", "$4", "$5"],
+            ),
+            // Several sightings of one reader of one feed are folded first: an upsert may touch
+            // a row once per statement.
+            record_readers: format!(
+                "INSERT INTO {q}.feed_readers (feed, reader, first_read_at, last_read_at, reads)
+                 SELECT f.id, s.reader, min(s.at), max(s.at),
+                        least(sum(s.reads), 9223372036854775807)::bigint
+                   FROM unnest($1::text[], $2::bigint[], $3::text[], $4::timestamptz[],
+                               $5::bigint[]) AS s(name, version, reader, at, reads)
+                   JOIN {q}.feeds f ON f.name = s.name AND f.version = s.version
+                  GROUP BY f.id, s.reader
+                 ON CONFLICT (feed, reader) DO UPDATE
+                    SET first_read_at = least({q}.feed_readers.first_read_at, EXCLUDED.first_read_at),
+                        last_read_at = greatest({q}.feed_readers.last_read_at, EXCLUDED.last_read_at),
+                        reads = least({q}.feed_readers.reads::numeric + EXCLUDED.reads,
+                                      9223372036854775807)::bigint"
+            ),
+            readers: format!(
+                "SELECT reader, first_read_at, last_read_at, reads FROM {q}.feed_readers
+                  WHERE feed = $1 ORDER BY reader"
+            ),
+            heads: format!("SELECT name, version, head FROM {q}.feeds"),
+            channel: format!("{schema}.feeds"),
+        }
+    }
+}
+
 /// Every statement the store runs, for one schema.
 #[derive(Debug)]
 pub(crate) struct Sql {
@@ -250,35 +490,19 @@ pub(crate) struct Sql {
     pub(crate) append_group: String,
     /// The `NOTIFY` channel of this store (the schema's name).
     pub(crate) channel: String,
+    pub(crate) feeds: FeedSql,
 }
 
 impl Sql {
     pub(crate) fn new(schema: &str) -> Sql {
         let q = quote(schema);
-        // A page stops once its data reach the byte limit, but always holds its first event.
-        // Keys (positions, a stream's versions) are contiguous, so a page is the key range
-        // after `after` of the length that fits: usually the whole limit, checked by one sum
-        // over the page's lengths; only a page over the byte limit pays for a running sum.
         let page = |filter: &str, key: &str, after: &str, limit: &str, bytes: &str| {
-            let lengths = |what: &str| {
-                format!(
-                    "SELECT {what} FROM {q}.events WHERE {filter} AND {key} > {after}
-                     ORDER BY {key} LIMIT {limit}"
-                )
-            };
-            format!(
-                "SELECT {EVENT_COLUMNS} FROM {q}.events
-                 WHERE {filter} AND {key} > {after} AND {key} <= {after} + (
-                     SELECT CASE WHEN coalesce(sum(page.len), 0) <= {bytes} THEN count(*)
-                            ELSE (SELECT greatest(1, count(*) FILTER (WHERE sized.upto <= {bytes}))
-                                    FROM (SELECT sum(octet_length(w.data)) OVER (ORDER BY w.{key}
-                                                 ROWS UNBOUNDED PRECEDING) AS upto
-                                            FROM ({window}) w) sized)
-                            END
-                       FROM ({sizes}) page)
-                 ORDER BY {key}",
-                window = lengths(&format!("{key}, data")),
-                sizes = lengths("octet_length(data) AS len"),
+            page_query(
+                &q,
+                "events",
+                EVENT_COLUMNS,
+                filter,
+                [key, after, limit, bytes],
             )
         };
         let insert = format!(
@@ -326,6 +550,7 @@ impl Sql {
                 "SELECT {q}.append_group($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
             ),
             channel: schema.to_owned(),
+            feeds: FeedSql::new(schema),
         }
     }
 }

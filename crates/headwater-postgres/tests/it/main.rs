@@ -4,6 +4,7 @@
 
 mod conformance;
 mod crash;
+mod feeds;
 mod g4;
 mod group;
 mod leader;

@@ -1,0 +1,570 @@
+//! [`PgFeedStore`]: the feeds of a service on PostgreSQL, in the same schema as its log.
+//!
+//! - A commit is one transaction, sent in one flight: `BEGIN`, `SELECT feed_commit(…)` (see
+//!   `schema::FEEDS`: lock the feed's row, compare the cursor, number and insert the whole
+//!   batch from column arrays, move the subjects' heads, the feed's head and cursor, notify) and
+//!   `COMMIT`. A batch of 10,000 events is one round trip.
+//! - Feed heads are watched by the store's head listener (`head.rs`): it `LISTEN`s on the
+//!   channel `<schema>.feeds` too, whose payload is `<feed> <head>`, and its fallback poll reads
+//!   every feed's head while some feed is watched. So a commit by another replica wakes long
+//!   polls here.
+//! - Reads are single statements on the read pool; a page is the key range (positions of the
+//!   feed, or sequences of the subject, both contiguous) that fits the page's limits.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use headwater_core::{
+    EventId, EventType, FeedId, FeedName, FeedPosition, FeedStatus, FeedVersion, Position,
+    Sequence, Subject, Timestamp,
+};
+use headwater_store::{
+    FeedCommit, FeedError, FeedEvent, FeedReader, FeedState, FeedStore, ProjectorBatch, ReaderSeen,
+    SubjectHead, validate_batch, validate_feed_limit, validate_subject_limit,
+};
+use tokio::sync::{Notify, watch};
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
+use uuid::Uuid;
+
+use crate::reader::{micros_since_epoch, to_i64, to_u64};
+use crate::schema::{CURSOR_MOVED_SQLSTATE, UNKNOWN_FEED_SQLSTATE};
+use crate::{PgError, PostgresStore, page_bytes_max};
+
+/// The latest time an integration event may carry, in microseconds since the Unix epoch: the
+/// end of the year 9999 (PostgreSQL's `timestamptz` goes further, but not to `u64::MAX`).
+pub const FEED_TIME_MICROS_MAX: u64 = 253_402_300_799_999_999;
+
+/// What the feed store shares among the clones of one [`PostgresStore`]: the head watches
+/// (moved by commits here and by the head listener) and the feeds' row ids.
+#[derive(Debug, Default)]
+pub(crate) struct FeedShared {
+    watches: Mutex<HashMap<FeedId, watch::Sender<FeedPosition>>>,
+    /// Feed ids never change once registered (the store never deletes a feed).
+    ids: Mutex<HashMap<FeedId, i32>>,
+    /// Asks the head listener to read every feed's head now: a new watch wants its start.
+    pub(crate) poll_now: Notify,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section below is a map insert or lookup: a panic cannot leave it torn.
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl FeedShared {
+    /// Moves the feed's watch forward to `head` (never back), if anyone watches it.
+    pub(crate) fn advance(&self, feed: &FeedId, head: FeedPosition) {
+        if let Some(watch) = lock(&self.watches).get(feed) {
+            watch.send_if_modified(|current| {
+                let moved = head > *current;
+                if moved {
+                    *current = head;
+                }
+                moved
+            });
+        }
+    }
+
+    /// Whether some feed is watched (the listener polls the feeds' heads only then).
+    pub(crate) fn watching(&self) -> bool {
+        !lock(&self.watches).is_empty()
+    }
+
+    /// Parses a notification's payload, `<feed> <head>`, and moves that feed's watch.
+    pub(crate) fn notified(&self, payload: &str) {
+        let Some((feed, head)) = payload.rsplit_once(' ') else {
+            return;
+        };
+        if let (Ok(feed), Ok(head)) = (FeedId::parse(feed), head.parse::<u64>()) {
+            self.advance(&feed, FeedPosition(head));
+        }
+    }
+
+    /// Moves the watches to the heads of a row set `(name, version, head)` (the listener's poll).
+    pub(crate) fn polled(&self, rows: &[Row]) {
+        for row in rows {
+            let (Ok(name), Ok(version), Ok(head)) = (
+                row.try_get::<_, String>(0),
+                row.try_get::<_, i64>(1),
+                row.try_get::<_, i64>(2),
+            ) else {
+                continue;
+            };
+            if let Some(feed) = feed_id(&name, version) {
+                self.advance(&feed, FeedPosition(to_u64(head).unwrap_or(0)));
+            }
+        }
+    }
+}
+
+fn feed_id(name: &str, version: i64) -> Option<FeedId> {
+    let name = FeedName::new(name).ok()?;
+    let version = FeedVersion::new(u32::try_from(version).ok()?)?;
+    Some(FeedId::new(name, version))
+}
+
+/// A [`FeedStore`] on PostgreSQL, in the schema of the [`PostgresStore`] it was made from
+/// ([`PostgresStore::feed_store`]); it shares that store's read pool and head listener. Clones
+/// share everything.
+///
+/// # Durability
+/// A commit returns `Ok` after its transaction committed with `synchronous_commit = on` (set for
+/// the transaction whatever the server's default): PostgreSQL flushed its WAL.
+#[derive(Clone, Debug)]
+pub struct PgFeedStore {
+    store: PostgresStore,
+}
+
+impl PostgresStore {
+    /// The feed store in this store's schema (its tables come with the schema's migrations).
+    pub fn feed_store(&self) -> PgFeedStore {
+        PgFeedStore {
+            store: self.clone(),
+        }
+    }
+}
+
+fn backend(error: tokio_postgres::Error) -> FeedError {
+    FeedError::backend(PgError(error))
+}
+
+fn sql_state(error: &tokio_postgres::Error) -> Option<&str> {
+    error.as_db_error().map(|db| db.code().code())
+}
+
+fn timestamp(time: SystemTime) -> Timestamp {
+    Timestamp::from_unix_micros(micros_since_epoch(time))
+}
+
+fn system_time(time: Timestamp) -> SystemTime {
+    UNIX_EPOCH + Duration::from_micros(time.unix_micros().min(FEED_TIME_MICROS_MAX))
+}
+
+fn corrupt(feed: &FeedId, detail: String) -> FeedError {
+    FeedError::Corrupt {
+        feed: feed.clone(),
+        detail,
+    }
+}
+
+/// Reads a feed event from a row with the columns of [`crate::schema::FEED_EVENT_COLUMNS`].
+fn event_from_row(feed: &FeedId, row: &Row) -> Result<FeedEvent, FeedError> {
+    let db = |e: tokio_postgres::Error| backend(e);
+    let position: i64 = row.try_get(0).map_err(db)?;
+    let bad = |what: &str, value: &dyn std::fmt::Display| {
+        corrupt(feed, format!("feed position {position}: {what} {value}"))
+    };
+    let position_u = to_u64(position).ok_or_else(|| bad("position", &position))?;
+    let sequence: i64 = row.try_get(1).map_err(db)?;
+    let sequence = to_u64(sequence).ok_or_else(|| bad("sequence", &sequence))?;
+    let id: Uuid = row.try_get(2).map_err(db)?;
+    let event_type: String = row.try_get(3).map_err(db)?;
+    let event_type = EventType::new(event_type.as_str())
+        .map_err(|e| bad("event type", &format!("{event_type:?}: {e}")))?;
+    let subject: String = row.try_get(4).map_err(db)?;
+    let subject =
+        Subject::new(subject.as_str()).map_err(|e| bad("subject", &format!("{subject:?}: {e}")))?;
+    let time: SystemTime = row.try_get(5).map_err(db)?;
+    let data: Vec<u8> = row.try_get(6).map_err(db)?;
+    let source: i64 = row.try_get(7).map_err(db)?;
+    let source = to_u64(source).ok_or_else(|| bad("source position", &source))?;
+    Ok(FeedEvent {
+        position: FeedPosition(position_u),
+        sequence: Sequence(sequence),
+        id: EventId::from_uuid(id),
+        event_type,
+        subject,
+        time: timestamp(time),
+        data,
+        source_position: Position(source),
+    })
+}
+
+/// Reads a feed's id and state from a row with `id` and the columns of
+/// [`crate::schema::FEED_COLUMNS`].
+fn state_from_row(row: &Row) -> Result<(i32, FeedState), FeedError> {
+    let db = |e: tokio_postgres::Error| backend(e);
+    let id: i32 = row.try_get(0).map_err(db)?;
+    let name: String = row.try_get(1).map_err(db)?;
+    let version: i64 = row.try_get(2).map_err(db)?;
+    let feed = feed_id(&name, version).ok_or_else(|| {
+        FeedError::backend(format!(
+            "the feeds table holds an invalid feed {name:?} version {version}"
+        ))
+    })?;
+    let status: String = row.try_get(3).map_err(db)?;
+    let status = FeedStatus::parse(&status)
+        .map_err(|e| corrupt(&feed, format!("status {status:?}: {e}")))?;
+    let head: i64 = row.try_get(4).map_err(db)?;
+    let head = to_u64(head).ok_or_else(|| corrupt(&feed, format!("head {head}")))?;
+    let cursor: i64 = row.try_get(5).map_err(db)?;
+    let cursor = to_u64(cursor).ok_or_else(|| corrupt(&feed, format!("cursor {cursor}")))?;
+    let registered_at: SystemTime = row.try_get(6).map_err(db)?;
+    let live_at: Option<SystemTime> = row.try_get(7).map_err(db)?;
+    Ok((
+        id,
+        FeedState {
+            feed,
+            status,
+            head: FeedPosition(head),
+            cursor: Position(cursor),
+            registered_at: timestamp(registered_at),
+            live_at: live_at.map(timestamp),
+        },
+    ))
+}
+
+/// The feed's events as column arrays, for `feed_commit`.
+#[derive(Default)]
+struct Columns<'a> {
+    ids: Vec<Uuid>,
+    types: Vec<&'a str>,
+    subjects: Vec<&'a str>,
+    times: Vec<SystemTime>,
+    data: Vec<&'a [u8]>,
+    sources: Vec<i64>,
+}
+
+impl<'a> Columns<'a> {
+    fn of(batch: &'a ProjectorBatch) -> Result<Columns<'a>, FeedError> {
+        let n = batch.events.len();
+        let mut columns = Columns {
+            ids: Vec::with_capacity(n),
+            types: Vec::with_capacity(n),
+            subjects: Vec::with_capacity(n),
+            times: Vec::with_capacity(n),
+            data: Vec::with_capacity(n),
+            sources: Vec::with_capacity(n),
+        };
+        for event in &batch.events {
+            if event.time.unix_micros() > FEED_TIME_MICROS_MAX {
+                return Err(FeedError::Invalid(format!(
+                    "event {} has time {} µs after the epoch, later than {FEED_TIME_MICROS_MAX}",
+                    event.id,
+                    event.time.unix_micros()
+                )));
+            }
+            columns.ids.push(*event.id.as_uuid());
+            columns.types.push(event.event_type.as_str());
+            columns.subjects.push(event.subject.as_str());
+            columns.times.push(system_time(event.time));
+            columns.data.push(event.data.as_slice());
+            columns.sources.push(to_i64(event.source_position.0));
+        }
+        Ok(columns)
+    }
+}
+
+impl PgFeedStore {
+    fn shared(&self) -> &FeedShared {
+        &self.store.inner.feeds
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, FeedError> {
+        self.store
+            .inner
+            .pool
+            .get()
+            .await
+            .map_err(FeedError::backend)
+    }
+
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, FeedError> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(sql).await.map_err(backend)?;
+        client.query(&statement, params).await.map_err(backend)
+    }
+
+    /// The feed's row id, [`FeedError::UnknownFeed`] when it is not registered.
+    async fn id(&self, feed: &FeedId) -> Result<i32, FeedError> {
+        if let Some(id) = lock(&self.shared().ids).get(feed) {
+            return Ok(*id);
+        }
+        let sql = &self.store.inner.target.sql.feeds;
+        let rows = self
+            .query(
+                &sql.feed_id,
+                &[&feed.name.as_str(), &i64::from(feed.version.get())],
+            )
+            .await?;
+        let id: i32 = rows
+            .first()
+            .ok_or_else(|| FeedError::UnknownFeed(feed.clone()))?
+            .try_get(0)
+            .map_err(backend)?;
+        lock(&self.shared().ids).insert(feed.clone(), id);
+        Ok(id)
+    }
+
+    fn remember(&self, id: i32, state: &FeedState) {
+        lock(&self.shared().ids).insert(state.feed.clone(), id);
+    }
+}
+
+#[async_trait]
+impl FeedStore for PgFeedStore {
+    async fn register(&self, feed: &FeedId) -> Result<FeedState, FeedError> {
+        let sql = &self.store.inner.target.sql.feeds;
+        let version = i64::from(feed.version.get());
+        self.query(&sql.register, &[&feed.name.as_str(), &version])
+            .await?;
+        // A second statement (a fresh snapshot): it sees the row whoever inserted it.
+        let rows = self
+            .query(&sql.feed, &[&feed.name.as_str(), &version])
+            .await?;
+        let row = rows.first().ok_or_else(|| {
+            FeedError::backend(format!("feed {feed} is not there after registering it"))
+        })?;
+        let (id, state) = state_from_row(row)?;
+        self.remember(id, &state);
+        Ok(state)
+    }
+
+    async fn feeds(&self) -> Result<Vec<FeedState>, FeedError> {
+        let sql = &self.store.inner.target.sql.feeds;
+        let rows = self.query(&sql.feeds, &[]).await?;
+        let mut feeds = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let (id, state) = state_from_row(row)?;
+            self.remember(id, &state);
+            feeds.push(state);
+        }
+        // The table orders names by byte, versions as numbers: as `FeedId`'s `Ord` does.
+        Ok(feeds)
+    }
+
+    async fn feed(&self, feed: &FeedId) -> Result<Option<FeedState>, FeedError> {
+        let sql = &self.store.inner.target.sql.feeds;
+        let version = i64::from(feed.version.get());
+        let rows = self
+            .query(&sql.feed, &[&feed.name.as_str(), &version])
+            .await?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let (id, state) = state_from_row(row)?;
+        self.remember(id, &state);
+        Ok(Some(state))
+    }
+
+    async fn set_status(&self, feed: &FeedId, status: FeedStatus) -> Result<FeedState, FeedError> {
+        let sql = &self.store.inner.target.sql.feeds;
+        let version = i64::from(feed.version.get());
+        let rows = self
+            .query(
+                &sql.set_status,
+                &[&feed.name.as_str(), &version, &status.as_str()],
+            )
+            .await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| FeedError::UnknownFeed(feed.clone()))?;
+        Ok(state_from_row(row)?.1)
+    }
+
+    /// # Durability
+    /// On `Ok`, the transaction holding the batch and the cursor committed with
+    /// `synchronous_commit = on`.
+    ///
+    /// # Cancel safety
+    /// The whole transaction, `COMMIT` included, is sent on the first poll: dropping the future
+    /// then does not stop it. The next commit from the same `from` tells (`CursorMoved`).
+    async fn commit(&self, feed: &FeedId, batch: ProjectorBatch) -> Result<FeedCommit, FeedError> {
+        validate_batch(&batch)?;
+        let columns = Columns::of(&batch)?;
+        let inner = &self.store.inner;
+        let sql = &inner.target.sql.feeds;
+        let name = feed.name.as_str();
+        let version = i64::from(feed.version.get());
+        let from = to_i64(batch.from.0);
+        let to = to_i64(batch.to.0);
+        let params: [&(dyn ToSql + Sync); 11] = [
+            &name,
+            &version,
+            &from,
+            &to,
+            &columns.ids,
+            &columns.types,
+            &columns.subjects,
+            &columns.times,
+            &columns.data,
+            &columns.sources,
+            &sql.channel,
+        ];
+        let client = self.client().await?;
+        let statement = client.prepare_cached(&sql.commit).await.map_err(backend)?;
+        // One flight. After a failed statement the pipelined COMMIT ends the aborted
+        // transaction (as a rollback), so the connection goes back to the pool clean.
+        let (began, committed, ended) = tokio::join!(
+            client.batch_execute(&inner.feed_begin),
+            client.query_one(&statement, &params),
+            client.batch_execute("COMMIT"),
+        );
+        began.map_err(backend)?;
+        let row = match committed {
+            Ok(row) => row,
+            Err(e) if sql_state(&e) == Some(CURSOR_MOVED_SQLSTATE) => {
+                let actual = e
+                    .as_db_error()
+                    .and_then(|db| db.detail())
+                    .and_then(|d| d.parse::<u64>().ok())
+                    .ok_or_else(|| backend(e))?;
+                return Err(FeedError::CursorMoved {
+                    feed: feed.clone(),
+                    expected: batch.from,
+                    actual: Position(actual),
+                });
+            }
+            Err(e) if sql_state(&e) == Some(UNKNOWN_FEED_SQLSTATE) => {
+                return Err(FeedError::UnknownFeed(feed.clone()));
+            }
+            Err(e) => return Err(backend(e)),
+        };
+        ended.map_err(backend)?;
+        let head: i64 = row.try_get(0).map_err(backend)?;
+        let head = FeedPosition(
+            to_u64(head).ok_or_else(|| corrupt(feed, format!("feed_commit answered {head}")))?,
+        );
+        self.shared().advance(feed, head);
+        Ok(FeedCommit {
+            head,
+            cursor: batch.to,
+        })
+    }
+
+    async fn read_feed(
+        &self,
+        feed: &FeedId,
+        after: FeedPosition,
+        limit: u64,
+    ) -> Result<Vec<FeedEvent>, FeedError> {
+        let limit = to_i64(validate_feed_limit(limit)?);
+        let id = self.id(feed).await?;
+        let sql = &self.store.inner.target.sql.feeds;
+        let rows = self
+            .query(
+                &sql.read_feed,
+                &[&id, &to_i64(after.0), &limit, &page_bytes_max()],
+            )
+            .await?;
+        rows.iter().map(|r| event_from_row(feed, r)).collect()
+    }
+
+    async fn subjects(
+        &self,
+        feed: &FeedId,
+        after: Option<&Subject>,
+        limit: u64,
+    ) -> Result<Vec<SubjectHead>, FeedError> {
+        let limit = to_i64(validate_subject_limit(limit)?);
+        let id = self.id(feed).await?;
+        let sql = &self.store.inner.target.sql.feeds;
+        // Every subject is at least one byte: all of them sort after "".
+        let after = after.map_or("", Subject::as_str);
+        let rows = self.query(&sql.subjects, &[&id, &after, &limit]).await?;
+        rows.iter()
+            .map(|row| {
+                let subject: String = row.try_get(0).map_err(backend)?;
+                let sequence: i64 = row.try_get(1).map_err(backend)?;
+                let bad = || corrupt(feed, format!("subject head {subject:?} at {sequence}"));
+                Ok(SubjectHead {
+                    subject: Subject::new(subject.as_str()).map_err(|_| bad())?,
+                    sequence: Sequence(to_u64(sequence).ok_or_else(bad)?),
+                })
+            })
+            .collect()
+    }
+
+    async fn read_subject(
+        &self,
+        feed: &FeedId,
+        subject: &Subject,
+        after: Sequence,
+        limit: u64,
+    ) -> Result<Vec<FeedEvent>, FeedError> {
+        let limit = to_i64(validate_feed_limit(limit)?);
+        let id = self.id(feed).await?;
+        let sql = &self.store.inner.target.sql.feeds;
+        let rows = self
+            .query(
+                &sql.read_subject,
+                &[
+                    &id,
+                    &subject.as_str(),
+                    &to_i64(after.0),
+                    &limit,
+                    &page_bytes_max(),
+                ],
+            )
+            .await?;
+        rows.iter().map(|r| event_from_row(feed, r)).collect()
+    }
+
+    fn watch_head(&self, feed: &FeedId) -> watch::Receiver<FeedPosition> {
+        let shared = self.shared();
+        let mut watches = lock(&shared.watches);
+        if let Some(watch) = watches.get(feed) {
+            return watch.subscribe();
+        }
+        let (sender, receiver) = watch::channel(FeedPosition::START);
+        watches.insert(feed.clone(), sender);
+        drop(watches);
+        // The listener reads every feed's head now (and again every poll interval), which
+        // starts this watch at the feed's head; notifications move it from there.
+        shared.poll_now.notify_one();
+        receiver
+    }
+
+    async fn record_readers(&self, seen: Vec<ReaderSeen>) -> Result<(), FeedError> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        let mut names = Vec::with_capacity(seen.len());
+        let mut versions = Vec::with_capacity(seen.len());
+        let mut readers = Vec::with_capacity(seen.len());
+        let mut ats = Vec::with_capacity(seen.len());
+        let mut reads = Vec::with_capacity(seen.len());
+        for s in &seen {
+            if s.reader.contains('\0') {
+                return Err(FeedError::Invalid(
+                    "a reader name holds a NUL character".to_owned(),
+                ));
+            }
+            names.push(s.feed.name.as_str());
+            versions.push(i64::from(s.feed.version.get()));
+            readers.push(s.reader.as_str());
+            ats.push(system_time(s.at));
+            reads.push(to_i64(s.reads));
+        }
+        let sql = &self.store.inner.target.sql.feeds;
+        self.query(
+            &sql.record_readers,
+            &[&names, &versions, &readers, &ats, &reads],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn readers(&self, feed: &FeedId) -> Result<Vec<FeedReader>, FeedError> {
+        let id = self.id(feed).await?;
+        let sql = &self.store.inner.target.sql.feeds;
+        let rows = self.query(&sql.readers, &[&id]).await?;
+        rows.iter()
+            .map(|row| {
+                let reads: i64 = row.try_get(3).map_err(backend)?;
+                Ok(FeedReader {
+                    reader: row.try_get(0).map_err(backend)?,
+                    first_read_at: timestamp(row.try_get(1).map_err(backend)?),
+                    last_read_at: timestamp(row.try_get(2).map_err(backend)?),
+                    reads: to_u64(reads).unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+}
