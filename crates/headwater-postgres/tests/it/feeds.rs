@@ -7,7 +7,7 @@ use headwater_core::limits::{INTEGRATION_DATA_BYTES_MAX, READ_PAGE_BYTES_MAX};
 use headwater_core::{
     EventId, EventType, FeedId, FeedPosition, FeedStatus, Position, Sequence, Subject, Timestamp,
 };
-use headwater_postgres::{Options, PgFeedStore};
+use headwater_postgres::{Options, PgFeedStore, PostgresStore};
 use headwater_store::{
     FeedError, FeedEvent, FeedState, FeedStore, MemoryFeedStore, ProjectedEvent, ProjectorBatch,
     ReaderSeen,
@@ -183,10 +183,71 @@ async fn random_batches_match_the_memory_store() {
     }
 }
 
+/// A database of its own whose default collation is ICU's `en-US` (where `a < B < b`), dropped
+/// with this.
+struct NaturalCollationDatabase {
+    url: String,
+    name: String,
+}
+
+impl NaturalCollationDatabase {
+    async fn new(fresh: &Fresh) -> NaturalCollationDatabase {
+        let name = format!("hw_test_icu_{:016x}", rand::random::<u64>());
+        fresh
+            .client()
+            .await
+            .batch_execute(&format!(
+                "CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' \
+                 LOCALE 'C.UTF-8'"
+            ))
+            .await
+            .unwrap();
+        NaturalCollationDatabase {
+            url: fresh.url.clone(),
+            name,
+        }
+    }
+
+    fn config(&self) -> tokio_postgres::Config {
+        let mut config: tokio_postgres::Config = self.url.parse().unwrap();
+        config.dbname(&self.name);
+        config
+    }
+}
+
+impl Drop for NaturalCollationDatabase {
+    fn drop(&mut self) {
+        let (url, name) = (self.url.clone(), self.name.clone());
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let Ok((client, connection)) =
+                    tokio_postgres::connect(&url, tokio_postgres::NoTls).await
+                else {
+                    return;
+                };
+                tokio::spawn(connection);
+                let _ = client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await;
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// In a database whose collation sorts `a` before `B`, subjects are still listed by byte.
 #[tokio::test]
 async fn subjects_are_listed_in_byte_order() {
     let fresh = Fresh::new();
-    let store = pg(&fresh).await;
+    let database = NaturalCollationDatabase::new(&fresh).await;
+    let store = PostgresStore::connect_with(database.config(), fresh.options())
+        .await
+        .unwrap()
+        .feed_store();
     let f = feed("accounts.v1");
     store.register(&f).await.unwrap();
     let names = ["b", "B", "a", "_", "-", "~", "Z9", "a-b", "a.b", "aB", "0"];
@@ -224,6 +285,7 @@ async fn subjects_are_listed_in_byte_order() {
         .map(|h| h.subject.as_str().to_owned())
         .collect();
     assert_eq!(after_a, ["a-b", "a.b"]);
+    drop(store);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
