@@ -67,6 +67,33 @@ impl FeedShared {
         }
     }
 
+    /// Moves the feed's watch forward to `head`, creating it if nobody watched the feed yet: a
+    /// later [`PgFeedStore::watch_head`] then starts right there.
+    pub(crate) fn seen(&self, feed: &FeedId, head: FeedPosition) {
+        let mut watches = lock(&self.watches);
+        match watches.get(feed) {
+            Some(watch) => {
+                watch.send_if_modified(|current| {
+                    let moved = head > *current;
+                    if moved {
+                        *current = head;
+                    }
+                    moved
+                });
+            }
+            None => {
+                watches.insert(feed.clone(), watch::channel(head).0);
+            }
+        }
+    }
+
+    /// Starts a watch for every feed of a row set `(name, version, head)` (at `connect`).
+    pub(crate) fn preload(&self, rows: &[Row]) {
+        for (feed, head) in rows.iter().filter_map(head_from_row) {
+            self.seen(&feed, head);
+        }
+    }
+
     /// Whether some feed is watched (the listener polls the feeds' heads only then).
     pub(crate) fn watching(&self) -> bool {
         !lock(&self.watches).is_empty()
@@ -84,19 +111,18 @@ impl FeedShared {
 
     /// Moves the watches to the heads of a row set `(name, version, head)` (the listener's poll).
     pub(crate) fn polled(&self, rows: &[Row]) {
-        for row in rows {
-            let (Ok(name), Ok(version), Ok(head)) = (
-                row.try_get::<_, String>(0),
-                row.try_get::<_, i64>(1),
-                row.try_get::<_, i64>(2),
-            ) else {
-                continue;
-            };
-            if let Some(feed) = feed_id(&name, version) {
-                self.advance(&feed, FeedPosition(to_u64(head).unwrap_or(0)));
-            }
+        for (feed, head) in rows.iter().filter_map(head_from_row) {
+            self.advance(&feed, head);
         }
     }
+}
+
+/// A feed and its head from a row `(name, version, head)`; `None` if the row is not one.
+fn head_from_row(row: &Row) -> Option<(FeedId, FeedPosition)> {
+    let name: String = row.try_get(0).ok()?;
+    let version: i64 = row.try_get(1).ok()?;
+    let head: i64 = row.try_get(2).ok()?;
+    Some((feed_id(&name, version)?, FeedPosition(to_u64(head)?)))
 }
 
 fn feed_id(name: &str, version: i64) -> Option<FeedId> {
@@ -304,6 +330,7 @@ impl PgFeedStore {
 
     fn remember(&self, id: i32, state: &FeedState) {
         lock(&self.shared().ids).insert(state.feed.clone(), id);
+        self.shared().seen(&state.feed, state.head);
     }
 }
 
@@ -365,7 +392,9 @@ impl FeedStore for PgFeedStore {
         let row = rows
             .first()
             .ok_or_else(|| FeedError::UnknownFeed(feed.clone()))?;
-        Ok(state_from_row(row)?.1)
+        let (id, state) = state_from_row(row)?;
+        self.remember(id, &state);
+        Ok(state)
     }
 
     /// # Durability
@@ -515,8 +544,9 @@ impl FeedStore for PgFeedStore {
         let (sender, receiver) = watch::channel(FeedPosition::START);
         watches.insert(feed.clone(), sender);
         drop(watches);
-        // The listener reads every feed's head now (and again every poll interval), which
-        // starts this watch at the feed's head; notifications move it from there.
+        // Every feed known at `connect`, or registered or read since, has its watch already.
+        // For another one the listener reads every feed's head now (and again every poll
+        // interval), which starts this watch at the feed's head; notifications move it on.
         shared.poll_now.notify_one();
         receiver
     }

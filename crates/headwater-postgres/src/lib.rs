@@ -315,6 +315,13 @@ impl PostgresStore {
             .query_one(target.sql.read_head.as_str(), &[])
             .await
             .map_err(ConnectError::Connect)?;
+        let feeds = Arc::new(feed::FeedShared::default());
+        feeds.preload(
+            &admin
+                .query(target.sql.feeds.heads.as_str(), &[])
+                .await
+                .map_err(ConnectError::Connect)?,
+        );
         drop(admin);
         let head_now = Position(reader::to_u64(row.get::<_, i64>(0)).unwrap_or(0));
 
@@ -330,7 +337,6 @@ impl PostgresStore {
             .build()
             .expect("a pool without timeouts needs no runtime setting");
 
-        let feeds = Arc::new(feed::FeedShared::default());
         let millis = |d: Duration| d.as_millis().max(1);
         let feed_begin = format!(
             "BEGIN ISOLATION LEVEL READ COMMITTED;

@@ -1,7 +1,8 @@
 //! A schema of its own per test, on the server named by `HEADWATER_TEST_POSTGRES_URL`.
 
-use headwater_postgres::{Options, PostgresStore};
+use headwater_postgres::{Options, PgFeedStore, PostgresStore};
 use headwater_store::conformance::Harness;
+use headwater_store::conformance::feed::FeedHarness;
 
 /// The variable that names the test server.
 pub(crate) const URL_ENV: &str = "HEADWATER_TEST_POSTGRES_URL";
@@ -62,6 +63,14 @@ impl Harness for Fresh {
 
     async fn open(&self) -> PostgresStore {
         self.connect(self.options()).await
+    }
+}
+
+impl FeedHarness for Fresh {
+    type Store = PgFeedStore;
+
+    async fn open(&self) -> PgFeedStore {
+        self.connect(self.options()).await.feed_store()
     }
 }
 
