@@ -64,7 +64,9 @@ fn deposits(first: u64, count: u64) -> Vec<NewEvent> {
 #[tokio::main]
 async fn main() {
     let mut args = std::env::args().skip(1);
-    let total: u64 = args.next().map_or(1_000_000, |a| a.parse().expect("EVENTS"));
+    let total: u64 = args
+        .next()
+        .map_or(1_000_000, |a| a.parse().expect("EVENTS"));
     let keep = args.next();
     let temp = tempfile::tempdir().unwrap();
     let dir = keep.map_or_else(|| temp.path().to_owned(), std::path::PathBuf::from);
@@ -74,7 +76,8 @@ async fn main() {
     let mut n = events.head_position().0;
     while n < total {
         let count = FILL_APPEND_EVENTS.min(total - n);
-        let stream = StreamName::new(format!("account-{}", n / FILL_APPEND_EVENTS % ACCOUNTS)).unwrap();
+        let stream =
+            StreamName::new(format!("account-{}", n / FILL_APPEND_EVENTS % ACCOUNTS)).unwrap();
         events
             .append(&stream, ExpectedVersion::Any, deposits(n, count))
             .await
@@ -99,7 +102,11 @@ async fn main() {
             while !stop.load(Ordering::Relaxed) {
                 let stream = StreamName::new(format!("account-{}", n % ACCOUNTS)).unwrap();
                 events
-                    .append(&stream, ExpectedVersion::Any, deposits(n, LIVE_APPEND_EVENTS))
+                    .append(
+                        &stream,
+                        ExpectedVersion::Any,
+                        deposits(n, LIVE_APPEND_EVENTS),
+                    )
                     .await
                     .unwrap();
                 appended.fetch_add(LIVE_APPEND_EVENTS, Ordering::Relaxed);

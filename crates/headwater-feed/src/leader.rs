@@ -20,14 +20,14 @@ type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// impl Leadership for Postgres {
 ///     async fn lead(&self, follower: &str) -> Result<Lease, BoxError> {
 ///         let leadership = self.0.leader_election(follower).acquire().await?;
-///         let (lease, lost) = Lease::new();
+///         let (lease, holder) = Lease::new();
 ///         tokio::spawn(async move {
 ///             tokio::select! {
 ///                 () = leadership.lost() => {}
-///                 () = lost.released() => {}
+///                 () = holder.released() => {}
 ///             }
+///             holder.lose();
 ///             drop(leadership); // ends the session: the lock is free for another replica
-///             lost.lose();
 ///         });
 ///         Ok(lease)
 ///     }

@@ -293,3 +293,50 @@ async fn a_projector_runs_only_while_it_leads() {
         "{outcomes:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_each_feed() {
+    let events = arc(MemoryStore::new());
+    let feeds = arc(MemoryFeedStore::new());
+    workload(&*events, 40).await;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let projectors = Projectors::builder()
+        .projection(Accounts::v1())
+        .projection(Accounts::v2())
+        .metrics(&mut registry)
+        .start(events.clone(), feeds.clone())
+        .await
+        .unwrap();
+    let head = events.head_position();
+    for feed in [Accounts::v1().feed_id(), Accounts::v2().feed_id()] {
+        wait_caught_up(&mut projectors.watch(&feed).unwrap(), head).await;
+    }
+    let v1_head = feeds
+        .feed(&Accounts::v1().feed_id())
+        .await
+        .unwrap()
+        .unwrap()
+        .head;
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    for line in [
+        "headwater_projector_lag_positions{feed=\"accounts.v1\"} 0".to_owned(),
+        format!(
+            "headwater_projector_cursor_position{{feed=\"accounts.v2\"}} {}",
+            head.0
+        ),
+        format!(
+            "headwater_projector_feed_head_position{{feed=\"accounts.v1\"}} {}",
+            v1_head.0
+        ),
+        "headwater_projector_live{feed=\"accounts.v2\"} 1".to_owned(),
+        format!(
+            "headwater_projector_source_events_total{{feed=\"accounts.v1\"}} {}",
+            head.0
+        ),
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+    }
+    assert!(text.contains("headwater_projector_commits_total{feed=\"accounts.v1\"}"));
+    projectors.shutdown().await;
+}
