@@ -128,16 +128,36 @@ pub(crate) fn verify(url: &str, schema: &str) -> anyhow::Result<ExitCode> {
 
 fn render_report(url: &str, schema: &str, report: &VerifyReport) -> String {
     let mut out = String::new();
-    let checked = format!(
+    let mut checked = format!(
         "{} events in {} streams",
         count(report.events_checked),
         count(report.streams_checked)
     );
+    if report.feeds_checked > 0 {
+        let _ = write!(
+            checked,
+            ", {} integration events in {} {}",
+            count(report.feed_events_checked),
+            count(report.feeds_checked),
+            if report.feeds_checked == 1 {
+                "feed"
+            } else {
+                "feeds"
+            }
+        );
+    }
     if report.is_clean() {
+        let feeds = if report.feeds_checked > 0 {
+            "; feed positions and sequences contiguous, feed and subject heads right, cursors \
+             within the log"
+        } else {
+            ""
+        };
         let _ = writeln!(
             out,
             "{url} schema {schema}: sound. Checked {checked}: positions contiguous, the log head \
-             right, versions contiguous and in position order, stream heads right, names valid."
+             right, versions contiguous and in position order, stream heads right, names \
+             valid{feeds}."
         );
         return out;
     }

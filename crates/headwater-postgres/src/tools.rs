@@ -5,14 +5,19 @@
 //! PostgreSQL already keeps the pages, the indexes and the constraints (unique positions, ids and
 //! stream versions; positive counters) sound; `verify` checks what the constraints cannot say:
 //! positions without holes, each stream's versions without holes and in position order, the
-//! streams' heads and the log head agreeing with the events, names and types that parse.
+//! streams' heads and the log head agreeing with the events, names and types that parse; and for
+//! the feeds: each feed's positions without holes and its head on its last event, each
+//! subject's sequences without holes and in position order, the subjects' heads agreeing with
+//! the events, every cursor at most the log head and at least its events' source positions.
 //! Every check runs in the server and sends back only what it finds, at most
 //! [`PROBLEMS_RECORDED_MAX`] of each kind, so memory stays bounded whatever the store's size.
 
 use std::fmt;
 use std::time::SystemTime;
 
-use headwater_core::{EventType, Position, StreamName, StreamVersion, Timestamp};
+use headwater_core::{
+    EventType, FeedPosition, Position, Sequence, StreamName, StreamVersion, Timestamp,
+};
 use tokio_postgres::Client;
 
 use crate::reader::{micros_since_epoch, to_u64};
@@ -65,6 +70,8 @@ pub enum VerifyStage {
     Versions,
     /// The streams' heads against their events; stream names and event types.
     Streams,
+    /// The feeds: positions, sequences, heads and cursors (`total` is the feed events' count).
+    Feeds,
 }
 
 impl fmt::Display for VerifyStage {
@@ -73,6 +80,7 @@ impl fmt::Display for VerifyStage {
             VerifyStage::Positions => "positions",
             VerifyStage::Versions => "stream versions",
             VerifyStage::Streams => "streams",
+            VerifyStage::Feeds => "feeds",
         })
     }
 }
@@ -93,6 +101,8 @@ pub struct VerifyProgress {
 pub struct VerifyReport {
     pub events_checked: u64,
     pub streams_checked: u64,
+    pub feeds_checked: u64,
+    pub feed_events_checked: u64,
     /// Problems in the order found, at most [`PROBLEMS_RECORDED_MAX`] of each kind.
     pub problems: Vec<Problem>,
     /// How many problems were found, recorded or not.
@@ -135,8 +145,58 @@ pub enum Problem {
         head: Option<i64>,
         last_version: Option<StreamVersion>,
     },
-    /// A stream name or an event type that does not parse.
+    /// A stream name, an event type or a subject that does not parse.
     InvalidName { what: &'static str, name: String },
+    /// No event of the feed has the feed positions from `after + 1` up to `next - 1`.
+    FeedPositionGap {
+        feed: String,
+        after: FeedPosition,
+        next: FeedPosition,
+    },
+    /// The feed's recorded head is not its last event's position (`None`: the feed has events
+    /// but no row in `feeds`).
+    FeedHead {
+        feed: String,
+        head: Option<i64>,
+        last: FeedPosition,
+    },
+    /// The subject's sequences, in sequence order, skip from `expected - 1` to `found`.
+    SequenceGap {
+        feed: String,
+        subject: String,
+        expected: Sequence,
+        found: Sequence,
+        position: FeedPosition,
+    },
+    /// Sequence `sequence` of the subject sits at a feed position before the previous one's.
+    SequenceOrder {
+        feed: String,
+        subject: String,
+        sequence: Sequence,
+        position: FeedPosition,
+        previous: FeedPosition,
+    },
+    /// The subject's recorded head (`None`: no row in `subject_heads`) is not its last sequence
+    /// (`None`: no events).
+    SubjectHeadMismatch {
+        feed: String,
+        subject: String,
+        head: Option<i64>,
+        last: Option<Sequence>,
+    },
+    /// The feed's projector cursor is past the log head: the feed holds events of a log that is
+    /// not this one.
+    CursorAhead {
+        feed: String,
+        cursor: i64,
+        log_head: i64,
+    },
+    /// An event of the feed was made of an internal event after the feed's cursor.
+    SourceAfterCursor {
+        feed: String,
+        source: Position,
+        cursor: i64,
+    },
 }
 
 impl fmt::Display for Problem {
@@ -181,6 +241,68 @@ impl fmt::Display for Problem {
                 last_version.map_or("none".to_owned(), |v| v.to_string()),
             ),
             Problem::InvalidName { what, name } => write!(f, "an invalid {what}: {name:?}"),
+            Problem::FeedPositionGap { feed, after, next } if next.0 == after.0 + 2 => {
+                write!(f, "feed {feed}: position {} is missing", after.0 + 1)
+            }
+            Problem::FeedPositionGap { feed, after, next } => write!(
+                f,
+                "feed {feed}: positions {} to {} are missing",
+                after.0 + 1,
+                next.0 - 1
+            ),
+            Problem::FeedHead { feed, head, last } => write!(
+                f,
+                "feed {feed}: the recorded head is {}, the last event is at {last}",
+                head.map_or("missing".to_owned(), |h| h.to_string()),
+            ),
+            Problem::SequenceGap {
+                feed,
+                subject,
+                expected,
+                found,
+                position,
+            } => write!(
+                f,
+                "feed {feed}, subject {subject}: sequence {found} at position {position} follows sequence {}",
+                expected.0 - 1
+            ),
+            Problem::SequenceOrder {
+                feed,
+                subject,
+                sequence,
+                position,
+                previous,
+            } => write!(
+                f,
+                "feed {feed}, subject {subject}: sequence {sequence} at position {position} comes before the previous sequence's position {previous}"
+            ),
+            Problem::SubjectHeadMismatch {
+                feed,
+                subject,
+                head,
+                last,
+            } => write!(
+                f,
+                "feed {feed}, subject {subject}: the recorded head is {}, the last event's sequence {}",
+                head.map_or("missing".to_owned(), |h| h.to_string()),
+                last.map_or("none".to_owned(), |v| v.to_string()),
+            ),
+            Problem::CursorAhead {
+                feed,
+                cursor,
+                log_head,
+            } => write!(
+                f,
+                "feed {feed}: the projector cursor {cursor} is past the log head {log_head}"
+            ),
+            Problem::SourceAfterCursor {
+                feed,
+                source,
+                cursor,
+            } => write!(
+                f,
+                "feed {feed}: an event made of position {source}, after the cursor {cursor}"
+            ),
         }
     }
 }
@@ -308,7 +430,7 @@ pub async fn verify(
     schema: &str,
     progress: &mut (dyn FnMut(VerifyProgress) + Send),
 ) -> Result<VerifyReport, ConnectError> {
-    let (client, _) = open(url, schema).await?;
+    let (client, version) = open(url, schema).await?;
     let q = quote(schema);
     let e = ConnectError::Connect;
     let limit = PROBLEMS_RECORDED_MAX as i64;
@@ -510,11 +632,253 @@ pub async fn verify(
         done: total,
         total,
     });
+    let (feeds_checked, feed_events_checked) = if version >= FEEDS_SCHEMA_VERSION {
+        verify_feeds(&client, schema, progress, &mut problems, &mut found).await?
+    } else {
+        (0, 0)
+    };
     let _ = client.batch_execute("COMMIT").await;
     Ok(VerifyReport {
         events_checked: total,
         streams_checked,
+        feeds_checked,
+        feed_events_checked,
         problems,
         problems_found: found,
     })
+}
+
+/// The schema version that added the feed tables.
+const FEEDS_SCHEMA_VERSION: i32 = 3;
+
+/// Counts the rows a check finds (`FROM … WHERE …` in `from`) and fetches the first
+/// [`PROBLEMS_RECORDED_MAX`] of them (`select`, ordered by `order`).
+async fn check(
+    client: &Client,
+    from: &str,
+    select: &str,
+    order: &str,
+    found: &mut u64,
+) -> Result<Vec<tokio_postgres::Row>, ConnectError> {
+    let e = ConnectError::Connect;
+    *found += count(
+        client
+            .query_one(&format!("SELECT count(*) {from}"), &[])
+            .await
+            .map_err(e)?
+            .get(0),
+    );
+    client
+        .query(
+            &format!("SELECT {select} {from} ORDER BY {order} LIMIT $1"),
+            &[&(PROBLEMS_RECORDED_MAX as i64)],
+        )
+        .await
+        .map_err(e)
+}
+
+/// The feed checks of [`verify`]; returns (feeds, feed events) checked.
+async fn verify_feeds(
+    client: &Client,
+    schema: &str,
+    progress: &mut (dyn FnMut(VerifyProgress) + Send),
+    problems: &mut Vec<Problem>,
+    found: &mut u64,
+) -> Result<(u64, u64), ConnectError> {
+    let q = quote(schema);
+    let e = ConnectError::Connect;
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT (SELECT count(*) FROM {q}.feeds), (SELECT count(*) FROM {q}.feed_events)"
+            ),
+            &[],
+        )
+        .await
+        .map_err(e)?;
+    let (feeds, total) = (count(row.get(0)), count(row.get(1)));
+    progress(VerifyProgress {
+        stage: VerifyStage::Feeds,
+        done: 0,
+        total,
+    });
+    // A feed's name as `accounts.v2`, or `#<id>` for rows of no registered feed.
+    let name = |alias: &str| {
+        format!(
+            "coalesce((SELECT f.name || '.v' || f.version FROM {q}.feeds f WHERE f.id = {alias}.feed),
+                      '#' || {alias}.feed)"
+        )
+    };
+    let position = |v: i64| FeedPosition(count(v));
+    let sequence = |v: i64| Sequence(count(v));
+
+    let gaps = format!(
+        "FROM (SELECT feed, position,
+                      lag(position, 1, 0::bigint) OVER (PARTITION BY feed ORDER BY position) AS prev
+                 FROM {q}.feed_events) x
+         WHERE position <> prev + 1"
+    );
+    let select = format!("{}, prev, position", name("x"));
+    for r in check(client, &gaps, &select, "feed, position", found).await? {
+        problems.push(Problem::FeedPositionGap {
+            feed: r.get(0),
+            after: position(r.get(1)),
+            next: position(r.get(2)),
+        });
+    }
+
+    let heads = format!(
+        "FROM (SELECT feed, max(position) AS last FROM {q}.feed_events GROUP BY feed) x
+         FULL JOIN {q}.feeds f ON f.id = x.feed
+         WHERE f.head IS DISTINCT FROM coalesce(x.last, 0)"
+    );
+    let select = format!(
+        "coalesce(f.name || '.v' || f.version, '#' || x.feed), f.head, coalesce(x.last, 0)"
+    );
+    for r in check(client, &heads, &select, "1", found).await? {
+        problems.push(Problem::FeedHead {
+            feed: r.get(0),
+            head: r.get(1),
+            last: position(r.get(2)),
+        });
+    }
+
+    let sequences = format!(
+        "FROM (SELECT feed, subject, sequence, position,
+                      lag(sequence, 1, 0::bigint) OVER w AS prev_sequence,
+                      lag(position, 1, 0::bigint) OVER w AS prev_position
+                 FROM {q}.feed_events WINDOW w AS (PARTITION BY feed, subject ORDER BY sequence)) x
+         WHERE sequence <> prev_sequence + 1 OR position < prev_position"
+    );
+    let select = format!(
+        "{}, subject, sequence, prev_sequence, position, prev_position",
+        name("x")
+    );
+    for r in check(
+        client,
+        &sequences,
+        &select,
+        "feed, subject, sequence",
+        found,
+    )
+    .await?
+    {
+        let (feed, subject): (String, String) = (r.get(0), r.get(1));
+        let found_sequence = sequence(r.get(2));
+        let prev: i64 = r.get(3);
+        let at = position(r.get(4));
+        if found_sequence.0 != count(prev) + 1 {
+            problems.push(Problem::SequenceGap {
+                feed,
+                subject,
+                expected: Sequence(count(prev) + 1),
+                found: found_sequence,
+                position: at,
+            });
+        } else {
+            problems.push(Problem::SequenceOrder {
+                feed,
+                subject,
+                sequence: found_sequence,
+                position: at,
+                previous: position(r.get(5)),
+            });
+        }
+    }
+
+    let subject_heads = format!(
+        "FROM {q}.subject_heads s
+         FULL JOIN (SELECT feed, subject, max(sequence) AS last FROM {q}.feed_events
+                     GROUP BY feed, subject) x
+           ON s.feed = x.feed AND s.subject = x.subject
+         WHERE s.sequence IS DISTINCT FROM x.last"
+    );
+    let select = format!(
+        "coalesce((SELECT f.name || '.v' || f.version FROM {q}.feeds f
+                    WHERE f.id = coalesce(s.feed, x.feed)), '#' || coalesce(s.feed, x.feed)),
+         coalesce(s.subject, x.subject), s.sequence, x.last"
+    );
+    for r in check(client, &subject_heads, &select, "1, 2", found).await? {
+        problems.push(Problem::SubjectHeadMismatch {
+            feed: r.get(0),
+            subject: r.get(1),
+            head: r.get(2),
+            last: r.get::<_, Option<i64>>(3).map(sequence),
+        });
+    }
+
+    let ahead = format!("FROM {q}.feeds f, {q}.log_head l WHERE f.cursor > l.position");
+    for r in check(
+        client,
+        &ahead,
+        "f.name || '.v' || f.version, f.cursor, l.position",
+        "1",
+        found,
+    )
+    .await?
+    {
+        problems.push(Problem::CursorAhead {
+            feed: r.get(0),
+            cursor: r.get(1),
+            log_head: r.get(2),
+        });
+    }
+
+    let sources = format!(
+        "FROM (SELECT feed, max(source_position) AS source FROM {q}.feed_events GROUP BY feed) x
+         JOIN {q}.feeds f ON f.id = x.feed
+         WHERE x.source > f.cursor"
+    );
+    for r in check(
+        client,
+        &sources,
+        "f.name || '.v' || f.version, x.source, f.cursor",
+        "1",
+        found,
+    )
+    .await?
+    {
+        problems.push(Problem::SourceAfterCursor {
+            feed: r.get(0),
+            source: Position(count(r.get(1))),
+            cursor: r.get(2),
+        });
+    }
+
+    // Subjects (in the server, by the charset and length of `Subject`) and event types.
+    let bad_subjects = format!(
+        "FROM {q}.subject_heads WHERE octet_length(subject) NOT BETWEEN 1 AND {max}
+                                   OR subject !~ '^[A-Za-z0-9._~-]*$'",
+        max = headwater_core::limits::SUBJECT_BYTES_MAX
+    );
+    for r in check(client, &bad_subjects, "subject", "1", found).await? {
+        let name: String = r.get(0);
+        problems.push(Problem::InvalidName {
+            what: "subject",
+            name,
+        });
+    }
+    for r in client
+        .query(
+            &format!("SELECT DISTINCT event_type FROM {q}.feed_events LIMIT $1"),
+            &[&EVENT_TYPES_CHECKED_MAX],
+        )
+        .await
+        .map_err(e)?
+    {
+        let name: String = r.get(0);
+        if EventType::new(name.as_str()).is_err() {
+            *found += 1;
+            problems.push(Problem::InvalidName {
+                what: "integration event type",
+                name,
+            });
+        }
+    }
+    progress(VerifyProgress {
+        stage: VerifyStage::Feeds,
+        done: total,
+        total,
+    });
+    Ok((feeds, total))
 }

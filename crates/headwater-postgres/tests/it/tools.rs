@@ -125,3 +125,113 @@ async fn the_tools_create_nothing() {
         .get(0);
     assert!(!exists, "the tools created the schema");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_checks_the_feeds() {
+    use headwater_core::{FeedPosition, Sequence};
+    use headwater_store::{FeedStore, ProjectorBatch};
+
+    use crate::feeds::{feed, projected};
+
+    let fresh = Fresh::new();
+    let store = fresh.connect(fresh.options()).await;
+    store
+        .append(&stream("s"), ExpectedVersion::Any, events(8))
+        .await
+        .unwrap();
+    let feeds = store.feed_store();
+    for f in ["accounts.v1", "accounts.v2"] {
+        feeds.register(&feed(f)).await.unwrap();
+    }
+    let subjects = ["a", "b", "a", "c", "a", "b", "a", "a"];
+    let events: Vec<_> = subjects
+        .iter()
+        .enumerate()
+        .map(|(i, s)| projected(i as u64 + 1, 0, s, b"{}".to_vec()))
+        .collect();
+    feeds
+        .commit(
+            &feed("accounts.v1"),
+            ProjectorBatch {
+                from: Position(0),
+                to: Position(8),
+                events,
+            },
+        )
+        .await
+        .unwrap();
+    drop((feeds, store));
+
+    let mut stages = Vec::new();
+    let report = verify(&fresh.url, &fresh.schema, &mut |p| stages.push(p.stage))
+        .await
+        .unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+    assert_eq!((report.feeds_checked, report.feed_events_checked), (2, 8));
+    assert!(stages.contains(&VerifyStage::Feeds));
+
+    // Damage: the feed event at position 3 (subject a, sequence 2) deleted, a subject head
+    // moved, accounts.v2's cursor past the log head, an event made of a source after the cursor,
+    // a subject row with a bad name.
+    let client = fresh.client().await;
+    let q = format!("\"{}\"", fresh.schema);
+    client
+        .batch_execute(&format!(
+            "DELETE FROM {q}.feed_events WHERE position = 3;
+             UPDATE {q}.subject_heads SET sequence = 9 WHERE subject = 'b';
+             UPDATE {q}.feeds SET cursor = 99 WHERE version = 2;
+             UPDATE {q}.feed_events SET source_position = 50 WHERE position = 8;
+             INSERT INTO {q}.subject_heads (feed, subject, sequence)
+                 SELECT id, 'bad subject', 1 FROM {q}.feeds WHERE version = 1;"
+        ))
+        .await
+        .unwrap();
+    let report = verify(&fresh.url, &fresh.schema, &mut |_| {})
+        .await
+        .unwrap();
+    let has = |wanted: &dyn Fn(&Problem) -> bool| report.problems.iter().any(wanted);
+    assert!(has(&|p| matches!(
+        p,
+        Problem::FeedPositionGap { feed, after: FeedPosition(2), next: FeedPosition(4) }
+            if feed == "accounts.v1"
+    )));
+    assert!(has(&|p| matches!(
+        p,
+        Problem::SequenceGap { subject, expected: Sequence(2), found: Sequence(3), .. }
+            if subject == "a"
+    )));
+    assert!(has(&|p| matches!(
+        p,
+        Problem::SubjectHeadMismatch { subject, head: Some(9), last: Some(Sequence(2)), .. }
+            if subject == "b"
+    )));
+    assert!(has(&|p| matches!(
+        p,
+        Problem::CursorAhead { feed, cursor: 99, log_head: 8 } if feed == "accounts.v2"
+    )));
+    assert!(has(&|p| matches!(
+        p,
+        Problem::SourceAfterCursor { feed, source: Position(50), cursor: 8 }
+            if feed == "accounts.v1"
+    )));
+    assert!(has(&|p| matches!(
+        p,
+        Problem::InvalidName { what: "subject", name } if name == "bad subject"
+    )));
+    assert_eq!(report.problems_found, report.problems.len() as u64);
+    for problem in &report.problems {
+        assert!(!problem.to_string().is_empty());
+    }
+    // The recorded head no longer matches the last position once the last event goes.
+    client
+        .batch_execute(&format!("DELETE FROM {q}.feed_events WHERE position = 8"))
+        .await
+        .unwrap();
+    let report = verify(&fresh.url, &fresh.schema, &mut |_| {})
+        .await
+        .unwrap();
+    assert!(report.problems.iter().any(|p| matches!(
+        p,
+        Problem::FeedHead { feed, head: Some(8), last: FeedPosition(7) } if feed == "accounts.v1"
+    )));
+}
