@@ -732,10 +732,9 @@ async fn verify_feeds(
          FULL JOIN {q}.feeds f ON f.id = x.feed
          WHERE f.head IS DISTINCT FROM coalesce(x.last, 0)"
     );
-    let select = format!(
-        "coalesce(f.name || '.v' || f.version, '#' || x.feed), f.head, coalesce(x.last, 0)"
-    );
-    for r in check(client, &heads, &select, "1", found).await? {
+    let select =
+        "coalesce(f.name || '.v' || f.version, '#' || x.feed), f.head, coalesce(x.last, 0)";
+    for r in check(client, &heads, select, "1", found).await? {
         problems.push(Problem::FeedHead {
             feed: r.get(0),
             head: r.get(1),
