@@ -10,6 +10,7 @@
 //! above it sees an [`EventStore`].
 
 mod checkpoint;
+mod feeds;
 mod lock;
 mod open;
 mod reader;
@@ -35,6 +36,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::reader::Readers;
 use crate::writer::Request;
 
+pub use crate::feeds::{EmbeddedFeedStore, FEED_POSITION_MAX, FEEDS_MAX};
 pub use crate::verify::{
     CategoryCount, FileSizes, Inspection, PROBLEMS_RECORDED_MAX, PROGRESS_INTERVAL_EVENTS, Problem,
     TOP_CATEGORIES_MAX, VerifyProgress, VerifyReport, VerifyStage, inspect, verify,
@@ -164,6 +166,17 @@ pub enum OpenError {
         #[source]
         source: io::Error,
     },
+    /// A feed's projector cursor is past the log's head: the feeds file does not belong to this
+    /// log (or the log was replaced by an older copy). Nothing was changed.
+    #[error(
+        "{path}: feed {feed} has projected the log up to position {cursor}, but the log ends at {head}: the feeds do not belong to this log"
+    )]
+    FeedAheadOfLog {
+        path: PathBuf,
+        feed: String,
+        cursor: Position,
+        head: Position,
+    },
     /// SQLite failed.
     #[error("opening {path}")]
     Sqlite {
@@ -187,6 +200,9 @@ pub struct EmbeddedStore {
 
 struct Inner {
     dir: PathBuf,
+    options: Options,
+    /// The feeds, once [`EmbeddedStore::feeds`] opened them.
+    feeds: std::sync::Mutex<Option<Arc<feeds::FeedInner>>>,
     /// `None` once closing: the writer thread ends when the last sender is gone.
     requests: Option<mpsc::Sender<Request>>,
     head: watch::Receiver<Position>,
@@ -205,6 +221,13 @@ impl fmt::Debug for EmbeddedStore {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        // The feeds first: their writer finishes while the directory lock is still held.
+        drop(
+            self.feeds
+                .get_mut()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
         // Readers first, so that the writer's connection is the last one and SQLite removes the
         // WAL when it closes.
         self.readers.close();

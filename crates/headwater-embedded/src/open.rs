@@ -80,6 +80,7 @@ pub(crate) fn open(dir: &Path, options: Options) -> Result<EmbeddedStore, OpenEr
     let checkpointer = Checkpointer::start(&path)?;
     checkpointer.hook(&mut conn).map_err(sqlite_error(&path))?;
     let writer = Writer::new(conn, head, head_tx, &options, checkpointer);
+    let options_kept = options.clone();
     let thread = std::thread::Builder::new()
         .name("headwater-writer".to_owned())
         .spawn(move || writer.run(queue, lock))
@@ -87,6 +88,8 @@ pub(crate) fn open(dir: &Path, options: Options) -> Result<EmbeddedStore, OpenEr
     Ok(EmbeddedStore {
         inner: Arc::new(Inner {
             dir,
+            options: options_kept,
+            feeds: std::sync::Mutex::new(None),
             requests: Some(requests),
             head: head_rx,
             readers,
@@ -132,8 +135,52 @@ pub(crate) fn connect(path: &Path, cache_bytes: u64) -> Result<Connection, OpenE
     Ok(conn)
 }
 
+/// A `SQLITE_OPEN_READONLY` connection to an existing database file, with the settings every
+/// connection shares (for tools reading a store another process may own).
+pub(crate) fn connect_read_only(path: &Path, cache_bytes: u64) -> Result<Connection, OpenError> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | OpenFlags::SQLITE_OPEN_EXRESCODE;
+    let conn = Connection::open_with_flags(path, flags).map_err(sqlite_error(path))?;
+    conn.busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MILLIS))
+        .map_err(sqlite_error(path))?;
+    let cache_kib = i64::try_from(cache_bytes / 1024).unwrap_or(i64::MAX);
+    conn.pragma_update(None, "cache_size", -cache_kib.max(1))
+        .map_err(sqlite_error(path))?;
+    conn.pragma_update(None, "mmap_size", 0)
+        .map_err(sqlite_error(path))?;
+    Ok(conn)
+}
+
+/// The format markers and schema of one of the store's database files.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Format {
+    /// The file's name in the store directory.
+    pub(crate) file: &'static str,
+    pub(crate) application_id: i32,
+    pub(crate) version: i32,
+    pub(crate) schema: &'static str,
+}
+
+/// The event log's file.
+pub(crate) const LOG_FORMAT: Format = Format {
+    file: DATABASE_FILE,
+    application_id: APPLICATION_ID,
+    version: FORMAT_VERSION,
+    schema: CREATE_SCHEMA,
+};
+
 /// Refuses a file that is not a Headwater store of a known version. Reads only the header.
 fn check_format(conn: &Connection, path: &Path) -> Result<(), OpenError> {
+    check_format_of(conn, path, &LOG_FORMAT)
+}
+
+/// Refuses a file that is not a database of `format`. Reads only the header.
+pub(crate) fn check_format_of(
+    conn: &Connection,
+    path: &Path,
+    format: &Format,
+) -> Result<(), OpenError> {
     let application_id: i32 = conn
         .pragma_query_value(None, "application_id", |row| row.get(0))
         .map_err(sqlite_error(path))?;
@@ -151,20 +198,20 @@ fn check_format(conn: &Connection, path: &Path) -> Result<(), OpenError> {
             })
         };
     }
-    if application_id != APPLICATION_ID {
+    if application_id != format.application_id {
         return Err(OpenError::NotAStore {
             path: path.to_owned(),
             reason: format!("the SQLite database has application id {application_id:#x}"),
         });
     }
-    if version > i64::from(FORMAT_VERSION) {
+    if version > i64::from(format.version) {
         return Err(OpenError::NewerFormat {
             path: path.to_owned(),
             found: version,
-            supported: i64::from(FORMAT_VERSION),
+            supported: i64::from(format.version),
         });
     }
-    if version < i64::from(FORMAT_VERSION) {
+    if version < i64::from(format.version) {
         return Err(OpenError::NotAStore {
             path: path.to_owned(),
             reason: format!("unknown format version {version}"),
@@ -174,7 +221,7 @@ fn check_format(conn: &Connection, path: &Path) -> Result<(), OpenError> {
 }
 
 /// Whether the database is empty: no schema and no application id.
-fn is_blank(conn: &Connection, path: &Path) -> Result<bool, OpenError> {
+pub(crate) fn is_blank(conn: &Connection, path: &Path) -> Result<bool, OpenError> {
     let application_id: i32 = conn
         .pragma_query_value(None, "application_id", |row| row.get(0))
         .map_err(sqlite_error(path))?;
@@ -188,13 +235,22 @@ fn is_blank(conn: &Connection, path: &Path) -> Result<bool, OpenError> {
 /// mode), makes it durable, and renames it into place. A crash at any step leaves either no
 /// database (the next open starts again, removing the leftover) or a complete one.
 fn create_database(dir: &Path, path: &Path) -> Result<(), OpenError> {
+    create_database_of(dir, path, &LOG_FORMAT)
+}
+
+/// [`create_database`] for a file of `format`.
+pub(crate) fn create_database_of(
+    dir: &Path,
+    path: &Path,
+    format: &Format,
+) -> Result<(), OpenError> {
     let io = |what: &'static str, path: &Path| {
         let path = path.to_owned();
         move |source| OpenError::Io { what, path, source }
     };
-    let creating = dir.join(format!("{DATABASE_FILE}.creating"));
+    let creating = dir.join(format!("{}.creating", format.file));
     for leftover in ["", "-journal", "-wal", "-shm"] {
-        let file = dir.join(format!("{DATABASE_FILE}.creating{leftover}"));
+        let file = dir.join(format!("{}.creating{leftover}", format.file));
         match fs::remove_file(&file) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -203,7 +259,7 @@ fn create_database(dir: &Path, path: &Path) -> Result<(), OpenError> {
     }
     {
         let conn = connect(&creating, 1024 * 1024)?;
-        create(&conn, &creating)?;
+        create(&conn, &creating, format)?;
         let mode: String = conn
             .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
             .map_err(sqlite_error(&creating))?;
@@ -222,18 +278,23 @@ fn create_database(dir: &Path, path: &Path) -> Result<(), OpenError> {
 }
 
 /// Creates the schema and the format markers in one transaction.
-fn create(conn: &Connection, path: &Path) -> Result<(), OpenError> {
+fn create(conn: &Connection, path: &Path, format: &Format) -> Result<(), OpenError> {
     let sql = format!(
         "BEGIN IMMEDIATE;
-         PRAGMA application_id = {APPLICATION_ID};
-         PRAGMA user_version = {FORMAT_VERSION};
-         {CREATE_SCHEMA}
-         COMMIT;"
+         PRAGMA application_id = {};
+         PRAGMA user_version = {};
+         {}
+         COMMIT;",
+        format.application_id, format.version, format.schema
     );
     conn.execute_batch(&sql).map_err(sqlite_error(path))
 }
 
-fn configure_writer(conn: &Connection, path: &Path, options: &Options) -> Result<(), OpenError> {
+pub(crate) fn configure_writer(
+    conn: &Connection,
+    path: &Path,
+    options: &Options,
+) -> Result<(), OpenError> {
     let mode: String = conn
         .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
         .map_err(sqlite_error(path))?;
@@ -270,6 +331,6 @@ fn last_position(conn: &Connection, path: &Path) -> Result<Position, OpenError> 
     }
 }
 
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }

@@ -24,20 +24,60 @@ use crate::{OpenError, Options};
 pub(crate) struct Readers {
     path: PathBuf,
     options: Options,
+    /// Connections opened `SQLITE_OPEN_READONLY` (tools reading a store another process owns).
+    read_only: bool,
     idle: Mutex<Vec<Connection>>,
     permits: Arc<Semaphore>,
 }
 
+/// The errors a read through [`Readers::run`] may end with besides its own.
+pub(crate) trait PoolError: Send + 'static {
+    /// The pool is closed.
+    fn closed() -> Self;
+    /// The pool failed (a connection could not be opened, the blocking task panicked).
+    fn pool_failed(error: Box<dyn std::error::Error + Send + Sync>) -> Self;
+}
+
+impl PoolError for ReadError {
+    fn closed() -> ReadError {
+        ReadError::Closed
+    }
+
+    fn pool_failed(error: Box<dyn std::error::Error + Send + Sync>) -> ReadError {
+        ReadError::Backend(error)
+    }
+}
+
+impl PoolError for headwater_store::FeedError {
+    fn closed() -> headwater_store::FeedError {
+        headwater_store::FeedError::Closed
+    }
+
+    fn pool_failed(error: Box<dyn std::error::Error + Send + Sync>) -> headwater_store::FeedError {
+        headwater_store::FeedError::Backend(error)
+    }
+}
+
 impl Readers {
     pub(crate) fn open(path: PathBuf, options: &Options) -> Result<Readers, OpenError> {
+        Readers::open_with(path, options, false)
+    }
+
+    /// A pool of `SQLITE_OPEN_READONLY` connections.
+    pub(crate) fn open_read_only(path: PathBuf, options: &Options) -> Result<Readers, OpenError> {
+        Readers::open_with(path, options, true)
+    }
+
+    fn open_with(path: PathBuf, options: &Options, read_only: bool) -> Result<Readers, OpenError> {
         let count = options.readers.max(1);
         let mut idle = Vec::with_capacity(count);
         for _ in 0..count {
-            idle.push(reader_connection(&path, options)?);
+            idle.push(reader_connection(&path, options, read_only)?);
         }
         Ok(Readers {
             path,
             options: options.clone(),
+            read_only,
             idle: Mutex::new(idle),
             permits: Arc::new(Semaphore::new(count)),
         })
@@ -60,23 +100,24 @@ impl Readers {
     }
 
     /// Runs `read` with a connection on a blocking thread.
-    pub(crate) async fn run<T, F>(readers: &Arc<Readers>, read: F) -> Result<T, ReadError>
+    pub(crate) async fn run<T, E, F>(readers: &Arc<Readers>, read: F) -> Result<T, E>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, ReadError> + Send + 'static,
+        E: PoolError,
+        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
     {
         let permit = readers
             .permits
             .clone()
             .acquire_owned()
             .await
-            .map_err(|_| ReadError::Closed)?;
+            .map_err(|_| E::closed())?;
         let readers = readers.clone();
         tokio::task::spawn_blocking(move || {
             let conn = match readers.idle_connections().pop() {
                 Some(conn) => conn,
-                None => reader_connection(&readers.path, &readers.options)
-                    .map_err(ReadError::backend)?,
+                None => reader_connection(&readers.path, &readers.options, readers.read_only)
+                    .map_err(|e| E::pool_failed(e.into()))?,
             };
             let result = read(&conn);
             if !readers.permits.is_closed() {
@@ -86,12 +127,20 @@ impl Readers {
             result
         })
         .await
-        .map_err(ReadError::backend)?
+        .map_err(|e| E::pool_failed(e.into()))?
     }
 }
 
-fn reader_connection(path: &std::path::Path, options: &Options) -> Result<Connection, OpenError> {
-    let conn = connect(path, options.reader_page_cache_bytes)?;
+fn reader_connection(
+    path: &std::path::Path,
+    options: &Options,
+    read_only: bool,
+) -> Result<Connection, OpenError> {
+    let conn = if read_only {
+        crate::open::connect_read_only(path, options.reader_page_cache_bytes)?
+    } else {
+        connect(path, options.reader_page_cache_bytes)?
+    };
     conn.pragma_update(None, "query_only", true)
         .map_err(crate::open::sqlite_error(path))?;
     Ok(conn)

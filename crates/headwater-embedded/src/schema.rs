@@ -121,7 +121,7 @@ impl EventFields<'_> {
 
 /// Computes a CRC-32C over the encoding fed to it, gathering small pieces in a buffer so that
 /// the CRC runs over few long slices instead of many 8-byte ones.
-struct Crc {
+pub(crate) struct Crc {
     crc: u32,
     buffer: [u8; CRC_BUFFER_BYTES],
     len: usize,
@@ -159,16 +159,16 @@ impl Crc {
         self.len = 0;
     }
 
-    fn int(&mut self, value: i64) {
+    pub(crate) fn int(&mut self, value: i64) {
         self.put(&value.to_le_bytes());
     }
 
-    fn bytes(&mut self, value: &[u8]) {
+    pub(crate) fn bytes(&mut self, value: &[u8]) {
         self.put(&(value.len() as u64).to_le_bytes());
         self.put(value);
     }
 
-    fn nullable(&mut self, value: Option<&[u8]>) {
+    pub(crate) fn nullable(&mut self, value: Option<&[u8]>) {
         match value {
             None => self.put(&[0]),
             Some(value) => {
@@ -178,7 +178,17 @@ impl Crc {
         }
     }
 
-    fn finish(mut self) -> u32 {
+    pub(crate) fn nullable_int(&mut self, value: Option<i64>) {
+        match value {
+            None => self.put(&[0]),
+            Some(value) => {
+                self.put(&[1]);
+                self.int(value);
+            }
+        }
+    }
+
+    pub(crate) fn finish(mut self) -> u32 {
         self.flush();
         self.crc
     }

@@ -4,6 +4,7 @@ mod conformance;
 mod corruption;
 mod crash;
 mod faults;
+mod feed_conformance;
 mod format;
 mod group;
 mod integrity;
