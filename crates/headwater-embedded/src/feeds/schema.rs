@@ -99,8 +99,6 @@ pub(crate) const SELECT_FEED_AFTER: &str =
 pub(crate) const SELECT_SUBJECT_AFTER: &str = select_feed_events!(
     "WHERE subject_id = ?1 AND sequence > ?2 ORDER BY subject_id, sequence LIMIT ?3"
 );
-/// Every event of the file, in key order (verify).
-pub(crate) const SELECT_ALL_FEED_EVENTS: &str = select_feed_events!("ORDER BY key");
 
 pub(crate) const INSERT_FEED_EVENT: &str = "INSERT INTO feed_events (key, subject_id, sequence, \
      event_id, event_type, subject, time, data, source_position, crc) \
