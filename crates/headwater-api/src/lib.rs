@@ -24,6 +24,8 @@
 //! ```
 
 mod auth;
+#[cfg(feature = "bench")]
+pub mod bench;
 mod metrics;
 mod problem;
 mod readers;
