@@ -56,6 +56,10 @@ pub const LONG_POLL_TIMEOUT_MS_MAX: u64 = 30_000;
 pub const FEED_PAGE_EVENTS_DEFAULT: u64 = 1_000;
 /// The page size of a subject listing without `limit`.
 pub const SUBJECT_PAGE_DEFAULT: u64 = 1_000;
+/// The most feed reads waiting at once by default (`ApiConfig::long_polls_max`). Past it a read
+/// answers at once with what is there (usually `[]`), which the contract allows: the client asks
+/// again. A bound on the tasks and watches that waiting requests hold.
+pub const LONG_POLLS_WAITING_MAX: usize = 10_000;
 /// How often the reads counted in memory are written to the feed store.
 pub const READERS_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -85,6 +89,8 @@ pub struct ApiConfig {
     pub metrics_access: MetricsAccess,
     /// How often reads are recorded in the store ([`READERS_FLUSH_INTERVAL`] by default).
     pub readers_flush_interval: Duration,
+    /// The most reads waiting at once ([`LONG_POLLS_WAITING_MAX`] by default).
+    pub long_polls_max: usize,
 }
 
 impl ApiConfig {
@@ -100,6 +106,7 @@ impl ApiConfig {
             tokens,
             metrics_access: MetricsAccess::default(),
             readers_flush_interval: READERS_FLUSH_INTERVAL,
+            long_polls_max: LONG_POLLS_WAITING_MAX,
         })
     }
 }
@@ -113,6 +120,8 @@ pub(crate) struct AppState {
     readers: readers::ReaderLog,
     /// Set once the API shuts down: waiting long polls answer at once.
     draining: watch::Sender<bool>,
+    long_polls_max: usize,
+    long_polls: std::sync::atomic::AtomicUsize,
 }
 
 /// The feed API over one feed store. Dropping it stops its reader flusher without a last flush:
@@ -147,6 +156,8 @@ impl FeedApi {
             metrics: metrics::ApiMetrics::register(registry),
             readers: readers::ReaderLog::default(),
             draining: watch::channel(false).0,
+            long_polls_max: config.long_polls_max,
+            long_polls: std::sync::atomic::AtomicUsize::new(0),
         });
         let (stop_flusher, mut stop) = watch::channel(false);
         let interval = config.readers_flush_interval;

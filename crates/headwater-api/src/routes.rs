@@ -1,6 +1,7 @@
 //! The routes and their handlers. Every answer that is not a 200 is an [`ApiError`].
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -290,12 +291,31 @@ async fn list_feeds(
     ))
 }
 
-/// Decrements the waiting long polls gauge however the wait ends (also when cancelled).
-struct Waiting<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+/// One waiting read, counted while it waits however the wait ends (also when cancelled).
+struct Waiting<'a>(&'a AppState);
+
+impl<'a> Waiting<'a> {
+    /// `None` when `long_polls_max` reads wait already: this one answers without waiting.
+    fn start(app: &'a AppState) -> Option<Waiting<'a>> {
+        let admitted = app
+            .long_polls
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < app.long_polls_max).then_some(n + 1)
+            })
+            .is_ok();
+        if !admitted {
+            tracing::debug!("too many reads waiting; answering at once");
+            return None;
+        }
+        app.metrics.long_polls.inc();
+        Some(Waiting(app))
+    }
+}
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.dec();
+        self.0.long_polls.fetch_sub(1, Ordering::AcqRel);
+        self.0.metrics.long_polls.dec();
     }
 }
 
@@ -318,11 +338,12 @@ async fn read_feed(
         .read_feed(&feed, after, limit)
         .await
         .map_err(ApiError::store)?;
-    if events.is_empty() && timeout_ms > 0 {
+    let waiting = (events.is_empty() && timeout_ms > 0)
+        .then(|| Waiting::start(app))
+        .flatten();
+    if let Some(waiting) = waiting {
         let mut heads = app.store.watch_head(&feed);
         let mut draining = app.draining.subscribe();
-        app.metrics.long_polls.inc();
-        let waiting = Waiting(&app.metrics.long_polls);
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(timeout_ms)) => {}
             _ = heads.wait_for(|head| *head > after) => {}

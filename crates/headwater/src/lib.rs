@@ -67,7 +67,8 @@ pub mod feed {
 pub mod api {
     pub use headwater_api::{
         ApiConfig, CLOUDEVENTS_BATCH_CONTENT_TYPE, ConfigError, FEED_PAGE_EVENTS_DEFAULT, FeedApi,
-        FeedScope, LONG_POLL_TIMEOUT_MS_MAX, MetricsAccess, OPENAPI_JSON, PROBLEM_CONTENT_TYPE,
-        ProblemType, READERS_FLUSH_INTERVAL, SUBJECT_PAGE_DEFAULT, Tokens, serve,
+        FeedScope, LONG_POLL_TIMEOUT_MS_MAX, LONG_POLLS_WAITING_MAX, MetricsAccess, OPENAPI_JSON,
+        PROBLEM_CONTENT_TYPE, ProblemType, READERS_FLUSH_INTERVAL, SUBJECT_PAGE_DEFAULT, Tokens,
+        serve,
     };
 }

@@ -131,3 +131,47 @@ async fn drain_ends_waiting_reads_at_once() {
 pub(crate) async fn metrics_text(fx: &crate::Fixture) -> String {
     String::from_utf8(get(&fx.router, "/metrics", Some(ALL)).await.body).unwrap()
 }
+
+#[tokio::test]
+async fn past_the_bound_on_waiting_reads_a_read_answers_at_once() {
+    use std::sync::Arc;
+    let fx = fixture(1).await;
+    let mut config = headwater_api::ApiConfig::new(crate::SOURCE, crate::tokens()).unwrap();
+    config.long_polls_max = 1;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let api = headwater_api::FeedApi::new(Arc::new(fx.store.clone()), config, &mut registry);
+    let router = api.router(Arc::new(registry));
+    let first = {
+        let router = router.clone();
+        tokio::spawn(async move {
+            get(
+                &router,
+                "/feeds/accounts/v2?after=1&timeout_ms=30000",
+                Some(ALL),
+            )
+            .await
+        })
+    };
+    let deadline = Instant::now() + PROMPT;
+    loop {
+        let text = String::from_utf8(get(&router, "/metrics", Some(ALL)).await.body).unwrap();
+        if text.contains("headwater_api_long_polls_waiting 1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the first read never waited");
+        tokio::task::yield_now().await;
+    }
+    let started = Instant::now();
+    let second = get(
+        &router,
+        "/feeds/accounts/v2?after=1&timeout_ms=30000",
+        Some(ALL),
+    )
+    .await;
+    assert!(started.elapsed() < PROMPT, "the second read waited");
+    assert_eq!(second.status, 200);
+    assert_eq!(second.body, b"[]");
+    commit(&fx.store, &feed("accounts.v2"), 1, 1).await;
+    let first = tokio::time::timeout(PROMPT, first).await.unwrap().unwrap();
+    assert_eq!(first.json()[0]["position"], 2);
+}
