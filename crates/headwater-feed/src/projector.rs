@@ -407,7 +407,9 @@ where
     }
 
     /// One stretch of projecting: loads the cursor, then reads, projects and commits until
-    /// stopped or an error.
+    /// stopped or an error. While the batches of one full page commit, the next page is read and
+    /// projected (it starts where the page ends, whatever the commits do); it is used only if
+    /// every commit succeeded.
     async fn follow(&self, lease: &Lease, shutdown: &CancellationToken) -> Result<End, StepError> {
         let state = self
             .feeds
@@ -417,20 +419,23 @@ where
         if state.status == FeedStatus::Retired {
             return Ok(End::Stopped(Stopped::Retired));
         }
-        let mut cursor = state.cursor;
-        let mut feed_status = state.status;
         let mut head_watch = self.events.watch_head();
-        let mut log_head = self.events.head_position();
-        let mut backfill = Backfill::new(cursor);
+        let mut at = Progress {
+            cursor: state.cursor,
+            log_head: self.events.head_position(),
+            feed_status: state.status,
+            backfill: Backfill::new(state.cursor),
+        };
         self.status.send_modify(|s| {
             s.state = ProjectorState::Running;
-            s.feed_status = feed_status;
-            s.cursor = cursor;
+            s.feed_status = at.feed_status;
+            s.cursor = at.cursor;
             s.feed_head = state.head;
-            s.log_head = log_head;
+            s.log_head = at.log_head;
         });
-        self.update_metrics(cursor, log_head, state.head, feed_status);
+        self.update_metrics(at.cursor, at.log_head, state.head, at.feed_status);
         let mut last_status_check = Instant::now();
+        let mut ahead: Option<Page> = None;
         loop {
             if shutdown.is_cancelled() {
                 return Ok(End::Stopped(Stopped::Shutdown));
@@ -448,127 +453,170 @@ where
                     Err(error) => return Err(self.feed_error(error)),
                 }
             }
-            log_head = log_head.max(self.events.head_position());
-            if cursor >= log_head {
-                if feed_status == FeedStatus::Backfilling {
-                    // Caught up with the log head seen at this moment: live from now on.
-                    let state = self
-                        .feeds
-                        .set_status(&self.feed, FeedStatus::Live)
-                        .await
-                        .map_err(|e| self.feed_error(e))?;
-                    feed_status = state.status;
-                    tracing::info!(
-                        feed = %self.feed,
-                        cursor = cursor.0,
-                        feed_head = state.head.0,
-                        rate = backfill.rate(cursor),
-                        "backfill done: the feed is live"
-                    );
-                    self.status.send_modify(|s| {
-                        s.feed_status = feed_status;
-                        s.backfill = None;
-                        s.state = ProjectorState::Running;
-                    });
-                    self.update_metrics(cursor, log_head, state.head, feed_status);
-                    if feed_status == FeedStatus::Retired {
-                        return Ok(End::Stopped(Stopped::Retired));
+            let page = match ahead.take() {
+                Some(page) => page,
+                None => {
+                    at.log_head = at.log_head.max(self.events.head_position());
+                    if at.cursor >= at.log_head {
+                        if at.feed_status == FeedStatus::Backfilling
+                            && self.go_live(&mut at).await?
+                        {
+                            return Ok(End::Stopped(Stopped::Retired));
+                        }
+                        tokio::select! {
+                            biased;
+                            () = shutdown.cancelled() => return Ok(End::Stopped(Stopped::Shutdown)),
+                            () = lease.lost() => return Ok(End::LostLease),
+                            changed = head_watch.wait_for(|head| *head > at.cursor) => {
+                                match changed {
+                                    Ok(head) => at.log_head = at.log_head.max(*head),
+                                    Err(_) => return Err(StepError::Transient(
+                                        "the event store's head watch ended".to_owned())),
+                                }
+                            }
+                            () = tokio::time::sleep(self.options.status_check_interval) => {}
+                        }
+                        continue;
                     }
-                }
-                tokio::select! {
-                    biased;
-                    () = shutdown.cancelled() => return Ok(End::Stopped(Stopped::Shutdown)),
-                    () = lease.lost() => return Ok(End::LostLease),
-                    changed = head_watch.wait_for(|head| *head > cursor) => {
-                        match changed {
-                            Ok(head) => log_head = log_head.max(*head),
-                            Err(_) => return Err(StepError::Transient(
-                                "the event store's head watch ended".to_owned())),
+                    match self.read_and_project(at.cursor).await? {
+                        Some(page) => page,
+                        None => {
+                            // The head said there is more, the read found nothing: wait a
+                            // little rather than spin.
+                            tokio::select! {
+                                () = shutdown.cancelled() => return Ok(End::Stopped(Stopped::Shutdown)),
+                                () = tokio::time::sleep(self.options.retry_backoff_min) => {}
+                            }
+                            continue;
                         }
                     }
-                    () = tokio::time::sleep(self.options.status_check_interval) => {}
                 }
-                continue;
-            }
-
-            let page = self
-                .events
-                .read_all(cursor, self.options.read_page_events)
-                .await
-                .map_err(|e| self.read_error(e))?;
-            let Some(last) = page.last() else {
-                // The head said there is more, the read found nothing: wait a little rather
-                // than spin.
-                tokio::select! {
-                    () = shutdown.cancelled() => return Ok(End::Stopped(Stopped::Shutdown)),
-                    () = tokio::time::sleep(self.options.retry_backoff_min) => {}
-                }
-                continue;
             };
-            let page_end = last.position;
-            let read = page.len() as u64;
-            let projected = self.project_page(page).await?;
-            let mut batches = split(
-                cursor,
-                page_end,
-                projected,
+            let full = page.read >= self.options.read_page_events;
+            let batches = split(
+                at.cursor,
+                page.end,
+                page.events,
                 self.options.commit_events_max,
                 self.options.commit_bytes_max,
-            )
-            .into_iter();
-            for batch in batches.by_ref() {
-                // Between commits only: an in-flight commit always finishes.
-                if shutdown.is_cancelled() {
-                    return Ok(End::Stopped(Stopped::Shutdown));
+            );
+            let next = async {
+                if full {
+                    self.read_and_project(page.end).await
+                } else {
+                    Ok(None)
                 }
-                let events = batch.events.len() as u64;
-                let commit = self
-                    .feeds
-                    .commit(&self.feed, batch)
-                    .await
-                    .map_err(|e| self.feed_error(e))?;
-                cursor = commit.cursor;
-                self.metrics.commits.get_or_create(&self.label).inc();
-                self.metrics
-                    .projected_events
-                    .get_or_create(&self.label)
-                    .inc_by(events);
-                self.update_metrics(cursor, log_head, commit.head, feed_status);
-                let progress = (feed_status == FeedStatus::Backfilling).then(|| BackfillProgress {
-                    done: cursor.0,
-                    total: log_head.0.max(cursor.0),
-                    events_per_second: backfill.rate(cursor),
-                });
-                self.status.send_modify(|s| {
-                    s.state = ProjectorState::Running;
-                    s.cursor = cursor;
-                    s.feed_head = commit.head;
-                    s.log_head = log_head;
-                    s.backfill = progress;
-                });
-                if let Some(progress) = progress {
-                    self.metrics
-                        .backfill_rate
-                        .get_or_create(&self.label)
-                        .set(progress.events_per_second);
-                    if backfill.log_due(self.options.progress_log_interval) {
-                        tracing::info!(
-                            feed = %self.feed,
-                            done = progress.done,
-                            total = progress.total,
-                            rate = progress.events_per_second,
-                            "backfilling"
-                        );
-                    }
-                }
+            };
+            let (committed, next) =
+                tokio::join!(self.commit_batches(batches, &mut at, shutdown), next);
+            if !committed? {
+                return Ok(End::Stopped(Stopped::Shutdown));
             }
             self.metrics
                 .source_events
                 .get_or_create(&self.label)
-                .inc_by(read);
+                .inc_by(page.read);
+            ahead = next?;
         }
     }
 
+    /// Sets a backfilling feed live (its cursor reached the log head seen at this moment).
+    /// `true` if the feed turned out to be retired.
+    async fn go_live(&self, at: &mut Progress) -> Result<bool, StepError> {
+        let state = self
+            .feeds
+            .set_status(&self.feed, FeedStatus::Live)
+            .await
+            .map_err(|e| self.feed_error(e))?;
+        at.feed_status = state.status;
+        tracing::info!(
+            feed = %self.feed,
+            cursor = at.cursor.0,
+            feed_head = state.head.0,
+            rate = at.backfill.rate(at.cursor),
+            "backfill done: the feed is live"
+        );
+        self.status.send_modify(|s| {
+            s.feed_status = at.feed_status;
+            s.backfill = None;
+            s.state = ProjectorState::Running;
+        });
+        self.update_metrics(at.cursor, at.log_head, state.head, at.feed_status);
+        Ok(at.feed_status == FeedStatus::Retired)
+    }
+
+    /// Commits the batches of one page in order. `false` if stopped by `shutdown` (between
+    /// commits only: an in-flight commit always finishes).
+    async fn commit_batches(
+        &self,
+        batches: Vec<ProjectorBatch>,
+        at: &mut Progress,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, StepError> {
+        for batch in batches {
+            if shutdown.is_cancelled() {
+                return Ok(false);
+            }
+            let events = batch.events.len() as u64;
+            let commit = self
+                .feeds
+                .commit(&self.feed, batch)
+                .await
+                .map_err(|e| self.feed_error(e))?;
+            at.cursor = commit.cursor;
+            at.log_head = at.log_head.max(self.events.head_position());
+            self.metrics.commits.get_or_create(&self.label).inc();
+            self.metrics
+                .projected_events
+                .get_or_create(&self.label)
+                .inc_by(events);
+            self.update_metrics(at.cursor, at.log_head, commit.head, at.feed_status);
+            let progress = (at.feed_status == FeedStatus::Backfilling).then(|| BackfillProgress {
+                done: at.cursor.0,
+                total: at.log_head.0.max(at.cursor.0),
+                events_per_second: at.backfill.rate(at.cursor),
+            });
+            self.status.send_modify(|s| {
+                s.state = ProjectorState::Running;
+                s.cursor = at.cursor;
+                s.feed_head = commit.head;
+                s.log_head = at.log_head;
+                s.backfill = progress;
+            });
+            if let Some(progress) = progress {
+                self.metrics
+                    .backfill_rate
+                    .get_or_create(&self.label)
+                    .set(progress.events_per_second);
+                if at.backfill.log_due(self.options.progress_log_interval) {
+                    tracing::info!(
+                        feed = %self.feed,
+                        done = progress.done,
+                        total = progress.total,
+                        rate = progress.events_per_second,
+                        "backfilling"
+                    );
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Reads the page after `after` and projects it; `None` when there is nothing after it.
+    async fn read_and_project(&self, after: Position) -> Result<Option<Page>, StepError> {
+        let page = self
+            .events
+            .read_all(after, self.options.read_page_events)
+            .await
+            .map_err(|e| self.read_error(e))?;
+        let Some(last) = page.last() else {
+            return Ok(None);
+        };
+        let end = last.position;
+        let read = page.len() as u64;
+        let events = self.project_page(page).await?;
+        Ok(Some(Page { end, read, events }))
+    }
     /// Projects a page (on a blocking thread when it is large).
     async fn project_page(
         &self,
@@ -689,6 +737,23 @@ async fn sleep_or_cancel(wait: Duration, shutdown: &CancellationToken) -> bool {
         () = shutdown.cancelled() => false,
         () = tokio::time::sleep(wait) => true,
     }
+}
+
+/// Where a projector is.
+struct Progress {
+    cursor: Position,
+    log_head: Position,
+    feed_status: FeedStatus,
+    backfill: Backfill,
+}
+
+/// A page of the log, projected.
+struct Page {
+    /// Its last internal position.
+    end: Position,
+    /// How many internal events it held.
+    read: u64,
+    events: Vec<ProjectedEvent>,
 }
 
 /// A backfill's clock, in this process.
