@@ -3,5 +3,6 @@
 mod backfill;
 mod determinism;
 mod errors;
+mod postgres;
 mod runtime;
 mod support;

@@ -1,0 +1,155 @@
+//! On PostgreSQL (`HEADWATER_TEST_POSTGRES_URL`; these tests fail without it, never skip):
+//! backfill while appending, and projectors on two replicas with `LeaderElection` as their
+//! `Leadership`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use headwater_feed::{
+    Leadership, Lease, ProjectorOptions, ProjectorState, Projectors, Stopped, build_feed,
+};
+use headwater_postgres::{Options, PostgresStore};
+use headwater_store::{EventStore, FeedStore};
+
+use crate::support::{Accounts, read_whole_feed, wait_caught_up, wait_status, workload};
+
+const URL_ENV: &str = "HEADWATER_TEST_POSTGRES_URL";
+
+/// A schema of its own, dropped at the end.
+struct Fresh {
+    url: String,
+    schema: String,
+}
+
+impl Fresh {
+    fn new() -> Fresh {
+        let url = std::env::var(URL_ENV).unwrap_or_else(|_| {
+            panic!("{URL_ENV} is not set: run ./scripts/test (it starts a private PostgreSQL)")
+        });
+        Fresh {
+            url,
+            schema: format!("hw_test_{:016x}", rand::random::<u64>()),
+        }
+    }
+
+    async fn connect(&self) -> PostgresStore {
+        PostgresStore::connect(&self.url, Options::with_schema(&self.schema))
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Fresh {
+    fn drop(&mut self) {
+        let url = self.url.clone();
+        let schema = self.schema.clone();
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let Ok((client, connection)) =
+                    tokio_postgres::connect(&url, tokio_postgres::NoTls).await
+                else {
+                    return;
+                };
+                tokio::spawn(connection);
+                let _ = client
+                    .batch_execute(&format!(
+                        "SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
+                    ))
+                    .await;
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_version_backfills_while_appends_go_on_postgres() {
+    let fresh = Fresh::new();
+    let store = fresh.connect().await;
+    let feeds = Arc::new(store.feed_store());
+    crate::backfill::backfill_while_appending(Arc::new(store), feeds, 1_500).await;
+}
+
+/// `headwater_postgres::LeaderElection` as a projector's [`Leadership`]: what a service with
+/// several replicas plugs in (`docs/design/feeds.md`).
+struct PgLeadership(PostgresStore);
+
+#[async_trait]
+impl Leadership for PgLeadership {
+    async fn lead(
+        &self,
+        follower: &str,
+    ) -> Result<Lease, Box<dyn std::error::Error + Send + Sync>> {
+        let mut election = self.0.leader_election(follower);
+        election.retry_interval = Duration::from_millis(50);
+        election.health_check_interval = Duration::from_millis(100);
+        let leadership = election.acquire().await?;
+        let (lease, holder) = Lease::new();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = leadership.lost() => {}
+                () = holder.released() => {}
+            }
+            holder.lose();
+            drop(leadership);
+        });
+        Ok(lease)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_projects_at_a_time_and_another_takes_over() {
+    let fresh = Fresh::new();
+    let (a, b) = (fresh.connect().await, fresh.connect().await);
+    workload(&a, 100).await;
+    let mut options = ProjectorOptions::default();
+    options.read_page_events = 20;
+    let start = |store: &PostgresStore| {
+        Projectors::builder()
+            .projection(Accounts::v1())
+            .options(options.clone())
+            .leadership(PgLeadership(store.clone()))
+            .start(Arc::new(store.clone()), Arc::new(store.feed_store()))
+    };
+    let first = start(&a).await.unwrap();
+    let v1 = Accounts::v1().feed_id();
+    wait_caught_up(&mut first.watch(&v1).unwrap(), a.head_position()).await;
+    let second = start(&b).await.unwrap();
+    let mut standby = second.watch(&v1).unwrap();
+    wait_status(&mut standby, "standby", |s| {
+        s.state == ProjectorState::Standby
+    })
+    .await;
+    workload(&a, 50).await;
+    wait_caught_up(&mut first.watch(&v1).unwrap(), a.head_position()).await;
+    assert_eq!(standby.borrow().state, ProjectorState::Standby);
+
+    // The leader stops; the other replica takes over and projects what comes next.
+    let outcomes = first.shutdown().await;
+    assert!(
+        outcomes
+            .iter()
+            .all(|(_, o)| matches!(o, Ok(Stopped::Shutdown))),
+        "{outcomes:?}"
+    );
+    workload(&a, 50).await;
+    let head = a.head_position();
+    let mut head_b = b.watch_head();
+    tokio::time::timeout(Duration::from_secs(30), head_b.wait_for(|h| *h >= head))
+        .await
+        .unwrap()
+        .unwrap();
+    wait_caught_up(&mut standby, head).await;
+    let offline = build_feed(&b, &Accounts::v1()).await.unwrap();
+    assert!(read_whole_feed(&b.feed_store(), &v1).await == offline);
+    assert_eq!(
+        b.feed_store().feed(&v1).await.unwrap().unwrap().cursor,
+        head
+    );
+    second.shutdown().await;
+}
