@@ -4,6 +4,8 @@
 //! 2 on usage errors.
 
 mod bench;
+mod feed_open;
+mod feed_tools;
 mod pg_tools;
 mod store_tools;
 mod text;
@@ -44,6 +46,13 @@ enum Command {
     /// JSON. A default run takes 1–2 minutes; `--quick` a few seconds (a smoke test, not a
     /// measurement).
     Bench(bench::BenchArgs),
+    /// Show a producer's integration feeds: status (backfilling, live, retired), head, how far
+    /// the projector is through the log, and which readers (token names) read each version and
+    /// when last — what to look at before retiring a version.
+    Feeds(feed_tools::FeedsArgs),
+    /// Print a feed's events (the last ones, or one subject's), and with `--follow` the new ones
+    /// as they come.
+    Tail(feed_tools::TailArgs),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +62,8 @@ fn main() -> ExitCode {
         Command::Inspect(args) => store_tools::inspect(&args),
         Command::Verify(args) => store_tools::verify(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Feeds(args) => feed_tools::feeds(&args),
+        Command::Tail(args) => feed_tools::tail(&args),
     };
     match outcome {
         Ok(code) => code,

@@ -54,6 +54,21 @@ pub(crate) fn utc(timestamp: Timestamp) -> String {
     )
 }
 
+/// A timestamp as RFC 3339 in UTC with microseconds: `2026-11-27T11:55:24.123456Z`.
+pub(crate) fn rfc3339(timestamp: Timestamp) -> String {
+    let micros = timestamp.unix_micros();
+    let secs = micros / 1_000_000;
+    let (days, day_secs) = (secs / 86_400, secs % 86_400);
+    let (year, month, day) = civil_from_days(days);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        day_secs / 3_600,
+        day_secs % 3_600 / 60,
+        day_secs % 60,
+        micros % 1_000_000
+    )
+}
+
 /// The proleptic Gregorian date of a day count since 1970-01-01 (Howard Hinnant's algorithm).
 fn civil_from_days(days: u64) -> (u64, u64, u64) {
     let z = days + 719_468;
@@ -107,6 +122,8 @@ mod tests {
             (1_795_780_524_123_456, "2026-11-27 11:55:24.123456 UTC"),
         ] {
             assert_eq!(utc(Timestamp::from_unix_micros(micros)), text, "{micros}");
+            let rfc = text.replacen(' ', "T", 1).replace(" UTC", "Z");
+            assert_eq!(rfc3339(Timestamp::from_unix_micros(micros)), rfc, "{micros}");
         }
     }
 }

@@ -1,0 +1,449 @@
+//! `headwater feeds` and `headwater tail`: what a producer's integration feeds hold, who reads
+//! them, and their events as they come. Both work on any [`FeedStore`]; the embedded and
+//! PostgreSQL backends open one read-only (see [`open`]).
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use headwater_core::{FeedId, FeedPosition, FeedStatus, Position, Sequence, Subject};
+use headwater_store::{FeedEvent, FeedReader, FeedState, FeedStore};
+use serde_json::json;
+
+use crate::text::{count, rfc3339, utc};
+
+/// How long `tail --follow` waits for new events before it asks again (a store opened by another
+/// process does not always wake this one).
+const FOLLOW_POLL: Duration = Duration::from_millis(250);
+/// The events one read of `tail` asks for.
+const TAIL_PAGE_EVENTS: u64 = 1_000;
+
+/// Which store a feed tool reads.
+#[derive(Debug, Args)]
+pub(crate) struct StoreArgs {
+    /// The producer's store: its data directory, or a PostgreSQL URL (as `--postgres`).
+    #[arg(
+        value_name = "DIR",
+        required_unless_present = "postgres",
+        conflicts_with = "postgres"
+    )]
+    dir: Option<PathBuf>,
+    /// A PostgreSQL store instead: the server (`postgres://USER@HOST:PORT/DB`).
+    #[arg(long, value_name = "URL")]
+    postgres: Option<String>,
+    /// The PostgreSQL store's schema.
+    #[arg(long, value_name = "NAME", default_value = headwater_postgres::SCHEMA_DEFAULT)]
+    schema: String,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct FeedsArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Print JSON (one object with every feed) instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct TailArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// The feed: `name.vN`, e.g. `accounts.v2`.
+    #[arg(long, value_name = "FEED")]
+    feed: FeedId,
+    /// Only this subject's events (by sequence).
+    #[arg(long, value_name = "SUBJECT")]
+    subject: Option<Subject>,
+    /// Start after this feed position (or, with `--subject`, this sequence). Without it: the last
+    /// `--last` events of the feed, or the whole subject.
+    #[arg(long, value_name = "N")]
+    after: Option<u64>,
+    /// How many of the last events of the feed to show first (without `--after`).
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    last: u64,
+    /// Keep waiting for new events (stop with Ctrl-C).
+    #[arg(long, short = 'f')]
+    follow: bool,
+    /// Print each event as one line of CloudEvents JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A feed store opened for reading, with the internal log's head (for backfill progress).
+pub(crate) struct Opened {
+    pub(crate) feeds: Arc<dyn FeedStore>,
+    pub(crate) log_head: Box<dyn Fn() -> anyhow::Result<Position> + Send + Sync>,
+    pub(crate) name: String,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+pub(crate) fn feeds(args: &FeedsArgs) -> anyhow::Result<ExitCode> {
+    let rt = runtime()?;
+    rt.block_on(async {
+        let opened = open(&args.store).await?;
+        let log_head = (opened.log_head)()?;
+        let report = report(opened.feeds.as_ref()).await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report_json(&report))?);
+        } else {
+            print!("{}", render_report(&opened.name, log_head, &report));
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub(crate) fn tail(args: &TailArgs) -> anyhow::Result<ExitCode> {
+    let rt = runtime()?;
+    rt.block_on(async {
+        let opened = open(&args.store).await?;
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        let stop = async {
+            // Ctrl-C ends `--follow` cleanly; without a signal handler, follow forever.
+            if tokio::signal::ctrl_c().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            result = run_tail(opened.feeds.as_ref(), args, &mut out) => result?,
+            () = stop => {}
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Opens the store named by `args` for reading.
+async fn open(args: &StoreArgs) -> anyhow::Result<Opened> {
+    crate::feed_open::open(
+        args.dir.as_deref(),
+        args.postgres.as_deref(),
+        &args.schema,
+    )
+    .await
+}
+
+/// One feed, as `headwater feeds` shows it.
+#[derive(Debug)]
+pub(crate) struct FeedRow {
+    pub(crate) state: FeedState,
+    pub(crate) readers: Vec<FeedReader>,
+}
+
+pub(crate) async fn report(feeds: &dyn FeedStore) -> anyhow::Result<Vec<FeedRow>> {
+    let mut rows = Vec::new();
+    for state in feeds.feeds().await.context("cannot list the feeds")? {
+        let readers = feeds
+            .readers(&state.feed)
+            .await
+            .with_context(|| format!("cannot list the readers of {}", state.feed))?;
+        rows.push(FeedRow { state, readers });
+    }
+    Ok(rows)
+}
+
+/// How far a feed's projector is through the log, in percent.
+fn progress(cursor: Position, log_head: Position) -> f64 {
+    if log_head.get() == 0 {
+        return 100.0;
+    }
+    (cursor.get() as f64 / log_head.get() as f64 * 100.0).min(100.0)
+}
+
+pub(crate) fn render_report(name: &str, log_head: Position, rows: &[FeedRow]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "store      {name}");
+    let _ = writeln!(out, "log head   position {}", count(log_head.get()));
+    if rows.is_empty() {
+        let _ = writeln!(out, "\nno feeds registered");
+        return out;
+    }
+    out.push_str(
+        "\n| feed | status | head | projected | lag | readers |\n| --- | --- | ---: | ---: | ---: | --- |\n",
+    );
+    for row in rows {
+        let s = &row.state;
+        let lag = log_head.get().saturating_sub(s.cursor.get());
+        let projected = format!(
+            "{} ({:.1} %)",
+            count(s.cursor.get()),
+            progress(s.cursor, log_head)
+        );
+        let readers = if row.readers.is_empty() {
+            "none".to_owned()
+        } else {
+            row.readers
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{} ({} reads, last {})",
+                        r.reader,
+                        count(r.reads),
+                        utc(r.last_read_at)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} |",
+            s.feed,
+            s.status,
+            count(s.head.get()),
+            projected,
+            count(lag),
+            readers
+        );
+    }
+    let backfilling: Vec<_> = rows
+        .iter()
+        .filter(|r| r.state.status == FeedStatus::Backfilling)
+        .map(|r| r.state.feed.to_string())
+        .collect();
+    if !backfilling.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nbackfilling: {} (the service logs and /metrics show the rate)",
+            backfilling.join(", ")
+        );
+    }
+    out
+}
+
+pub(crate) fn report_json(rows: &[FeedRow]) -> serde_json::Value {
+    let feeds: Vec<_> = rows
+        .iter()
+        .map(|row| {
+            let s = &row.state;
+            json!({
+                "name": s.feed.name.as_str(),
+                "version": s.feed.version.get(),
+                "status": s.status.as_str(),
+                "head": s.head.get(),
+                "cursor": s.cursor.get(),
+                "registered_at": utc(s.registered_at),
+                "live_at": s.live_at.map(utc),
+                "readers": row.readers.iter().map(|r| json!({
+                    "reader": r.reader,
+                    "reads": r.reads,
+                    "first_read_at": utc(r.first_read_at),
+                    "last_read_at": utc(r.last_read_at),
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({ "feeds": feeds })
+}
+
+/// Prints the events `args` asks for to `out`; with `--follow`, waits for more until cancelled.
+pub(crate) async fn run_tail(
+    feeds: &dyn FeedStore,
+    args: &TailArgs,
+    out: &mut dyn std::io::Write,
+) -> anyhow::Result<()> {
+    let Some(state) = feeds.feed(&args.feed).await? else {
+        let known: Vec<String> = feeds
+            .feeds()
+            .await?
+            .iter()
+            .map(|s| s.feed.to_string())
+            .collect();
+        bail!(
+            "no feed {} in this store (feeds: {})",
+            args.feed,
+            if known.is_empty() {
+                "none".to_owned()
+            } else {
+                known.join(", ")
+            }
+        );
+    };
+    let mut cursor = match (&args.subject, args.after) {
+        (_, Some(after)) => after,
+        (Some(_), None) => 0,
+        (None, None) => state.head.get().saturating_sub(args.last),
+    };
+    let mut watch = feeds.watch_head(&args.feed);
+    loop {
+        let page = match &args.subject {
+            Some(subject) => {
+                feeds
+                    .read_subject(&args.feed, subject, Sequence(cursor), TAIL_PAGE_EVENTS)
+                    .await?
+            }
+            None => {
+                feeds
+                    .read_feed(&args.feed, FeedPosition(cursor), TAIL_PAGE_EVENTS)
+                    .await?
+            }
+        };
+        for event in &page {
+            writeln!(out, "{}", render_event(&args.feed, event, args.json))?;
+        }
+        if let Some(last) = page.last() {
+            cursor = match &args.subject {
+                Some(_) => last.sequence.get(),
+                None => last.position.get(),
+            };
+            continue;
+        }
+        if !args.follow {
+            return Ok(());
+        }
+        out.flush()?;
+        // Woken by this process's commits, or asks again after a while for other processes'.
+        let _ = tokio::time::timeout(FOLLOW_POLL, watch.changed()).await;
+    }
+}
+
+fn render_event(feed: &FeedId, event: &FeedEvent, as_json: bool) -> String {
+    let data = String::from_utf8_lossy(&event.data);
+    if as_json {
+        let data: serde_json::Value =
+            serde_json::from_slice(&event.data).unwrap_or(serde_json::Value::Null);
+        return json!({
+            "specversion": "1.0",
+            "id": event.id.to_string(),
+            "type": event.event_type.as_str(),
+            "subject": event.subject.as_str(),
+            "time": rfc3339(event.time),
+            "datacontenttype": "application/json",
+            "data": data,
+            "sequence": event.sequence.get(),
+            "position": event.position.get(),
+            "feed": feed.to_string(),
+        })
+        .to_string();
+    }
+    format!(
+        "#{} {} {} seq {} {} {}",
+        event.position,
+        utc(event.time),
+        event.subject,
+        event.sequence,
+        event.event_type,
+        data
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use headwater_core::{EventId, EventType, Timestamp};
+    use headwater_store::{MemoryFeedStore, ProjectedEvent, ProjectorBatch};
+
+    use super::*;
+
+    fn projected(subject: &str, source: u64) -> ProjectedEvent {
+        ProjectedEvent {
+            id: EventId::new_random(),
+            event_type: EventType::new("accounts.deposited").unwrap(),
+            subject: Subject::new(subject).unwrap(),
+            time: Timestamp::from_unix_micros(1_795_780_524_123_456),
+            data: br#"{"amount":100}"#.to_vec(),
+            source_position: Position(source),
+        }
+    }
+
+    async fn store() -> (MemoryFeedStore, FeedId) {
+        let store = MemoryFeedStore::new();
+        let feed = FeedId::parse("accounts.v1").unwrap();
+        store.register(&feed).await.unwrap();
+        let events = (1..=5)
+            .map(|i| projected(if i % 2 == 0 { "a" } else { "b" }, i))
+            .collect();
+        store
+            .commit(
+                &feed,
+                ProjectorBatch {
+                    from: Position(0),
+                    to: Position(6),
+                    events,
+                },
+            )
+            .await
+            .unwrap();
+        (store, feed)
+    }
+
+    fn tail_args(extra: &[&str]) -> TailArgs {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            tail: TailArgs,
+        }
+        let mut argv = vec!["tail", "/nonexistent", "--feed", "accounts.v1"];
+        argv.extend_from_slice(extra);
+        Wrapper::try_parse_from(argv).unwrap().tail
+    }
+
+    #[tokio::test]
+    async fn report_shows_progress_lag_and_readers() {
+        let (store, feed) = store().await;
+        store
+            .record_readers(vec![headwater_store::ReaderSeen {
+                feed: feed.clone(),
+                reader: "statements".to_owned(),
+                at: Timestamp::from_unix_micros(1_795_780_524_000_000),
+                reads: 3,
+            }])
+            .await
+            .unwrap();
+        let rows = report(&store).await.unwrap();
+        let text = render_report("memory", Position(12), &rows);
+        assert!(
+            text.contains("| accounts.v1 | backfilling | 5 | 6 (50.0 %) | 6 | statements (3 reads"),
+            "{text}"
+        );
+        let json = report_json(&rows);
+        assert_eq!(json["feeds"][0]["readers"][0]["reads"], 3);
+        assert_eq!(json["feeds"][0]["cursor"], 6);
+    }
+
+    #[tokio::test]
+    async fn tail_prints_the_last_events_or_a_subject() {
+        let (store, _) = store().await;
+        let mut out = Vec::new();
+        run_tail(&store, &tail_args(&["--last", "2"]), &mut out)
+            .await
+            .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<_> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].starts_with("#4 "), "{text}");
+
+        let mut out = Vec::new();
+        run_tail(&store, &tail_args(&["--subject", "a", "--json"]), &mut out)
+            .await
+            .unwrap();
+        let events: Vec<serde_json::Value> = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let sequences: Vec<_> = events.iter().map(|e| e["sequence"].clone()).collect();
+        assert_eq!(sequences, [json!(1), json!(2)]);
+        assert_eq!(events[1]["position"], 4);
+        assert_eq!(events[0]["feed"], "accounts.v1");
+    }
+
+    #[tokio::test]
+    async fn tail_of_an_unknown_feed_names_the_known_ones() {
+        let (store, _) = store().await;
+        let mut args = tail_args(&[]);
+        args.feed = FeedId::parse("accounts.v9").unwrap();
+        let error = run_tail(&store, &args, &mut Vec::new()).await.unwrap_err();
+        assert!(error.to_string().contains("feeds: accounts.v1"), "{error}");
+    }
+}
