@@ -125,12 +125,7 @@ pub(crate) fn tail(args: &TailArgs) -> anyhow::Result<ExitCode> {
 
 /// Opens the store named by `args` for reading.
 async fn open(args: &StoreArgs) -> anyhow::Result<Opened> {
-    crate::feed_open::open(
-        args.dir.as_deref(),
-        args.postgres.as_deref(),
-        &args.schema,
-    )
-    .await
+    crate::feed_open::open(args.dir.as_deref(), args.postgres.as_deref(), &args.schema).await
 }
 
 /// One feed, as `headwater feeds` shows it.

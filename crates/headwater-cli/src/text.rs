@@ -123,7 +123,11 @@ mod tests {
         ] {
             assert_eq!(utc(Timestamp::from_unix_micros(micros)), text, "{micros}");
             let rfc = text.replacen(' ', "T", 1).replace(" UTC", "Z");
-            assert_eq!(rfc3339(Timestamp::from_unix_micros(micros)), rfc, "{micros}");
+            assert_eq!(
+                rfc3339(Timestamp::from_unix_micros(micros)),
+                rfc,
+                "{micros}"
+            );
         }
     }
 }

@@ -41,7 +41,25 @@ const BENCH_FLAGS: &[&str] = &[
 #[test]
 fn help_for_every_verb_exits_0_and_names_each_flag() {
     let table: &[(&[&str], &[&str])] = &[
-        (&["--help"], &["inspect", "verify", "bench"]),
+        (
+            &["--help"],
+            &["inspect", "verify", "bench", "feeds", "tail"],
+        ),
+        (
+            &["feeds", "--help"],
+            &["DIR", "--postgres", "--schema", "--json"],
+        ),
+        (
+            &["tail", "--help"],
+            &[
+                "--feed",
+                "--subject",
+                "--after",
+                "--last",
+                "--follow",
+                "--json",
+            ],
+        ),
         (&["inspect", "--help"], &["DIR", "--help"]),
         (&["verify", "--help"], &["DIR", "--help", "Exits 0"]),
         (&["bench", "--help"], BENCH_FLAGS),
@@ -651,4 +669,139 @@ fn a_schema_without_a_store_is_a_clear_error() {
             "{verb}: {stderr}"
         );
     }
+}
+
+/// A store with a log of 5 events and one feed `accounts.v1` projected from its first 4, two
+/// subjects, and one reader recorded.
+fn store_with_a_feed(dir: &Path) {
+    use headwater_core::{FeedId, Position, Subject, Timestamp};
+    use headwater_store::{FeedStore, ProjectedEvent, ProjectorBatch, ReaderSeen};
+
+    small_store(dir);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = EmbeddedStore::open(dir).unwrap();
+        let feeds = store.feeds().unwrap();
+        let feed = FeedId::parse("accounts.v1").unwrap();
+        feeds.register(&feed).await.unwrap();
+        let events = (1..=4)
+            .map(|i| ProjectedEvent {
+                id: EventId::new_random(),
+                event_type: EventType::new("accounts.deposited").unwrap(),
+                subject: Subject::new(if i % 2 == 0 { "a" } else { "b" }).unwrap(),
+                time: Timestamp::from_unix_micros(1_795_780_524_000_000 + i),
+                data: format!("{{\"amount\":{i}}}").into_bytes(),
+                source_position: Position(i),
+            })
+            .collect();
+        let batch = ProjectorBatch {
+            from: Position(0),
+            to: Position(4),
+            events,
+        };
+        feeds.commit(&feed, batch).await.unwrap();
+        feeds
+            .record_readers(vec![ReaderSeen {
+                feed,
+                reader: "statements".to_owned(),
+                at: Timestamp::from_unix_micros(1_795_780_524_000_000),
+                reads: 7,
+            }])
+            .await
+            .unwrap();
+    });
+}
+
+#[test]
+fn feeds_shows_status_progress_and_readers() {
+    let dir = tempfile::tempdir().unwrap();
+    store_with_a_feed(dir.path());
+    let path = dir.path().to_str().unwrap();
+
+    let out = headwater(&["feeds", path]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("| accounts.v1 | backfilling | 4 | 4 (")
+            && stdout.contains("statements (7 reads"),
+        "{stdout}"
+    );
+
+    let out = headwater(&["feeds", path, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let feed = &json["feeds"][0];
+    assert_eq!(
+        (
+            &feed["name"],
+            &feed["version"],
+            &feed["head"],
+            &feed["cursor"]
+        ),
+        (&"accounts".into(), &1.into(), &4.into(), &4.into()),
+        "{json}"
+    );
+    assert_eq!(feed["readers"][0]["reader"], "statements");
+}
+
+#[test]
+fn tail_prints_a_feed_and_a_subject() {
+    let dir = tempfile::tempdir().unwrap();
+    store_with_a_feed(dir.path());
+    let path = dir.path().to_str().unwrap();
+
+    let out = headwater(&["tail", path, "--feed", "accounts.v1", "--last", "3"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stdout = text(&out.stdout);
+    let lines: Vec<_> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    assert!(
+        lines[0].starts_with("#2 ") && lines[2].starts_with("#4 "),
+        "{stdout}"
+    );
+
+    let args = [
+        "tail",
+        path,
+        "--feed",
+        "accounts.v1",
+        "--subject",
+        "b",
+        "--json",
+    ];
+    let out = headwater(&args);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let events: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let seen: Vec<_> = events
+        .iter()
+        .map(|e| (e["sequence"].as_u64(), e["position"].as_u64()))
+        .collect();
+    assert_eq!(seen, [(Some(1), Some(1)), (Some(2), Some(3))]);
+    assert_eq!(events[0]["time"], "2026-11-27T11:55:24.000001Z");
+    assert_eq!(events[0]["data"]["amount"], 1);
+}
+
+#[test]
+fn feed_tools_refuse_unknown_feeds_and_stores_without_feeds() {
+    let dir = tempfile::tempdir().unwrap();
+    store_with_a_feed(dir.path());
+    let path = dir.path().to_str().unwrap();
+    let out = headwater(&["tail", path, "--feed", "accounts.v9"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(text(&out.stderr).contains("feeds: accounts.v1"), "{out:?}");
+
+    let out = headwater(&["tail", path, "--feed", "Accounts"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+
+    let bare = tempfile::tempdir().unwrap();
+    small_store(bare.path());
+    let out = headwater(&["feeds", bare.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        text(&out.stderr).contains("cannot open the feeds"),
+        "{out:?}"
+    );
 }
