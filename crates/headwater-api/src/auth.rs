@@ -137,6 +137,29 @@ pub(crate) struct Reader {
     pub(crate) name: String,
 }
 
+/// What a token file's parse error says: serde_json's message only when it names a field (never a
+/// value, which may be a token put in the wrong place), and the position.
+fn parse_detail(error: &serde_json::Error) -> String {
+    let message = error.to_string();
+    let names_a_field =
+        message.starts_with("unknown field") || message.starts_with("missing field");
+    let what = if names_a_field {
+        message
+            .split(" at line ")
+            .next()
+            .unwrap_or("unknown or missing field")
+            .to_owned()
+    } else {
+        match error.classify() {
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+                "not valid JSON".to_owned()
+            }
+            _ => "a value of the wrong type (see the format in docs/design/feed-api.md)".to_owned(),
+        }
+    };
+    format!("{what} at line {} column {}", error.line(), error.column())
+}
+
 fn digest(token: &[u8]) -> [u8; 32] {
     Sha256::digest(token).into()
 }
@@ -250,8 +273,7 @@ impl Tokens {
         }
         let file: File = serde_json::from_str(text).map_err(|e| ConfigError::Parse {
             path: String::new(),
-            // serde_json's messages name the position and the field, never the value.
-            detail: e.to_string(),
+            detail: parse_detail(&e),
         })?;
         let mut tokens = Tokens::new();
         for entry in file.tokens {
@@ -397,6 +419,17 @@ mod tests {
         let text = format!(r#"{{"tokens":[{{"name":"a","token":"{secret}","feeds":["*"]}}]}}"#);
         let error = Tokens::from_json(&text).unwrap_err();
         assert!(!error.to_string().contains("sup3r"));
+        // A token in the wrong place is not quoted either.
+        for misplaced in [
+            r#"{"tokens":[{"name":"a","token":"t","feeds":"sup3r"}]}"#,
+            r#"{"tokens":[{"name":"a","token":["sup3r"],"feeds":["*"]}]}"#,
+            r#"{"tokens":"sup3r"}"#,
+            r#"{"tokens":[{"name":"a","token":"sup3r"#,
+        ] {
+            let error = Tokens::from_json(misplaced).unwrap_err().to_string();
+            assert!(!error.contains("sup3r"), "{error}");
+            assert!(error.contains("line 1"), "{error}");
+        }
         let debug = format!("{:?}", Tokens::one_for_all("a", "sup3r-s3cret").unwrap());
         assert!(!debug.contains("sup3r"), "{debug}");
     }
