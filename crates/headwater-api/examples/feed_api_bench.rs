@@ -1,7 +1,8 @@
-//! The feed API's figures on the in-memory feed store: feed read rate over HTTP on loopback with
-//! 1 and 16 clients, and long-poll wake-up latency from commit to answer.
+//! The feed API's figures on the in-memory feed store (or, with `--embedded`, the embedded one in
+//! a temporary directory): feed read rate over HTTP on loopback with 1 and 16 clients, and
+//! long-poll wake-up latency from commit to answer.
 //!
-//! `cargo run --release -p headwater-api --features bench --example feed_api_bench [EVENTS] [ROUNDS]`
+//! `cargo run --release -p headwater-api --features bench --example feed_api_bench [--embedded] [EVENTS] [ROUNDS]`
 
 use std::sync::Arc;
 
@@ -36,7 +37,7 @@ fn event(feed: &FeedId, p: u64) -> ProjectedEvent {
     }
 }
 
-async fn fill(store: &MemoryFeedStore, feed: &FeedId, events: u64) {
+async fn fill(store: &dyn FeedStore, feed: &FeedId, events: u64) {
     let mut from = 0;
     while from < events {
         let to = (from + COMMIT_EVENTS).min(events);
@@ -50,21 +51,59 @@ async fn fill(store: &MemoryFeedStore, feed: &FeedId, events: u64) {
     }
 }
 
+async fn fill_log(log: &headwater_embedded::EmbeddedStore, events: u64) {
+    use headwater_core::{ExpectedVersion, NewEvent, StreamName};
+    use headwater_store::EventStore;
+    let mut done = 0;
+    let mut stream = 0;
+    while done < events {
+        let count = (events - done).min(1_000);
+        let batch = (0..count)
+            .map(|_| {
+                NewEvent::new(
+                    EventId::new_random(),
+                    EventType::new("accounts.deposited").unwrap(),
+                    b"{}".to_vec(),
+                )
+            })
+            .collect();
+        let name = StreamName::new(format!("account-{stream}")).unwrap();
+        log.append(&name, ExpectedVersion::NoStream, batch)
+            .await
+            .unwrap();
+        done += count;
+        stream += 1;
+    }
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
-    let mut args = std::env::args().skip(1);
-    let events: u64 = args.next().map_or(200_000, |a| a.parse().unwrap());
-    let rounds: usize = args.next().map_or(1_000, |a| a.parse().unwrap());
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let embedded = args.first().is_some_and(|a| a == "--embedded");
+    if embedded {
+        args.remove(0);
+    }
+    let events: u64 = args.first().map_or(200_000, |a| a.parse().unwrap());
+    let rounds: usize = args.get(1).map_or(1_000, |a| a.parse().unwrap());
     let feed = FeedId::parse("accounts.v2").unwrap();
-    let store = MemoryFeedStore::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (store, name): (Arc<dyn FeedStore>, &str) = if embedded {
+        let log = headwater_embedded::EmbeddedStore::open(dir.path()).unwrap();
+        // The embedded feed store keeps each cursor within the log: give it a log to project
+        // (the events themselves do not matter here).
+        fill_log(&log, events + rounds as u64).await;
+        let feeds = headwater_embedded::EmbeddedFeedStore::open(&log).unwrap();
+        (Arc::new(feeds), "EmbeddedFeedStore")
+    } else {
+        (Arc::new(MemoryFeedStore::new()), "MemoryFeedStore")
+    };
     store.register(&feed).await.unwrap();
-    fill(&store, &feed, events).await;
+    fill(store.as_ref(), &feed, events).await;
     store.set_status(&feed, FeedStatus::Live).await.unwrap();
-    let shared: Arc<dyn FeedStore> = Arc::new(store.clone());
 
-    println!("feed API on MemoryFeedStore, {events} events of ~70 bytes, pages of 1,000");
+    println!("feed API on {name}, {events} events of ~70 bytes, pages of 1,000");
     for clients in [1, 16] {
-        let rate = read_rate(Arc::clone(&shared), &feed, clients, 1_000)
+        let rate = read_rate(Arc::clone(&store), &feed, clients, 1_000)
             .await
             .unwrap();
         println!(
@@ -75,12 +114,10 @@ async fn main() {
         );
     }
 
-    let committing = store.clone();
-    let feed_for_commit = feed.clone();
     let cursor = std::sync::atomic::AtomicU64::new(events);
-    let latency = wake_latency(Arc::clone(&shared), &feed, rounds, |_head: FeedPosition| {
-        let store = committing.clone();
-        let feed = feed_for_commit.clone();
+    let latency = wake_latency(Arc::clone(&store), &feed, rounds, |_head: FeedPosition| {
+        let store = Arc::clone(&store);
+        let feed = feed.clone();
         let from = cursor.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         async move {
             let batch = ProjectorBatch {
