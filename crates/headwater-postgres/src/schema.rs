@@ -131,6 +131,9 @@ DECLARE
     v_head bigint;
     v_cursor bigint;
     v_count bigint;
+    v_subjects text[];
+    v_counts bigint[];
+    v_priors bigint[];
 BEGIN
     SELECT id, head, cursor INTO v_feed, v_head, v_cursor FROM {schema}.feeds
      WHERE name = p_name AND version = p_version FOR UPDATE;
@@ -143,20 +146,29 @@ BEGIN
     END IF;
     v_count := coalesce(cardinality(p_ids), 0);
     IF v_count > 0 THEN
+        -- The batch's subjects, their event counts, and their heads before it: one index probe
+        -- per subject of the batch, however many the feed has (the LIMIT keeps the planner from
+        -- turning the probes into a scan of every subject of the feed joined by hash).
+        SELECT array_agg(s.subject), array_agg(s.n), array_agg(coalesce(h.sequence, 0))
+          INTO v_subjects, v_counts, v_priors
+          FROM (SELECT u.subject, count(*) AS n FROM unnest(p_subjects) AS u(subject)
+                 GROUP BY u.subject) s
+          LEFT JOIN LATERAL (SELECT sh.sequence FROM {schema}.subject_heads sh
+                              WHERE sh.feed = v_feed AND sh.subject = s.subject LIMIT 1) h
+            ON true;
         INSERT INTO {schema}.feed_events (feed, position, subject, sequence, event_id, event_type,
                                           time, data, source_position)
         SELECT v_feed, v_head + e.ord, e.subject,
-               coalesce(h.sequence, 0) + row_number() OVER (PARTITION BY e.subject ORDER BY e.ord),
+               p.prior + row_number() OVER (PARTITION BY e.subject ORDER BY e.ord),
                e.id, e.typ, e.tim, e.dat, e.src
           FROM unnest(p_ids, p_types, p_subjects, p_times, p_data, p_sources)
                WITH ORDINALITY AS e(id, typ, subject, tim, dat, src, ord)
-          LEFT JOIN {schema}.subject_heads h ON h.feed = v_feed AND h.subject = e.subject;
+          JOIN unnest(v_subjects, v_priors) AS p(subject, prior) ON p.subject = e.subject;
+        -- One upsert per subject, each by the primary key's index.
         INSERT INTO {schema}.subject_heads (feed, subject, sequence)
-        SELECT v_feed, s.subject, count(*)
-          FROM unnest(p_subjects) AS s(subject)
-         GROUP BY s.subject
-        ON CONFLICT (feed, subject)
-        DO UPDATE SET sequence = {schema}.subject_heads.sequence + EXCLUDED.sequence;
+        SELECT v_feed, p.subject, p.prior + p.n
+          FROM unnest(v_subjects, v_counts, v_priors) AS p(subject, n, prior)
+        ON CONFLICT (feed, subject) DO UPDATE SET sequence = EXCLUDED.sequence;
         PERFORM pg_notify(p_channel, p_name || '.v' || p_version || ' ' || (v_head + v_count));
     END IF;
     UPDATE {schema}.feeds SET head = v_head + v_count, cursor = p_to WHERE id = v_feed;
