@@ -193,7 +193,9 @@ fn feed_from_path(name: &str, version: &str) -> Result<FeedId, ApiError> {
 }
 
 fn path_error(rejection: PathRejection) -> ApiError {
-    ApiError::bad_parameter(format!("bad path: {}", rejection.body_text()))
+    // axum's text may quote the whole segment: log it, answer a bounded detail.
+    tracing::debug!(rejection = %quote(&rejection.body_text()), "refused a path");
+    ApiError::bad_parameter("a path segment is not valid percent-encoded UTF-8")
 }
 
 /// Authenticates, checks the token's scope, then the feed's existence and status.

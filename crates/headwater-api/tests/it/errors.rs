@@ -367,3 +367,46 @@ async fn store_failures_and_panics_become_problems() {
         }
     }
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+
+    /// Whatever the path and query, the answer is a 200 or a problem, never a panic or a 500.
+    #[test]
+    fn arbitrary_requests_get_an_answer_or_a_problem(
+        route in proptest::sample::select(vec![
+            "/feeds", "/feeds/accounts/v2", "/feeds/accounts/v2/subjects",
+            "/feeds/accounts/v2/subjects/s1",
+        ]),
+        segment in "[a-zA-Z0-9%._~-]{0,12}",
+        pairs in proptest::collection::vec(
+            (
+                proptest::sample::select(vec!["after", "limit", "timeout_ms", "x", ""]),
+                "[0-9]{0,3}|[a-z0-9%+.~-]{0,6}",
+            ),
+            0..4,
+        ),
+        noise in "[a-z_=&%0-9+.-]{0,20}",
+    ) {
+        let mut query: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        query.push(noise);
+        let query = query.join("&");
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let fx = fixture(3).await;
+            for uri in [format!("{route}?{query}"), format!("{route}/{segment}?{query}"),
+                        format!("/feeds/{segment}/v2?{query}")] {
+                let Ok(uri) = uri.parse::<axum::http::Uri>() else { continue };
+                let answer = get(&fx.router, &uri.to_string(), Some(ALL)).await;
+                let status = answer.status.as_u16();
+                if status == 200 {
+                    continue;
+                }
+                assert!(matches!(status, 400 | 404), "{uri}: {status}");
+                assert_eq!(answer.content_type(), "application/problem+json", "{uri}");
+                let body = answer.json();
+                assert!(body["type"].as_str().unwrap().starts_with("https://headwater.dev/problems/"));
+            }
+        });
+    }
+}
