@@ -180,16 +180,35 @@ impl StageBars {
 
 fn render_report(dir: &Path, report: &VerifyReport) -> String {
     let mut out = String::new();
-    let checked = format!(
+    let mut checked = format!(
         "{} events in {} streams",
         count(report.events_checked),
         count(report.streams_checked)
     );
+    if report.feeds_checked > 0 {
+        let _ = write!(
+            checked,
+            ", {} feed events in {} {}",
+            count(report.feed_events_checked),
+            count(report.feeds_checked),
+            if report.feeds_checked == 1 {
+                "feed"
+            } else {
+                "feeds"
+            }
+        );
+    }
     if report.is_clean() {
+        let feeds = if report.feeds_checked > 0 {
+            "; feed positions and sequences contiguous, feed and subject heads right, cursors \
+             within the log"
+        } else {
+            ""
+        };
         let _ = writeln!(
             out,
             "{}: sound. Checked {checked}: positions contiguous, checksums match, versions \
-             contiguous, stream heads right, event ids unique.",
+             contiguous, stream heads right, event ids unique{feeds}.",
             dir.display()
         );
         return out;

@@ -295,6 +295,9 @@ pub enum VerifyStage {
     Streams,
     /// Every event id, in id order: uniqueness.
     EventIds,
+    /// The feeds file, when the store has one: its integrity check, every feed, feed event,
+    /// subject and reader row (progress counts feed events).
+    Feeds,
 }
 
 impl fmt::Display for VerifyStage {
@@ -304,6 +307,7 @@ impl fmt::Display for VerifyStage {
             VerifyStage::Events => "events",
             VerifyStage::Streams => "streams",
             VerifyStage::EventIds => "event ids",
+            VerifyStage::Feeds => "feeds",
         })
     }
 }
@@ -332,6 +336,10 @@ pub struct VerifyReport {
     pub problems: Vec<Problem>,
     /// How many problems were found, recorded or not.
     pub problems_found: u64,
+    /// Feeds checked (0 when the store has no feeds file).
+    pub feeds_checked: u64,
+    /// Feed events read in position order.
+    pub feed_events_checked: u64,
 }
 
 impl VerifyReport {
@@ -399,6 +407,35 @@ pub enum Problem {
         event_id: EventId,
         first: Position,
         second: Position,
+    },
+    /// A finding of SQLite's `PRAGMA integrity_check` on the feeds file.
+    FeedIntegrity { detail: String },
+    /// A row of the feeds file is damaged (a checksum mismatch, a field out of its domain, a row
+    /// that belongs nowhere).
+    FeedDamage { feed: String, detail: String },
+    /// No event of the feed has the positions from `after + 1` up to `next - 1`.
+    FeedPositionGap { feed: String, after: u64, next: u64 },
+    /// The feed's recorded head is not its last position.
+    FeedHeadMismatch { feed: String, head: u64, last: u64 },
+    /// The subject's sequences skip from `after` to `next`.
+    SequenceGap {
+        feed: String,
+        subject: String,
+        after: u64,
+        next: u64,
+    },
+    /// The subject's recorded head is not its last sequence.
+    SubjectHeadMismatch {
+        feed: String,
+        subject: String,
+        head: u64,
+        last: u64,
+    },
+    /// The feed's projector cursor is past the log's head.
+    FeedAheadOfLog {
+        feed: String,
+        cursor: Position,
+        head: Position,
     },
 }
 
@@ -494,18 +531,56 @@ impl fmt::Display for Problem {
                 "event id {event_id:?} is recorded twice, at positions {} and {}",
                 first.0, second.0
             ),
+            Problem::FeedIntegrity { detail } => {
+                write!(f, "feeds file: SQLite integrity check: {detail}")
+            }
+            Problem::FeedDamage { feed, detail } => write!(f, "feed {feed}: {detail}"),
+            Problem::FeedPositionGap { feed, after, next } => write!(
+                f,
+                "feed {feed}: positions {} to {} are missing",
+                after + 1,
+                next.saturating_sub(1)
+            ),
+            Problem::FeedHeadMismatch { feed, head, last } => write!(
+                f,
+                "feed {feed}: head is {head} but the last position is {last}"
+            ),
+            Problem::SequenceGap {
+                feed,
+                subject,
+                after,
+                next,
+            } => write!(
+                f,
+                "feed {feed}, subject {subject}: sequence {} expected, {next} found",
+                after + 1
+            ),
+            Problem::SubjectHeadMismatch {
+                feed,
+                subject,
+                head,
+                last,
+            } => write!(
+                f,
+                "feed {feed}, subject {subject}: head is {head} but the last sequence is {last}"
+            ),
+            Problem::FeedAheadOfLog { feed, cursor, head } => write!(
+                f,
+                "feed {feed}: the projector cursor {} is past the log's head {}",
+                cursor.0, head.0
+            ),
         }
     }
 }
 
 /// The problems found so far: the first [`PROBLEMS_RECORDED_MAX`] and a count.
-struct Findings {
+pub(crate) struct Findings {
     problems: Vec<Problem>,
     found: u64,
 }
 
 impl Findings {
-    fn push(&mut self, problem: Problem) {
+    pub(crate) fn push(&mut self, problem: Problem) {
         self.found += 1;
         if self.problems.len() < PROBLEMS_RECORDED_MAX {
             self.problems.push(problem);
@@ -514,14 +589,14 @@ impl Findings {
 }
 
 /// How a stage ended early.
-enum StageError {
+pub(crate) enum StageError {
     /// SQLite could not read on: damage, recorded as [`Problem::Unreadable`].
     Damage(String),
     /// Anything else (a lock timeout, out of memory): verification cannot go on.
     Failed(rusqlite::Error),
 }
 
-fn damage(e: rusqlite::Error) -> StageError {
+pub(crate) fn damage(e: rusqlite::Error) -> StageError {
     match e.sqlite_error_code() {
         Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase | ErrorCode::SystemIoFailure) => {
             StageError::Damage(e.to_string())
@@ -554,11 +629,14 @@ pub fn verify(
     let path = &store.path;
     let conn = &store.conn;
     let err = sqlite_error(path);
-    conn.execute_batch("BEGIN").map_err(&err)?;
     let mut findings = Findings {
         problems: Vec::new(),
         found: 0,
     };
+    // The feeds' snapshot is taken before the log's, so that every cursor in it is within the
+    // log's snapshot (the feeds only ever project what the log already holds).
+    let feeds = open_feeds(dir, &mut findings)?;
+    conn.execute_batch("BEGIN").map_err(&err)?;
     // The snapshot starts with this first read.
     let total = match conn.query_row("SELECT count(*) FROM events", [], |row| {
         row.get::<_, i64>(0)
@@ -572,12 +650,21 @@ pub fn verify(
     };
     let mut events_checked = 0;
     let mut streams_checked = 0;
-    for stage in [
+    let mut feeds_checked = 0;
+    let mut feed_events_checked = 0;
+    let stages = [
         VerifyStage::IntegrityCheck,
         VerifyStage::Events,
         VerifyStage::Streams,
         VerifyStage::EventIds,
-    ] {
+        VerifyStage::Feeds,
+    ];
+    for stage in stages {
+        let total = match (stage, &feeds) {
+            (VerifyStage::Feeds, None) => continue,
+            (VerifyStage::Feeds, Some((_, feed_events))) => *feed_events,
+            _ => total,
+        };
         progress(VerifyProgress {
             stage,
             done: 0,
@@ -593,6 +680,20 @@ pub fn verify(
                 check_streams(conn, &mut findings, &mut tick, &mut streams_checked)
             }
             VerifyStage::EventIds => check_event_ids(conn, &mut findings, &mut tick),
+            VerifyStage::Feeds => match &feeds {
+                None => Ok(()),
+                Some((feeds_conn, _)) => log_head(conn).and_then(|head| {
+                    let (feeds, events) = crate::feeds::verify::check_feeds(
+                        feeds_conn,
+                        head,
+                        &mut findings,
+                        &mut tick,
+                    )?;
+                    feeds_checked = feeds;
+                    feed_events_checked = events;
+                    Ok(())
+                }),
+            },
         };
         match result {
             Ok(()) => {}
@@ -608,12 +709,57 @@ pub fn verify(
     }
     // Ending a read transaction cannot lose anything.
     let _ = conn.execute_batch("COMMIT");
+    if let Some((feeds_conn, _)) = &feeds {
+        let _ = feeds_conn.execute_batch("COMMIT");
+    }
     Ok(VerifyReport {
         events_checked,
         streams_checked,
         problems: findings.problems,
         problems_found: findings.found,
+        feeds_checked,
+        feed_events_checked,
     })
+}
+
+/// The log's head in the snapshot.
+fn log_head(conn: &Connection) -> Result<Position, StageError> {
+    let head: Option<i64> = conn
+        .query_row("SELECT max(position) FROM events", [], |row| row.get(0))
+        .map_err(damage)?;
+    Ok(Position(
+        head.and_then(|h| u64::try_from(h).ok()).unwrap_or(0),
+    ))
+}
+
+/// A read-only connection to the store's feeds file inside a read transaction, with its event
+/// count; `None` when the store has no feeds. A feeds file that cannot be read as one is a
+/// problem of the store, recorded.
+fn open_feeds(dir: &Path, findings: &mut Findings) -> Result<Option<(Connection, u64)>, OpenError> {
+    use crate::feeds::schema::{FEEDS_FILE, FEEDS_FORMAT};
+    let path = dir.join(FEEDS_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let opened = (|| {
+        let conn = crate::open::connect_read_only(&path, 2 * 1024 * 1024)?;
+        crate::open::check_format_of(&conn, &path, &FEEDS_FORMAT)?;
+        conn.execute_batch("BEGIN").map_err(sqlite_error(&path))?;
+        let count: i64 = conn
+            .query_row("SELECT count(*) FROM feed_events", [], |row| row.get(0))
+            .map_err(sqlite_error(&path))?;
+        Ok::<_, OpenError>((conn, u64::try_from(count).unwrap_or(0)))
+    })();
+    match opened {
+        Ok(opened) => Ok(Some(opened)),
+        Err(error @ (OpenError::Io { .. } | OpenError::Sqlite { .. })) => Err(error),
+        Err(error) => {
+            findings.push(Problem::FeedIntegrity {
+                detail: error.to_string(),
+            });
+            Ok(None)
+        }
+    }
 }
 
 fn integrity_check(conn: &Connection, findings: &mut Findings) -> Result<(), StageError> {

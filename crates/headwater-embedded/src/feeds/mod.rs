@@ -6,6 +6,7 @@
 
 mod read;
 pub(crate) mod schema;
+pub(crate) mod verify;
 mod writer;
 
 use std::collections::HashMap;

@@ -5,6 +5,8 @@ mod corruption;
 mod crash;
 mod faults;
 mod feed_conformance;
+mod feed_crash;
+mod feeds;
 mod format;
 mod group;
 mod integrity;

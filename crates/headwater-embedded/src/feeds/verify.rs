@@ -1,0 +1,294 @@
+//! `verify`'s checks of the feeds file: SQLite's integrity check, every feed row, every feed
+//! event in position order, every subject with its events in sequence order, every reader row.
+//! Each is a scan in index order keeping one row of state (plus one entry per feed).
+
+use std::collections::HashMap;
+
+use headwater_core::Position;
+use rusqlite::Connection;
+
+use super::schema::{
+    SELECT_FEEDS, decode_event, decode_feed, decode_subject, event_fields, int, reader_crc,
+    split_key,
+};
+use crate::verify::{Findings, Problem, StageError, damage};
+
+/// The feeds' columns of the key-order scan.
+const SELECT_ALL_FEED_EVENTS: &str = "SELECT key, subject_id, sequence, event_id, event_type, \
+     subject, time, data, source_position, crc FROM feed_events ORDER BY key";
+
+/// What the feed scan learnt of one feed row.
+struct Feed {
+    name: String,
+    head: u64,
+    cursor: u64,
+    /// The last position and source position seen in the scan.
+    last: u64,
+    last_source: u64,
+}
+
+/// Checks the feeds file opened on `conn` (inside a read transaction) against the log's head.
+/// Returns (feeds, feed events) checked.
+pub(crate) fn check_feeds(
+    conn: &Connection,
+    log_head: Position,
+    findings: &mut Findings,
+    tick: &mut dyn FnMut(u64),
+) -> Result<(u64, u64), StageError> {
+    let integrity = format!(
+        "PRAGMA integrity_check({})",
+        crate::verify::PROBLEMS_RECORDED_MAX
+    );
+    let mut statement = conn.prepare(&integrity).map_err(damage)?;
+    let mut rows = statement.query([]).map_err(damage)?;
+    while let Some(row) = rows.next().map_err(damage)? {
+        let line: String = row.get(0).map_err(damage)?;
+        if line != "ok" {
+            findings.push(Problem::FeedIntegrity { detail: line });
+        }
+    }
+    drop(rows);
+    drop(statement);
+
+    let mut feeds: HashMap<i64, Feed> = HashMap::new();
+    let mut statement = conn.prepare(SELECT_FEEDS).map_err(damage)?;
+    let mut rows = statement.query([]).map_err(damage)?;
+    while let Some(row) = rows.next().map_err(damage)? {
+        match decode_feed(row) {
+            Err(detail) => findings.push(Problem::FeedDamage {
+                feed: row
+                    .get::<_, String>(1)
+                    .unwrap_or_else(|_| "(unreadable)".to_owned()),
+                detail,
+            }),
+            Ok(feed) => {
+                let name = feed.state.feed.to_string();
+                if feed.state.cursor > log_head {
+                    findings.push(Problem::FeedAheadOfLog {
+                        feed: name.clone(),
+                        cursor: feed.state.cursor,
+                        head: log_head,
+                    });
+                }
+                feeds.insert(
+                    feed.id,
+                    Feed {
+                        name,
+                        head: feed.state.head.get(),
+                        cursor: feed.state.cursor.0,
+                        last: 0,
+                        last_source: 0,
+                    },
+                );
+            }
+        }
+    }
+    drop(rows);
+    drop(statement);
+
+    let mut events = 0u64;
+    let mut statement = conn.prepare(SELECT_ALL_FEED_EVENTS).map_err(damage)?;
+    let mut rows = statement.query([]).map_err(damage)?;
+    while let Some(row) = rows.next().map_err(damage)? {
+        events += 1;
+        if events.is_multiple_of(crate::verify::PROGRESS_INTERVAL_EVENTS) {
+            tick(events);
+        }
+        let key = int(row, 0).unwrap_or(0);
+        let (feed_id, position) = split_key(key);
+        let Some(feed) = feeds.get_mut(&feed_id) else {
+            findings.push(Problem::FeedDamage {
+                feed: format!("feed row {feed_id}"),
+                detail: format!("an event (key {key}) belongs to a feed row that does not exist"),
+            });
+            continue;
+        };
+        if let Err(detail) = decode_event(row, None) {
+            findings.push(Problem::FeedDamage {
+                feed: feed.name.clone(),
+                detail,
+            });
+        }
+        if position != feed.last + 1 {
+            findings.push(Problem::FeedPositionGap {
+                feed: feed.name.clone(),
+                after: feed.last,
+                next: position,
+            });
+        }
+        feed.last = position;
+        if let Ok((fields, _)) = event_fields(row) {
+            let source = u64::try_from(fields.source_position).unwrap_or(0);
+            if source < feed.last_source || source > feed.cursor {
+                findings.push(Problem::FeedDamage {
+                    feed: feed.name.clone(),
+                    detail: format!(
+                        "the event at position {position} is made of log position {source}, \
+                         out of order or past the cursor {}",
+                        feed.cursor
+                    ),
+                });
+            }
+            feed.last_source = source;
+        }
+    }
+    drop(rows);
+    drop(statement);
+    let mut by_id: Vec<_> = feeds.iter().collect();
+    by_id.sort_by_key(|(id, _)| **id);
+    for (_, feed) in by_id {
+        if feed.last != feed.head {
+            findings.push(Problem::FeedHeadMismatch {
+                feed: feed.name.clone(),
+                head: feed.head,
+                last: feed.last,
+            });
+        }
+    }
+
+    check_subjects(conn, &feeds, findings)?;
+
+    let mut statement = conn
+        .prepare("SELECT feed_id, reader, first_read_at, last_read_at, reads, crc FROM readers")
+        .map_err(damage)?;
+    let mut rows = statement.query([]).map_err(damage)?;
+    while let Some(row) = rows.next().map_err(damage)? {
+        let fields = (|| -> Result<_, String> {
+            Ok((
+                int(row, 0)?,
+                super::schema::bytes(row, 1)?.to_vec(),
+                int(row, 2)?,
+                int(row, 3)?,
+                int(row, 4)?,
+                int(row, 5)?,
+            ))
+        })();
+        let ok = fields.as_ref().is_ok_and(|(feed, reader, a, b, n, crc)| {
+            *crc == i64::from(reader_crc(*feed, reader, *a, *b, *n))
+        });
+        if !ok {
+            let feed = fields.as_ref().map_or(0, |f| f.0);
+            findings.push(Problem::FeedDamage {
+                feed: feeds
+                    .get(&feed)
+                    .map_or_else(|| format!("feed row {feed}"), |f| f.name.clone()),
+                detail: "a reader row's checksum does not match".to_owned(),
+            });
+        }
+    }
+    Ok((feeds.len() as u64, events))
+}
+
+/// Every subject row (checksum, feed) and its events in sequence order: sequences contiguous
+/// from 1, the head right, the events' subject the row's.
+fn check_subjects(
+    conn: &Connection,
+    feeds: &HashMap<i64, Feed>,
+    findings: &mut Findings,
+) -> Result<(), StageError> {
+    let mut subjects = conn
+        .prepare("SELECT id, feed_id, subject, head, crc FROM subjects ORDER BY id")
+        .map_err(damage)?;
+    let mut events = conn
+        .prepare(
+            "SELECT subject_id, sequence, subject FROM feed_events \
+             ORDER BY subject_id, sequence",
+        )
+        .map_err(damage)?;
+    let mut subject_rows = subjects.query([]).map_err(damage)?;
+    let mut event_rows = events.query([]).map_err(damage)?;
+    // The next event of the (subject id, sequence) scan, one ahead.
+    let mut next_event = read_event(event_rows.next().map_err(damage)?)?;
+    while let Some(row) = subject_rows.next().map_err(damage)? {
+        let id = int(row, 0).unwrap_or(0);
+        let (name, feed, text, head) = match decode_subject(row) {
+            Ok((_, feed_id, head)) => {
+                let feed = feeds
+                    .get(&feed_id)
+                    .map_or_else(|| format!("feed row {feed_id}"), |f| f.name.clone());
+                let text = head.subject.as_str().to_owned();
+                (text.clone(), feed, Some(text), head.sequence.get())
+            }
+            Err(detail) => {
+                findings.push(Problem::FeedDamage {
+                    feed: "(a subject row)".to_owned(),
+                    detail,
+                });
+                (format!("subject row {id}"), String::new(), None, 0)
+            }
+        };
+        // Events of subject ids without a row, before this one.
+        while let Some((subject_id, _, _)) = &next_event
+            && *subject_id < id
+        {
+            findings.push(Problem::FeedDamage {
+                feed: "(unknown)".to_owned(),
+                detail: format!("events belong to subject row {subject_id}, which does not exist"),
+            });
+            next_event = skip_subject(&mut event_rows, *subject_id)?;
+        }
+        let mut last = 0u64;
+        while let Some((subject_id, sequence, subject)) = &next_event
+            && *subject_id == id
+        {
+            if *sequence != last + 1 {
+                findings.push(Problem::SequenceGap {
+                    feed: feed.clone(),
+                    subject: name.clone(),
+                    after: last,
+                    next: *sequence,
+                });
+            }
+            if text.as_deref().is_some_and(|t| t != subject) {
+                findings.push(Problem::FeedDamage {
+                    feed: feed.clone(),
+                    detail: format!(
+                        "an event of subject {name} (sequence {sequence}) names subject {subject}"
+                    ),
+                });
+            }
+            last = *sequence;
+            next_event = read_event(event_rows.next().map_err(damage)?)?;
+        }
+        if text.is_some() && last != head {
+            findings.push(Problem::SubjectHeadMismatch {
+                feed,
+                subject: name,
+                head,
+                last,
+            });
+        }
+    }
+    if let Some((subject_id, _, _)) = next_event {
+        findings.push(Problem::FeedDamage {
+            feed: "(unknown)".to_owned(),
+            detail: format!("events belong to subject row {subject_id}, which does not exist"),
+        });
+    }
+    Ok(())
+}
+
+type EventKey = Option<(i64, u64, String)>;
+
+fn read_event(row: Option<&rusqlite::Row<'_>>) -> Result<EventKey, StageError> {
+    let Some(row) = row else { return Ok(None) };
+    let subject_id: i64 = row.get(0).map_err(damage)?;
+    let sequence: i64 = row.get(1).map_err(damage)?;
+    let subject =
+        String::from_utf8_lossy(super::schema::bytes(row, 2).unwrap_or(b"?")).into_owned();
+    Ok(Some((
+        subject_id,
+        u64::try_from(sequence).unwrap_or(0),
+        subject,
+    )))
+}
+
+fn skip_subject(rows: &mut rusqlite::Rows<'_>, subject_id: i64) -> Result<EventKey, StageError> {
+    loop {
+        let next = read_event(rows.next().map_err(damage)?)?;
+        match &next {
+            Some((id, _, _)) if *id == subject_id => continue,
+            _ => return Ok(next),
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! The embedded feed store beyond the conformance suite: damage reported and never served, a
+//! feeds file that does not belong to its log, `verify` on feeds, the read-only view.
+
+use headwater_core::{FeedId, FeedPosition, FeedStatus, Position, Sequence};
+use headwater_embedded::{EmbeddedFeedStore, OpenError, Problem, verify};
+use headwater_store::conformance::feed::{batch, subject};
+use headwater_store::{FeedError, FeedStore};
+
+use crate::feed_conformance::open_feeds;
+
+fn feed() -> FeedId {
+    FeedId::parse("accounts.v1").unwrap()
+}
+
+fn find_all(haystack: &[u8], needle: &[u8]) -> Vec<usize> {
+    haystack
+        .windows(needle.len())
+        .enumerate()
+        .filter(|(_, w)| *w == needle)
+        .map(|(i, _)| i)
+        .collect()
+}
+
+#[track_caller]
+fn assert_corrupt<T: std::fmt::Debug>(result: Result<T, FeedError>, what: &str) {
+    match result {
+        Err(FeedError::Corrupt { feed: f, detail }) => {
+            assert_eq!(f, feed(), "{what}");
+            assert!(detail.contains("checksum"), "{what}: {detail}");
+        }
+        other => panic!("{what}: expected Corrupt, got {other:?}"),
+    }
+}
+
+/// Commits 10 events (subjects a, b alternating) of which the 6th carries `marker`.
+async fn feed_with_marker(dir: &std::path::Path, marker: &str) {
+    let feeds = open_feeds(dir).await;
+    feeds.register(&feed()).await.unwrap();
+    let subjects: Vec<(&str, u64)> = (1..=10)
+        .map(|i| (if i % 2 == 0 { "a" } else { "b" }, i))
+        .collect();
+    let mut batch = batch(0, 10, &subjects);
+    batch.events[5].data = format!("{{\"marker\":\"{marker}\"}}").into_bytes();
+    feeds.commit(&feed(), batch).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_byte_in_a_feed_event_is_reported_not_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = format!("corrupt-me-{}", uuid::Uuid::new_v4().simple());
+    feed_with_marker(dir.path(), &marker).await;
+    // Closed cleanly: everything is in the feeds file.
+    let file = dir.path().join("feeds.sqlite3");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let found = find_all(&bytes, marker.as_bytes());
+    assert_eq!(found.len(), 1, "the marker is stored once");
+    bytes[found[0] + 3] ^= 0x01;
+    std::fs::write(&file, &bytes).unwrap();
+
+    let report = verify(dir.path(), &mut |_| {}).unwrap();
+    assert!(!report.is_clean());
+    assert!(
+        report.problems.iter().any(|p| matches!(
+            p,
+            Problem::FeedDamage { feed, detail } if feed == "accounts.v1" && detail.contains("checksum")
+        )),
+        "{report:#?}"
+    );
+
+    let feeds = open_feeds(dir.path()).await;
+    let before = feeds
+        .read_feed(&feed(), FeedPosition::START, 5)
+        .await
+        .unwrap();
+    assert_eq!(before.len(), 5, "events before the damage are served");
+    assert_corrupt(
+        feeds.read_feed(&feed(), FeedPosition::START, 100).await,
+        "read_feed over it",
+    );
+    assert_corrupt(
+        feeds.read_feed(&feed(), FeedPosition(5), 1).await,
+        "read_feed of it",
+    );
+    let after = feeds
+        .read_feed(&feed(), FeedPosition(6), 100)
+        .await
+        .unwrap();
+    assert_eq!(after.len(), 4, "events after the damage are served");
+    // The 6th event is subject a's 3rd.
+    assert_corrupt(
+        feeds
+            .read_subject(&feed(), &subject("a"), Sequence::START, 100)
+            .await,
+        "read_subject over it",
+    );
+    let b = feeds
+        .read_subject(&feed(), &subject("b"), Sequence::START, 100)
+        .await
+        .unwrap();
+    assert_eq!(b.len(), 5, "the other subject is served");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_subject_head_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    feed_with_marker(dir.path(), "x").await;
+    {
+        // A row rewritten without its checksum: the head says 4 where 5 events are.
+        let conn = rusqlite::Connection::open(dir.path().join("feeds.sqlite3")).unwrap();
+        conn.execute("UPDATE subjects SET head = 4 WHERE subject = 'a'", [])
+            .unwrap();
+    }
+    let report = verify(dir.path(), &mut |_| {}).unwrap();
+    assert!(
+        report.problems.iter().any(
+            |p| matches!(p, Problem::FeedDamage { detail, .. } if detail.contains("checksum"))
+        ),
+        "{report:#?}"
+    );
+    let feeds = open_feeds(dir.path()).await;
+    assert_corrupt(
+        feeds
+            .read_subject(&feed(), &subject("a"), Sequence::START, 10)
+            .await,
+        "read_subject",
+    );
+    assert_corrupt(feeds.subjects(&feed(), None, 10).await, "subjects");
+    // A commit touching the subject refuses to number on from a damaged head.
+    let error = feeds
+        .commit(&feed(), batch(10, 11, &[("a", 11)]))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, FeedError::Corrupt { .. }), "{error:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_finds_holes_and_wrong_heads() {
+    let dir = tempfile::tempdir().unwrap();
+    feed_with_marker(dir.path(), "x").await;
+    let clean = verify(dir.path(), &mut |_| {}).unwrap();
+    assert!(clean.is_clean(), "{clean:#?}");
+    assert_eq!((clean.feeds_checked, clean.feed_events_checked), (1, 10));
+    {
+        // Whole rows removed (their checksums are fine): a hole in the feed and in a subject.
+        let conn = rusqlite::Connection::open(dir.path().join("feeds.sqlite3")).unwrap();
+        let key = (1i64 << 40) | 4;
+        conn.execute("DELETE FROM feed_events WHERE key = ?1", [key])
+            .unwrap();
+        let last = (1i64 << 40) | 10;
+        conn.execute("DELETE FROM feed_events WHERE key = ?1", [last])
+            .unwrap();
+    }
+    let report = verify(dir.path(), &mut |_| {}).unwrap();
+    let problems = &report.problems;
+    assert!(
+        problems.iter().any(|p| matches!(
+            p,
+            Problem::FeedPositionGap {
+                after: 3,
+                next: 5,
+                ..
+            }
+        )),
+        "{report:#?}"
+    );
+    assert!(
+        problems.iter().any(|p| matches!(
+            p,
+            Problem::FeedHeadMismatch {
+                head: 10,
+                last: 9,
+                ..
+            }
+        )),
+        "{report:#?}"
+    );
+    assert!(
+        problems.iter().any(|p| matches!(
+            p,
+            Problem::SequenceGap { subject, after: 1, next: 3, .. } if subject == "a"
+        )),
+        "{report:#?}"
+    );
+    assert!(
+        problems.iter().any(|p| matches!(
+            p,
+            Problem::SubjectHeadMismatch { subject, head: 5, last: 4, .. } if subject == "a"
+        )),
+        "{report:#?}"
+    );
+    // Reads refuse to serve across the hole.
+    let feeds = open_feeds(dir.path()).await;
+    let error = feeds
+        .read_feed(&feed(), FeedPosition::START, 10)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, FeedError::Corrupt { .. }), "{error:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feeds_of_another_log_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = dir.path().join("long");
+    {
+        let feeds = open_feeds(&long).await;
+        feeds.register(&feed()).await.unwrap();
+        feeds
+            .commit(&feed(), batch(0, 900, &[("a", 5)]))
+            .await
+            .unwrap();
+    }
+    // Another store whose log is shorter than the feed's cursor.
+    let short = dir.path().join("short");
+    {
+        let store = crate::support::open(&short);
+        use headwater_store::EventStore;
+        store
+            .append(
+                &headwater_store::conformance::stream("s"),
+                headwater_core::ExpectedVersion::Any,
+                headwater_store::conformance::events(10),
+            )
+            .await
+            .unwrap();
+    }
+    std::fs::copy(long.join("feeds.sqlite3"), short.join("feeds.sqlite3")).unwrap();
+    let report = verify(&short, &mut |_| {}).unwrap();
+    assert!(
+        report.problems.iter().any(|p| matches!(
+            p,
+            Problem::FeedAheadOfLog {
+                cursor: Position(900),
+                head: Position(10),
+                ..
+            }
+        )),
+        "{report:#?}"
+    );
+    let store = crate::support::open(&short);
+    match store.feeds() {
+        Err(OpenError::FeedAheadOfLog { cursor, head, .. }) => {
+            assert_eq!((cursor, head), (Position(900), Position(10)));
+        }
+        other => panic!("expected FeedAheadOfLog, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_read_only_view_reads_a_live_store_and_refuses_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(matches!(
+        EmbeddedFeedStore::open_read_only(dir.path()),
+        Err(OpenError::Io { .. })
+    ));
+    let feeds = open_feeds(dir.path()).await;
+    feeds.register(&feed()).await.unwrap();
+    feeds
+        .commit(&feed(), batch(0, 3, &[("a", 1), ("b", 3)]))
+        .await
+        .unwrap();
+    feeds.set_status(&feed(), FeedStatus::Live).await.unwrap();
+
+    let view = EmbeddedFeedStore::open_read_only(dir.path()).unwrap();
+    assert_eq!(view.feeds().await.unwrap(), feeds.feeds().await.unwrap());
+    assert_eq!(
+        view.read_feed(&feed(), FeedPosition::START, 10)
+            .await
+            .unwrap(),
+        feeds
+            .read_feed(&feed(), FeedPosition::START, 10)
+            .await
+            .unwrap()
+    );
+    assert_eq!(*view.watch_head(&feed()).borrow(), FeedPosition(2));
+    assert!(view.register(&feed()).await.is_err());
+    assert!(view.commit(&feed(), batch(3, 4, &[])).await.is_err());
+    // A feed registered after the view opened is found.
+    let later = FeedId::parse("accounts.v2").unwrap();
+    feeds.register(&later).await.unwrap();
+    feeds
+        .commit(&later, batch(0, 1, &[("z", 1)]))
+        .await
+        .unwrap();
+    assert_eq!(
+        view.read_feed(&later, FeedPosition::START, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(matches!(
+        view.read_feed(&FeedId::parse("other.v1").unwrap(), FeedPosition::START, 10)
+            .await,
+        Err(FeedError::UnknownFeed(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feeds_is_one_store_per_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = crate::support::open(dir.path());
+    let one = store.feeds().unwrap();
+    let two = store.feeds().unwrap();
+    one.register(&feed()).await.unwrap();
+    let mut watch = two.watch_head(&feed());
+    assert_eq!(one.path(), two.path());
+    drop(store);
+    // The feeds keep the store (and its lock) open.
+    assert!(matches!(
+        headwater_embedded::EmbeddedStore::open(dir.path()),
+        Err(OpenError::Locked { .. })
+    ));
+    assert!(two.feed(&feed()).await.unwrap().is_some());
+    drop((one, two));
+    assert!(
+        watch.changed().await.is_err(),
+        "closed with the last handle"
+    );
+    let reopened = crate::support::open(dir.path());
+    assert!(
+        reopened
+            .feeds()
+            .unwrap()
+            .feed(&feed())
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
