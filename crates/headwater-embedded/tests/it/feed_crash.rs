@@ -53,9 +53,9 @@ fn feed() -> FeedId {
 /// nothing, every seventh two events, the rest one; subjects cycle through 41 values.
 fn project(event: &RecordedEvent, feed: &FeedId) -> Vec<ProjectedEvent> {
     let p = event.position.0;
-    let count = if p % 5 == 0 {
+    let count = if p.is_multiple_of(5) {
         0
-    } else if p % 7 == 0 {
+    } else if p.is_multiple_of(7) {
         2
     } else {
         1
