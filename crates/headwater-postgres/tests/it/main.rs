@@ -4,6 +4,7 @@
 
 mod conformance;
 mod crash;
+mod feed_crash;
 mod feeds;
 mod g4;
 mod group;
