@@ -1,5 +1,6 @@
 //! headwater-feed's integration tests: one binary, one module per subject.
 
+mod api;
 mod backfill;
 mod determinism;
 mod errors;
