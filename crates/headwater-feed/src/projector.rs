@@ -291,6 +291,15 @@ where
             if shutdown.is_cancelled() {
                 return Ok(self.stopped(Stopped::Shutdown));
             }
+            // What the store says, for the status of a replica that waits to lead.
+            if let Ok(Some(state)) = self.feeds.feed(&self.feed).await {
+                self.status.send_modify(|s| {
+                    s.feed_status = state.status;
+                    s.cursor = state.cursor;
+                    s.feed_head = state.head;
+                    s.log_head = s.log_head.max(self.events.head_position());
+                });
+            }
             self.set_state(ProjectorState::Standby);
             let lease = tokio::select! {
                 biased;
