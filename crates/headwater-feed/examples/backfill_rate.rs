@@ -2,8 +2,8 @@
 //! go on: `cargo run --release -p headwater-feed --example backfill_rate -- [EVENTS] [DIR]`.
 //!
 //! Fills an embedded store with EVENTS internal events (default 1,000,000; kept in DIR if given,
-//! so a second run skips the filling), then starts a projector for a new feed on an empty feed
-//! store while one task keeps appending (batches of 10 events, as fast as the store takes them),
+//! so a second run skips the filling), then starts a projector for a new feed version (in the
+//! store's embedded feed store) while one task keeps appending (batches of 10 events, as fast as the store takes them),
 //! and reports the internal events projected per second until the feed is live.
 
 use std::sync::Arc;
@@ -13,9 +13,9 @@ use std::time::Instant;
 use headwater_core::{
     EventId, EventType, ExpectedVersion, FeedId, FeedStatus, NewEvent, RecordedEvent, StreamName,
 };
-use headwater_embedded::EmbeddedStore;
+use headwater_embedded::{EmbeddedFeedStore, EmbeddedStore};
 use headwater_feed::{Emit, Projection, ProjectionError, Projectors};
-use headwater_store::{EventStore, FeedStore, MemoryFeedStore};
+use headwater_store::{EventStore, FeedStore};
 
 /// Accounts in the generated log.
 const ACCOUNTS: u64 = 10_000;
@@ -24,7 +24,8 @@ const FILL_APPEND_EVENTS: u64 = 1_000;
 /// Events per append while the backfill runs.
 const LIVE_APPEND_EVENTS: u64 = 10;
 
-struct Accounts;
+/// `accounts.vN`: each run backfills a new version (the feeds stay in the store's directory).
+struct Accounts(u32);
 
 #[derive(serde::Deserialize)]
 struct Deposited {
@@ -33,7 +34,7 @@ struct Deposited {
 
 impl Projection for Accounts {
     fn feed(&self) -> FeedId {
-        FeedId::parse("accounts.v1").unwrap()
+        FeedId::parse(&format!("accounts.v{}", self.0)).unwrap()
     }
 
     fn project(&self, event: &RecordedEvent, out: &mut Emit) -> Result<(), ProjectionError> {
@@ -90,7 +91,16 @@ async fn main() {
         started.elapsed().as_secs_f64()
     );
 
-    let feeds = Arc::new(feed_store(&dir));
+    let feeds = Arc::new(EmbeddedFeedStore::open(&events).unwrap());
+    let version = feeds
+        .feeds()
+        .await
+        .unwrap()
+        .iter()
+        .map(|f| f.feed.version.get())
+        .max()
+        .unwrap_or(0)
+        + 1;
     let stop = Arc::new(AtomicBool::new(false));
     let appended = Arc::new(AtomicU64::new(0));
     let appender = {
@@ -118,11 +128,11 @@ async fn main() {
     let start_head = events.head_position();
     let started = Instant::now();
     let projectors = Projectors::builder()
-        .projection(Accounts)
+        .projection(Accounts(version))
         .start(Arc::clone(&events), Arc::clone(&feeds))
         .await
         .unwrap();
-    let feed = Accounts.feed();
+    let feed = Accounts(version).feed();
     let mut status = projectors.watch(&feed).unwrap();
     let live = status
         .wait_for(|s| s.feed_status == FeedStatus::Live)
@@ -135,7 +145,7 @@ async fn main() {
     projectors.shutdown().await;
     let state = feeds.feed(&feed).await.unwrap().unwrap();
     println!(
-        "backfill: {} internal events in {seconds:.2} s = {:.0} events/s \
+        "backfill of {feed}: {} internal events in {seconds:.2} s = {:.0} events/s \
          (log head {} at the start, {} at live; {} events appended during the backfill = {:.0}/s); \
          feed head {}",
         live.cursor.0,
@@ -146,8 +156,4 @@ async fn main() {
         appended.load(Ordering::Relaxed) as f64 / seconds,
         state.head.0,
     );
-}
-
-fn feed_store(_dir: &std::path::Path) -> impl FeedStore {
-    MemoryFeedStore::new()
 }

@@ -123,8 +123,17 @@ async fn check_consistent(dir: &Path, v2: bool) {
             .unwrap();
         let got = read_whole_feed(&*feeds, &feed).await;
         assert_numbered(&got);
-        assert_eq!(got.len(), expected.len(), "{feed} at cursor {}", state.cursor);
-        assert!(got == expected, "{feed} differs from the offline build at cursor {}", state.cursor);
+        assert_eq!(
+            got.len(),
+            expected.len(),
+            "{feed} at cursor {}",
+            state.cursor
+        );
+        assert!(
+            got == expected,
+            "{feed} differs from the offline build at cursor {}",
+            state.cursor
+        );
         assert_eq!(state.head.0, got.len() as u64);
     }
 }
@@ -182,10 +191,16 @@ fn killed_projectors_leave_feeds_equal_to_the_offline_build() {
             let offline = build_feed(&*events, &*projection).await.unwrap();
             let projected = read_whole_feed(&*feeds, &feed).await;
             assert_eq!(projected.len(), offline.len(), "{feed}");
-            assert!(projected == offline, "{feed} differs from the offline build");
+            assert!(
+                projected == offline,
+                "{feed} differs from the offline build"
+            );
         }
         for (feed, outcome) in projectors.shutdown().await {
-            assert!(matches!(outcome, Ok(Stopped::Shutdown)), "{feed}: {outcome:?}");
+            assert!(
+                matches!(outcome, Ok(Stopped::Shutdown)),
+                "{feed}: {outcome:?}"
+            );
         }
     });
 }

@@ -2,6 +2,7 @@
 
 mod api;
 mod backfill;
+mod crash;
 mod determinism;
 mod errors;
 mod postgres;
