@@ -176,3 +176,11 @@ pub(crate) async fn backfill_while_appending<E, F>(
 async fn a_new_version_backfills_while_appends_go_on_memory() {
     backfill_while_appending(arc(MemoryStore::new()), arc(MemoryFeedStore::new()), 4_000).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_version_backfills_while_appends_go_on_embedded() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = headwater_embedded::EmbeddedStore::open(dir.path()).unwrap();
+    let feeds = headwater_embedded::EmbeddedFeedStore::open(&events).unwrap();
+    backfill_while_appending(arc(events), arc(feeds), 1_500).await;
+}

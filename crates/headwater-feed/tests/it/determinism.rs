@@ -96,3 +96,53 @@ async fn two_versions_never_share_an_id() {
         assert_eq!(event.time, source[0].metadata.recorded_at);
     }
 }
+
+/// Copies a closed store directory (the log and nothing else).
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_feeds_rebuilt_from_one_log_are_identical() {
+    use headwater_embedded::{EmbeddedFeedStore, EmbeddedStore};
+    let root = tempfile::tempdir().unwrap();
+    let original = root.path().join("original");
+    {
+        let events = EmbeddedStore::open(&original).unwrap();
+        workload(&events, 150).await;
+    }
+    let mut feeds = Vec::new();
+    for (i, (page, commit)) in [(10_000, 50_000), (3, 2), (64, 7)].into_iter().enumerate() {
+        let dir = root.path().join(format!("copy{i}"));
+        copy_dir(&original, &dir);
+        let events = Arc::new(EmbeddedStore::open(&dir).unwrap());
+        let store = Arc::new(EmbeddedFeedStore::open(&events).unwrap());
+        let mut options = ProjectorOptions::default();
+        options.read_page_events = page;
+        options.commit_events_max = commit;
+        let projector = Projector::new(
+            Arc::clone(&events),
+            Arc::clone(&store),
+            Arc::new(Accounts::v1()),
+            options,
+        );
+        let mut status = projector.status();
+        let shutdown = CancellationToken::new();
+        let run = {
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move { projector.run(&AlwaysLead, &shutdown).await })
+        };
+        wait_caught_up(&mut status, events.head_position()).await;
+        shutdown.cancel();
+        run.await.unwrap().unwrap();
+        let feed = read_whole_feed(&*store, &Accounts::v1().feed_id()).await;
+        assert!(feed == build_feed(&*events, &Accounts::v1()).await.unwrap());
+        feeds.push(feed);
+    }
+    assert!(!feeds[0].is_empty());
+    assert!(feeds.iter().all(|f| *f == feeds[0]));
+}
