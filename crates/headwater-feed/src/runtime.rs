@@ -173,8 +173,9 @@ struct Running {
     task: Option<JoinHandle<Result<Stopped, ProjectorError>>>,
 }
 
-/// A service's running projectors, one task per feed. Dropping it does not stop them: call
-/// [`Projectors::shutdown`].
+/// A service's running projectors, one task per feed. [`Projectors::shutdown`] stops them and
+/// waits; dropping the handle stops them too (each after its in-flight commit), without waiting.
+#[must_use = "dropping Projectors stops the projectors"]
 pub struct Projectors {
     shutdown: CancellationToken,
     running: Vec<Running>,
@@ -185,6 +186,12 @@ impl std::fmt::Debug for Projectors {
         f.debug_struct("Projectors")
             .field("statuses", &self.statuses())
             .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Projectors {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
     }
 }
 
@@ -232,10 +239,11 @@ impl Projectors {
     /// # Cancel safety
     /// The projectors are told to stop at the first poll; dropping the future only stops the
     /// waiting.
-    pub async fn shutdown(self) -> Vec<(FeedId, Result<Stopped, ProjectorError>)> {
+    pub async fn shutdown(mut self) -> Vec<(FeedId, Result<Stopped, ProjectorError>)> {
         self.shutdown.cancel();
-        let mut outcomes = Vec::with_capacity(self.running.len());
-        for running in self.running {
+        let running = std::mem::take(&mut self.running);
+        let mut outcomes = Vec::with_capacity(running.len());
+        for running in running {
             let outcome = match running.task {
                 None => Ok(Stopped::Retired),
                 Some(task) => task.await.unwrap_or_else(|error| {

@@ -184,3 +184,72 @@ async fn a_new_version_backfills_while_appends_go_on_embedded() {
     let feeds = headwater_embedded::EmbeddedFeedStore::open(&events).unwrap();
     backfill_while_appending(arc(events), arc(feeds), 1_500).await;
 }
+
+/// Captures what tracing writes.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+
+    fn make_writer(&'a self) -> Captured {
+        self.clone()
+    }
+}
+
+/// A backfill logs its progress (done, total, rate), then that the feed is live.
+#[test]
+fn a_backfill_logs_its_progress() {
+    let captured = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(captured.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    // A runtime on this thread only, so that the subscriber sees the projector's task.
+    let _default = tracing::subscriber::set_default(subscriber);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let events = arc(MemoryStore::new());
+        let feeds = arc(MemoryFeedStore::new());
+        workload(&*events, 300).await;
+        let mut options = ProjectorOptions::default();
+        options.read_page_events = 10;
+        options.progress_log_interval = Duration::ZERO;
+        let projectors = Projectors::builder()
+            .projection(Accounts::v1())
+            .options(options)
+            .start(events.clone(), feeds)
+            .await
+            .unwrap();
+        wait_caught_up(
+            &mut projectors.watch(&Accounts::v1().feed_id()).unwrap(),
+            events.head_position(),
+        )
+        .await;
+        projectors.shutdown().await;
+    });
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let progress: Vec<_> = text.lines().filter(|l| l.contains("backfilling")).collect();
+    assert!(progress.len() > 5, "{text}");
+    for line in &progress {
+        for field in ["feed=accounts.v1", "done=", "total=", "rate="] {
+            assert!(line.contains(field), "{line}");
+        }
+    }
+    assert!(text.contains("backfill done: the feed is live"), "{text}");
+}
