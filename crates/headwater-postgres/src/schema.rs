@@ -62,7 +62,7 @@ CREATE TABLE {schema}.leader_terms (
     },
     Migration {
         version: 3,
-        description: "integration feeds: feeds, feed_events, subject_heads, feed_readers, feed_commit",
+        description: "integration feeds: feeds, feed_events, feed_subjects, feed_readers, feed_commit",
         sql: FEEDS,
     },
 ];
@@ -74,13 +74,16 @@ CREATE TABLE {schema}.leader_terms (
 /// their indexes narrow. No foreign keys: the store never deletes a feed, and a per-row RI check
 /// would cost the backfill about as much as the insert. Subjects (and reader names) use the
 /// `"C"` collation: listings are in byte order, whatever the database's default collation.
+/// `feed_subjects` lists each feed's subjects (written once, when a subject first appears); a
+/// subject's head is read from the end of its range in `feed_events`' `(feed, subject, sequence)`
+/// index, so a commit writes nothing per known subject.
 ///
 /// `feed_commit(name, version, from, to, events as parallel arrays, channel)` locks the feed's
 /// row (`FOR UPDATE`: the serialisation point of one feed's commits, held until `COMMIT`),
 /// checks the cursor (else raises `HW412` with the actual cursor as the error's detail, writing
 /// nothing; an unknown feed raises `HW404`), numbers the events — positions after the head in
 /// array order, sequences after each subject's head in array order — inserts them in one
-/// statement, moves the subjects' heads, the feed's head and cursor, notifies
+/// statement, lists the new subjects in `feed_subjects`, moves the feed's head and cursor, notifies
 /// `<channel>` with `<feed> <new head>` when the head moved, and returns the new head.
 const FEEDS: &str = r#"
 CREATE TABLE {schema}.feeds (
@@ -107,11 +110,10 @@ CREATE TABLE {schema}.feed_events (
     CONSTRAINT feed_events_pkey PRIMARY KEY (feed, position),
     CONSTRAINT feed_events_subject_sequence_key UNIQUE (feed, subject, sequence)
 );
-CREATE TABLE {schema}.subject_heads (
+CREATE TABLE {schema}.feed_subjects (
     feed      integer NOT NULL,
     subject   text    COLLATE "C" NOT NULL,
-    sequence  bigint  NOT NULL CHECK (sequence > 0),
-    CONSTRAINT subject_heads_pkey PRIMARY KEY (feed, subject)
+    CONSTRAINT feed_subjects_pkey PRIMARY KEY (feed, subject)
 );
 CREATE TABLE {schema}.feed_readers (
     feed           integer     NOT NULL,
@@ -146,15 +148,16 @@ BEGIN
     END IF;
     v_count := coalesce(cardinality(p_ids), 0);
     IF v_count > 0 THEN
-        -- The batch's subjects, their event counts, and their heads before it: one index probe
-        -- per subject of the batch, however many the feed has (the LIMIT keeps the planner from
-        -- turning the probes into a scan of every subject of the feed joined by hash).
+        -- The batch's subjects, their event counts, and their heads before it: one probe of the
+        -- end of each subject's range in the (feed, subject, sequence) index, however many
+        -- subjects the feed has (a LATERAL aggregate: the planner cannot turn the probes into a
+        -- scan of every subject of the feed joined by hash).
         SELECT array_agg(s.subject), array_agg(s.n), array_agg(coalesce(h.sequence, 0))
           INTO v_subjects, v_counts, v_priors
           FROM (SELECT u.subject, count(*) AS n FROM unnest(p_subjects) AS u(subject)
                  GROUP BY u.subject) s
-          LEFT JOIN LATERAL (SELECT sh.sequence FROM {schema}.subject_heads sh
-                              WHERE sh.feed = v_feed AND sh.subject = s.subject LIMIT 1) h
+          LEFT JOIN LATERAL (SELECT max(fe.sequence) AS sequence FROM {schema}.feed_events fe
+                              WHERE fe.feed = v_feed AND fe.subject = s.subject) h
             ON true;
         INSERT INTO {schema}.feed_events (feed, position, subject, sequence, event_id, event_type,
                                           time, data, source_position)
@@ -164,11 +167,11 @@ BEGIN
           FROM unnest(p_ids, p_types, p_subjects, p_times, p_data, p_sources)
                WITH ORDINALITY AS e(id, typ, subject, tim, dat, src, ord)
           JOIN unnest(v_subjects, v_priors) AS p(subject, prior) ON p.subject = e.subject;
-        -- One upsert per subject, each by the primary key's index.
-        INSERT INTO {schema}.subject_heads (feed, subject, sequence)
-        SELECT v_feed, p.subject, p.prior + p.n
-          FROM unnest(v_subjects, v_counts, v_priors) AS p(subject, n, prior)
-        ON CONFLICT (feed, subject) DO UPDATE SET sequence = EXCLUDED.sequence;
+        -- Only new subjects are written (a subject's head is read from the events' index).
+        INSERT INTO {schema}.feed_subjects (feed, subject)
+        SELECT v_feed, p.subject
+          FROM unnest(v_subjects, v_priors) AS p(subject, prior)
+         WHERE p.prior = 0;
         PERFORM pg_notify(p_channel, p_name || '.v' || p_version || ' ' || (v_head + v_count));
     END IF;
     UPDATE {schema}.feeds SET head = v_head + v_count, cursor = p_to WHERE id = v_feed;
@@ -443,9 +446,13 @@ impl FeedSql {
                 "feed = $1",
                 ["position", "$2", "$3", "$4"],
             ),
+            // Each head is the end of the subject's range in the events' index; in one
+            // statement, so the heads are those of one snapshot.
             subjects: format!(
-                "SELECT subject, sequence FROM {q}.subject_heads
-                  WHERE feed = $1 AND subject > $2 ORDER BY subject LIMIT $3"
+                "SELECT s.subject, (SELECT max(e.sequence) FROM {q}.feed_events e
+                                     WHERE e.feed = s.feed AND e.subject = s.subject)
+                   FROM {q}.feed_subjects s
+                  WHERE s.feed = $1 AND s.subject > $2 ORDER BY s.subject LIMIT $3"
             ),
             // (feed, subject, after, event limit, byte limit)
             read_subject: page_query(

@@ -7,7 +7,7 @@
 //! positions without holes, each stream's versions without holes and in position order, the
 //! streams' heads and the log head agreeing with the events, names and types that parse; and for
 //! the feeds: each feed's positions without holes and its head on its last event, each
-//! subject's sequences without holes and in position order, the subjects' heads agreeing with
+//! subject's sequences without holes and in position order, the subject listing agreeing with
 //! the events, every cursor at most the log head and at least its events' source positions.
 //! Every check runs in the server and sends back only what it finds, at most
 //! [`PROBLEMS_RECORDED_MAX`] of each kind, so memory stays bounded whatever the store's size.
@@ -176,12 +176,12 @@ pub enum Problem {
         position: FeedPosition,
         previous: FeedPosition,
     },
-    /// The subject's recorded head (`None`: no row in `subject_heads`) is not its last sequence
-    /// (`None`: no events).
-    SubjectHeadMismatch {
+    /// The subject is listed in `feed_subjects` but has no events (`last` is `None`), or has
+    /// events up to `last` but is not listed (`listed` is false).
+    SubjectListing {
         feed: String,
         subject: String,
-        head: Option<i64>,
+        listed: bool,
         last: Option<Sequence>,
     },
     /// The feed's projector cursor is past the log head: the feed holds events of a log that is
@@ -276,15 +276,23 @@ impl fmt::Display for Problem {
                 f,
                 "feed {feed}, subject {subject}: sequence {sequence} at position {position} comes before the previous sequence's position {previous}"
             ),
-            Problem::SubjectHeadMismatch {
+            Problem::SubjectListing {
                 feed,
                 subject,
-                head,
-                last,
+                listed: true,
+                ..
             } => write!(
                 f,
-                "feed {feed}, subject {subject}: the recorded head is {}, the last event's sequence {}",
-                head.map_or("missing".to_owned(), |h| h.to_string()),
+                "feed {feed}: subject {subject} is listed but has no events"
+            ),
+            Problem::SubjectListing {
+                feed,
+                subject,
+                last,
+                ..
+            } => write!(
+                f,
+                "feed {feed}: subject {subject} has events (up to sequence {}) but is not listed",
                 last.map_or("none".to_owned(), |v| v.to_string()),
             ),
             Problem::CursorAhead {
@@ -785,23 +793,23 @@ async fn verify_feeds(
         }
     }
 
-    let subject_heads = format!(
-        "FROM {q}.subject_heads s
+    let listing = format!(
+        "FROM {q}.feed_subjects s
          FULL JOIN (SELECT feed, subject, max(sequence) AS last FROM {q}.feed_events
                      GROUP BY feed, subject) x
            ON s.feed = x.feed AND s.subject = x.subject
-         WHERE s.sequence IS DISTINCT FROM x.last"
+         WHERE s.subject IS NULL OR x.subject IS NULL"
     );
     let select = format!(
         "coalesce((SELECT f.name || '.v' || f.version FROM {q}.feeds f
                     WHERE f.id = coalesce(s.feed, x.feed)), '#' || coalesce(s.feed, x.feed)),
-         coalesce(s.subject, x.subject), s.sequence, x.last"
+         coalesce(s.subject, x.subject), s.subject IS NOT NULL, x.last"
     );
-    for r in check(client, &subject_heads, &select, "1, 2", found).await? {
-        problems.push(Problem::SubjectHeadMismatch {
+    for r in check(client, &listing, &select, "1, 2", found).await? {
+        problems.push(Problem::SubjectListing {
             feed: r.get(0),
             subject: r.get(1),
-            head: r.get(2),
+            listed: r.get(2),
             last: r.get::<_, Option<i64>>(3).map(sequence),
         });
     }
@@ -846,7 +854,7 @@ async fn verify_feeds(
 
     // Subjects (in the server, by the charset and length of `Subject`) and event types.
     let bad_subjects = format!(
-        "FROM {q}.subject_heads WHERE octet_length(subject) NOT BETWEEN 1 AND {max}
+        "FROM {q}.feed_subjects WHERE octet_length(subject) NOT BETWEEN 1 AND {max}
                                    OR subject !~ '^[A-Za-z0-9._~-]*$'",
         max = headwater_core::limits::SUBJECT_BYTES_MAX
     );

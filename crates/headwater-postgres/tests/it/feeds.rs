@@ -532,7 +532,7 @@ async fn feeds_share_the_schema_with_the_log() {
         "feed_events",
         "feed_readers",
         "feeds",
-        "subject_heads",
+        "feed_subjects",
         "events",
     ] {
         assert!(

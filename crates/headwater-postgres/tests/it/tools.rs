@@ -170,19 +170,19 @@ async fn verify_checks_the_feeds() {
     assert_eq!((report.feeds_checked, report.feed_events_checked), (2, 8));
     assert!(stages.contains(&VerifyStage::Feeds));
 
-    // Damage: the feed event at position 3 (subject a, sequence 2) deleted, a subject head
-    // moved, accounts.v2's cursor past the log head, an event made of a source after the cursor,
+    // Damage: the feed event at position 3 (subject a, sequence 2) deleted, a subject no
+    // longer listed, accounts.v2's cursor past the log head, an event made of a source after the cursor,
     // a subject row with a bad name.
     let client = fresh.client().await;
     let q = format!("\"{}\"", fresh.schema);
     client
         .batch_execute(&format!(
             "DELETE FROM {q}.feed_events WHERE position = 3;
-             UPDATE {q}.subject_heads SET sequence = 9 WHERE subject = 'b';
+             DELETE FROM {q}.feed_subjects WHERE subject = 'b';
              UPDATE {q}.feeds SET cursor = 99 WHERE version = 2;
              UPDATE {q}.feed_events SET source_position = 50 WHERE position = 8;
-             INSERT INTO {q}.subject_heads (feed, subject, sequence)
-                 SELECT id, 'bad subject', 1 FROM {q}.feeds WHERE version = 1;"
+             INSERT INTO {q}.feed_subjects (feed, subject)
+                 SELECT id, 'bad subject' FROM {q}.feeds WHERE version = 1;"
         ))
         .await
         .unwrap();
@@ -202,8 +202,13 @@ async fn verify_checks_the_feeds() {
     )));
     assert!(has(&|p| matches!(
         p,
-        Problem::SubjectHeadMismatch { subject, head: Some(9), last: Some(Sequence(2)), .. }
+        Problem::SubjectListing { subject, listed: false, last: Some(Sequence(2)), .. }
             if subject == "b"
+    )));
+    assert!(has(&|p| matches!(
+        p,
+        Problem::SubjectListing { subject, listed: true, last: None, .. }
+            if subject == "bad subject"
     )));
     assert!(has(&|p| matches!(
         p,
