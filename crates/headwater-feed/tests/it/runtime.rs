@@ -340,3 +340,80 @@ async fn metrics_show_each_feed() {
     assert!(text.contains("headwater_projector_commits_total{feed=\"accounts.v1\"}"));
     projectors.shutdown().await;
 }
+
+/// An event store that counts the reads of the log.
+#[derive(Debug, Default)]
+struct Counting {
+    inner: MemoryStore,
+    reads: AtomicU64,
+}
+
+#[async_trait]
+impl EventStore for Counting {
+    async fn append(
+        &self,
+        stream: &headwater_core::StreamName,
+        expected: headwater_core::ExpectedVersion,
+        events: Vec<headwater_core::NewEvent>,
+    ) -> Result<headwater_store::AppendOutcome, headwater_store::AppendError> {
+        self.inner.append(stream, expected, events).await
+    }
+    async fn read_stream(
+        &self,
+        stream: &headwater_core::StreamName,
+        after: headwater_core::StreamVersion,
+        limit: u64,
+    ) -> Result<Vec<headwater_core::RecordedEvent>, headwater_store::ReadError> {
+        self.inner.read_stream(stream, after, limit).await
+    }
+    async fn read_all(
+        &self,
+        after: headwater_core::Position,
+        limit: u64,
+    ) -> Result<Vec<headwater_core::RecordedEvent>, headwater_store::ReadError> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.inner.read_all(after, limit).await
+    }
+    async fn stream_head(
+        &self,
+        stream: &headwater_core::StreamName,
+    ) -> Result<Option<headwater_core::StreamVersion>, headwater_store::ReadError> {
+        self.inner.stream_head(stream).await
+    }
+    async fn find_event(
+        &self,
+        event_id: headwater_core::EventId,
+    ) -> Result<Option<headwater_core::RecordedEvent>, headwater_store::ReadError> {
+        self.inner.find_event(event_id).await
+    }
+    fn head_position(&self) -> headwater_core::Position {
+        self.inner.head_position()
+    }
+    fn watch_head(&self) -> watch::Receiver<headwater_core::Position> {
+        self.inner.watch_head()
+    }
+}
+
+/// A caught-up projector waits on the head watch: an hour without appends (on tokio's paused
+/// clock) reads the log not once; one append wakes it.
+#[tokio::test(start_paused = true)]
+async fn a_caught_up_projector_does_not_poll_the_log() {
+    let events = arc(Counting::default());
+    let feeds = arc(MemoryFeedStore::new());
+    workload(&*events, 30).await;
+    let projectors = Projectors::builder()
+        .projection(Accounts::v1())
+        .start(events.clone(), feeds.clone())
+        .await
+        .unwrap();
+    let v1 = Accounts::v1().feed_id();
+    let mut status = projectors.watch(&v1).unwrap();
+    wait_caught_up(&mut status, events.head_position()).await;
+    let reads = events.reads.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(3_600)).await;
+    assert_eq!(events.reads.load(Ordering::Relaxed), reads);
+    append(&*events, 1, 1, 1).await;
+    wait_caught_up(&mut status, events.head_position()).await;
+    assert_eq!(events.reads.load(Ordering::Relaxed), reads + 1);
+    projectors.shutdown().await;
+}
