@@ -854,3 +854,60 @@ mod tests {
         assert_eq!((empty[0].from, empty[0].to), (Position(3), Position(4)));
     }
 }
+
+#[cfg(test)]
+mod split_properties {
+    use super::*;
+    use headwater_core::{EventId, EventType, Subject, Timestamp};
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever the output and limits: the batches chain from `from` to `to`, hold every
+        /// event once in order, keep each internal event's output whole, pass `validate_batch`,
+        /// and respect the limits unless one internal event's output alone exceeds them.
+        #[test]
+        fn batches_chain_and_hold_everything(
+            groups in proptest::collection::vec((1u64..4, 1usize..5, 0usize..50), 0..40),
+            events_max in 1usize..20,
+            bytes_max in 1usize..300,
+        ) {
+            let from = Position(10);
+            let mut source = from.0;
+            let mut events = Vec::new();
+            for (gap, count, bytes) in &groups {
+                source += gap;
+                for _ in 0..*count {
+                    events.push(ProjectedEvent {
+                        id: EventId::new_random(),
+                        event_type: EventType::new("t.e").unwrap(),
+                        subject: Subject::new("s").unwrap(),
+                        time: Timestamp(0),
+                        data: vec![b'1'; *bytes],
+                        source_position: Position(source),
+                    });
+                }
+            }
+            let to = Position(source + 2);
+            let batches = split(from, to, events.clone(), events_max, bytes_max);
+            prop_assert!(!batches.is_empty());
+            prop_assert_eq!(batches[0].from, from);
+            prop_assert_eq!(batches.last().unwrap().to, to);
+            for pair in batches.windows(2) {
+                prop_assert_eq!(pair[0].to, pair[1].from);
+            }
+            let mut all = Vec::new();
+            for batch in &batches {
+                prop_assert!(headwater_store::validate_batch(batch).is_ok());
+                let sources: std::collections::BTreeSet<_> =
+                    batch.events.iter().map(|e| e.source_position).collect();
+                let bytes: usize = batch.events.iter().map(|e| e.data.len()).sum();
+                if sources.len() > 1 {
+                    prop_assert!(batch.events.len() <= events_max && bytes <= bytes_max);
+                }
+                all.extend(batch.events.iter().map(|e| e.id));
+            }
+            let expected: Vec<_> = events.iter().map(|e| e.id).collect();
+            prop_assert_eq!(all, expected);
+        }
+    }
+}
