@@ -135,9 +135,18 @@ fn feed_id(name: &str, version: i64) -> Option<FeedId> {
 /// ([`PostgresStore::feed_store`]); it shares that store's read pool and head listener. Clones
 /// share everything.
 ///
+/// Feeds are never deleted by the store; each handle caches the row ids of the feeds it used. An
+/// operator who deletes a feed's rows by hand must restart the service's replicas.
+///
 /// # Durability
 /// A commit returns `Ok` after its transaction committed with `synchronous_commit = on` (set for
-/// the transaction whatever the server's default): PostgreSQL flushed its WAL.
+/// the transaction whatever the server's default): PostgreSQL flushed its WAL. `register`,
+/// `set_status` and `record_readers` are single autocommitted statements, durable as the
+/// server's `synchronous_commit` says.
+///
+/// # Cancel safety
+/// Reads are cancel safe. A write (`register`, `set_status`, `commit`, `record_readers`) dropped
+/// after its first poll may still be applied: its statements are on their way to the server.
 #[derive(Clone, Debug)]
 pub struct PgFeedStore {
     store: PostgresStore,
