@@ -251,15 +251,20 @@ fn state_from_row(row: &Row) -> Result<(i32, FeedState), FeedError> {
     ))
 }
 
-/// The feed's events as column arrays, for `feed_commit`.
+/// The feed's events as column arrays, for `feed_commit`, numbered within the batch: each
+/// event's subject as an index (from 1) into the batch's distinct subjects, and its rank (from
+/// 1) among the batch's events of that subject. The server adds each subject's head.
 #[derive(Default)]
 struct Columns<'a> {
     ids: Vec<Uuid>,
     types: Vec<&'a str>,
     subjects: Vec<&'a str>,
+    subject_indexes: Vec<i32>,
+    ranks: Vec<i64>,
     times: Vec<SystemTime>,
     data: Vec<&'a [u8]>,
     sources: Vec<i64>,
+    distinct_subjects: Vec<&'a str>,
 }
 
 impl<'a> Columns<'a> {
@@ -269,10 +274,15 @@ impl<'a> Columns<'a> {
             ids: Vec::with_capacity(n),
             types: Vec::with_capacity(n),
             subjects: Vec::with_capacity(n),
+            subject_indexes: Vec::with_capacity(n),
+            ranks: Vec::with_capacity(n),
             times: Vec::with_capacity(n),
             data: Vec::with_capacity(n),
             sources: Vec::with_capacity(n),
+            distinct_subjects: Vec::new(),
         };
+        // Per subject: its index (from 1) and the events of it so far.
+        let mut seen: HashMap<&str, (i32, i64)> = HashMap::new();
         for event in &batch.events {
             if event.time.unix_micros() > FEED_TIME_MICROS_MAX {
                 return Err(FeedError::Invalid(format!(
@@ -281,9 +291,21 @@ impl<'a> Columns<'a> {
                     event.time.unix_micros()
                 )));
             }
+            let subject = event.subject.as_str();
+            let next_index = columns.distinct_subjects.len() + 1;
+            let (index, rank) = seen.entry(subject).or_insert_with(|| {
+                // At most `COMMIT_EVENTS_MAX` subjects (validated): fits in i32.
+                (i32::try_from(next_index).unwrap_or(i32::MAX), 0)
+            });
+            if *rank == 0 {
+                columns.distinct_subjects.push(subject);
+            }
+            *rank += 1;
+            columns.subject_indexes.push(*index);
+            columns.ranks.push(*rank);
             columns.ids.push(*event.id.as_uuid());
             columns.types.push(event.event_type.as_str());
-            columns.subjects.push(event.subject.as_str());
+            columns.subjects.push(subject);
             columns.times.push(system_time(event.time));
             columns.data.push(event.data.as_slice());
             columns.sources.push(to_i64(event.source_position.0));
@@ -422,7 +444,7 @@ impl FeedStore for PgFeedStore {
         let version = i64::from(feed.version.get());
         let from = to_i64(batch.from.0);
         let to = to_i64(batch.to.0);
-        let params: [&(dyn ToSql + Sync); 11] = [
+        let params: [&(dyn ToSql + Sync); 14] = [
             &name,
             &version,
             &from,
@@ -430,9 +452,12 @@ impl FeedStore for PgFeedStore {
             &columns.ids,
             &columns.types,
             &columns.subjects,
+            &columns.subject_indexes,
+            &columns.ranks,
             &columns.times,
             &columns.data,
             &columns.sources,
+            &columns.distinct_subjects,
             &sql.channel,
         ];
         let client = self.client().await?;

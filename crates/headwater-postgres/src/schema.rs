@@ -82,7 +82,7 @@ CREATE TABLE {schema}.leader_terms (
 /// row (`FOR UPDATE`: the serialisation point of one feed's commits, held until `COMMIT`),
 /// checks the cursor (else raises `HW412` with the actual cursor as the error's detail, writing
 /// nothing; an unknown feed raises `HW404`), numbers the events — positions after the head in
-/// array order, sequences after each subject's head in array order — inserts them in one
+/// array order, sequences after each subject's head by the rank the client gave — inserts them in one
 /// statement, lists the new subjects in `feed_subjects`, moves the feed's head and cursor, notifies
 /// `<channel>` with `<feed> <new head>` when the head moved, and returns the new head.
 const FEEDS: &str = r#"
@@ -125,16 +125,15 @@ CREATE TABLE {schema}.feed_readers (
 );
 CREATE FUNCTION {schema}.feed_commit(
     p_name text, p_version bigint, p_from bigint, p_to bigint,
-    p_ids uuid[], p_types text[], p_subjects text[], p_times timestamptz[], p_data bytea[],
-    p_sources bigint[], p_channel text
+    p_ids uuid[], p_types text[], p_subjects text[], p_subject_indexes integer[],
+    p_ranks bigint[], p_times timestamptz[], p_data bytea[], p_sources bigint[],
+    p_distinct_subjects text[], p_channel text
 ) RETURNS bigint LANGUAGE plpgsql VOLATILE AS $fn$
 DECLARE
     v_feed integer;
     v_head bigint;
     v_cursor bigint;
     v_count bigint;
-    v_subjects text[];
-    v_counts bigint[];
     v_priors bigint[];
 BEGIN
     SELECT id, head, cursor INTO v_feed, v_head, v_cursor FROM {schema}.feeds
@@ -148,29 +147,30 @@ BEGIN
     END IF;
     v_count := coalesce(cardinality(p_ids), 0);
     IF v_count > 0 THEN
-        -- The batch's subjects, their event counts, and their heads before it: one probe of the
-        -- end of each subject's range in the (feed, subject, sequence) index, however many
-        -- subjects the feed has (a LATERAL aggregate: the planner cannot turn the probes into a
-        -- scan of every subject of the feed joined by hash).
-        SELECT array_agg(s.subject), array_agg(s.n), array_agg(coalesce(h.sequence, 0))
-          INTO v_subjects, v_counts, v_priors
-          FROM (SELECT u.subject, count(*) AS n FROM unnest(p_subjects) AS u(subject)
-                 GROUP BY u.subject) s
+        -- The heads of the batch's distinct subjects before it: one probe each of the end of
+        -- the subject's range in the (feed, subject, sequence) index, however many subjects the
+        -- feed has (a LATERAL aggregate: the planner cannot turn the probes into a scan of
+        -- every subject of the feed joined by hash).
+        SELECT array_agg(coalesce(h.sequence, 0) ORDER BY d.i)
+          INTO v_priors
+          FROM unnest(p_distinct_subjects) WITH ORDINALITY AS d(subject, i)
           LEFT JOIN LATERAL (SELECT max(fe.sequence) AS sequence FROM {schema}.feed_events fe
-                              WHERE fe.feed = v_feed AND fe.subject = s.subject) h
+                              WHERE fe.feed = v_feed AND fe.subject = d.subject) h
             ON true;
+        -- The client numbered each event within the batch (its subject's index in the distinct
+        -- subjects, its rank among the batch's events of that subject): a sequence is the
+        -- subject's head plus the rank, with no join and no sort here.
         INSERT INTO {schema}.feed_events (feed, position, subject, sequence, event_id, event_type,
                                           time, data, source_position)
-        SELECT v_feed, v_head + e.ord, e.subject,
-               p.prior + row_number() OVER (PARTITION BY e.subject ORDER BY e.ord),
+        SELECT v_feed, v_head + e.ord, e.subject, v_priors[e.si] + e.rank,
                e.id, e.typ, e.tim, e.dat, e.src
-          FROM unnest(p_ids, p_types, p_subjects, p_times, p_data, p_sources)
-               WITH ORDINALITY AS e(id, typ, subject, tim, dat, src, ord)
-          JOIN unnest(v_subjects, v_priors) AS p(subject, prior) ON p.subject = e.subject;
+          FROM unnest(p_ids, p_types, p_subjects, p_subject_indexes, p_ranks, p_times, p_data,
+                      p_sources)
+               WITH ORDINALITY AS e(id, typ, subject, si, rank, tim, dat, src, ord);
         -- Only new subjects are written (a subject's head is read from the events' index).
         INSERT INTO {schema}.feed_subjects (feed, subject)
         SELECT v_feed, p.subject
-          FROM unnest(v_subjects, v_priors) AS p(subject, prior)
+          FROM unnest(p_distinct_subjects, v_priors) AS p(subject, prior)
          WHERE p.prior = 0;
         PERFORM pg_notify(p_channel, p_name || '.v' || p_version || ' ' || (v_head + v_count));
     END IF;
@@ -436,7 +436,7 @@ impl FeedSql {
                  RETURNING id, {FEED_COLUMNS}"
             ),
             commit: format!(
-                "SELECT {q}.feed_commit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+                "SELECT {q}.feed_commit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
             ),
             // (feed, after, event limit, byte limit)
             read_feed: page_query(
