@@ -658,6 +658,70 @@ fn verify_passes_a_sound_postgres_store_and_fails_a_damaged_one() {
 }
 
 #[test]
+fn verify_checks_the_feeds_of_a_postgres_store() {
+    use headwater_core::{FeedId, Position, Subject, Timestamp};
+    use headwater_store::{FeedStore, ProjectedEvent, ProjectorBatch};
+
+    let pg = small_pg_store();
+    let (url, schema) = (pg.url.clone(), pg.schema.clone());
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async move {
+            let store = headwater_postgres::PostgresStore::connect(
+                &url,
+                headwater_postgres::Options::with_schema(schema),
+            )
+            .await
+            .unwrap();
+            let feeds = store.feed_store();
+            let feed = FeedId::parse("accounts.v1").unwrap();
+            feeds.register(&feed).await.unwrap();
+            let events = [(1, "1"), (2, "2"), (4, "1")]
+                .into_iter()
+                .map(|(source, subject)| ProjectedEvent {
+                    id: EventId::new_random(),
+                    event_type: EventType::new("accounts.deposited").unwrap(),
+                    subject: Subject::new(subject).unwrap(),
+                    time: Timestamp::from_unix_micros(1_700_000_000_000_000),
+                    data: b"{}".to_vec(),
+                    source_position: Position(source),
+                })
+                .collect();
+            let batch = ProjectorBatch {
+                from: Position(0),
+                to: Position(5),
+                events,
+            };
+            feeds.commit(&feed, batch).await.unwrap();
+        });
+    let args = ["verify", "--postgres", &pg.url, "--schema", &pg.schema];
+    let out = headwater(&args);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    for expected in [
+        "sound. Checked 5 events in 3 streams, 3 integration events in 1 feed",
+        "feed positions and sequences contiguous",
+    ] {
+        assert!(stdout.contains(expected), "no {expected:?} in:\n{stdout}");
+    }
+
+    pg.sql(&format!(
+        "DELETE FROM {s}.feed_events WHERE position = 2; UPDATE {s}.feeds SET cursor = 9",
+        s = pg.schema
+    ));
+    let out = headwater(&args);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{}", text(&out.stderr));
+    for expected in [
+        "DAMAGED.",
+        "feed accounts.v1: position 2 is missing",
+        "feed accounts.v1: the projector cursor 9 is past the log head 5",
+    ] {
+        assert!(stdout.contains(expected), "no {expected:?} in:\n{stdout}");
+    }
+}
+
+#[test]
 fn a_schema_without_a_store_is_a_clear_error() {
     let pg = PgSchema::new();
     for verb in ["inspect", "verify"] {
