@@ -516,15 +516,13 @@ where
                     Ok(None)
                 }
             };
-            let (committed, next) =
-                tokio::join!(self.commit_batches(batches, &mut at, shutdown), next);
+            let (committed, next) = tokio::join!(
+                self.commit_batches(batches, page.read, &mut at, shutdown),
+                next
+            );
             if !committed? {
                 return Ok(End::Stopped(Stopped::Shutdown));
             }
-            self.metrics
-                .source_events
-                .get_or_create(&self.label)
-                .inc_by(page.read);
             ahead = next?;
         }
     }
@@ -545,24 +543,27 @@ where
             rate = at.backfill.rate(at.cursor),
             "backfill done: the feed is live"
         );
+        // Metrics first: whoever sees the status sees metrics at least as new.
+        self.update_metrics(at.cursor, at.log_head, state.head, at.feed_status);
         self.status.send_modify(|s| {
             s.feed_status = at.feed_status;
             s.backfill = None;
             s.state = ProjectorState::Running;
         });
-        self.update_metrics(at.cursor, at.log_head, state.head, at.feed_status);
         Ok(at.feed_status == FeedStatus::Retired)
     }
 
-    /// Commits the batches of one page in order. `false` if stopped by `shutdown` (between
-    /// commits only: an in-flight commit always finishes).
+    /// Commits the batches of one page (of `read` internal events) in order. `false` if stopped
+    /// by `shutdown` (between commits only: an in-flight commit always finishes).
     async fn commit_batches(
         &self,
         batches: Vec<ProjectorBatch>,
+        read: u64,
         at: &mut Progress,
         shutdown: &CancellationToken,
     ) -> Result<bool, StepError> {
-        for batch in batches {
+        let count = batches.len();
+        for (i, batch) in batches.into_iter().enumerate() {
             if shutdown.is_cancelled() {
                 return Ok(false);
             }
@@ -579,12 +580,25 @@ where
                 .projected_events
                 .get_or_create(&self.label)
                 .inc_by(events);
+            if i + 1 == count {
+                self.metrics
+                    .source_events
+                    .get_or_create(&self.label)
+                    .inc_by(read);
+            }
+            // Metrics first: whoever sees the status sees metrics at least as new.
             self.update_metrics(at.cursor, at.log_head, commit.head, at.feed_status);
             let progress = (at.feed_status == FeedStatus::Backfilling).then(|| BackfillProgress {
                 done: at.cursor.0,
                 total: at.log_head.0.max(at.cursor.0),
                 events_per_second: at.backfill.rate(at.cursor),
             });
+            if let Some(progress) = progress {
+                self.metrics
+                    .backfill_rate
+                    .get_or_create(&self.label)
+                    .set(progress.events_per_second);
+            }
             self.status.send_modify(|s| {
                 s.state = ProjectorState::Running;
                 s.cursor = at.cursor;
@@ -592,20 +606,16 @@ where
                 s.log_head = at.log_head;
                 s.backfill = progress;
             });
-            if let Some(progress) = progress {
-                self.metrics
-                    .backfill_rate
-                    .get_or_create(&self.label)
-                    .set(progress.events_per_second);
-                if at.backfill.log_due(self.options.progress_log_interval) {
-                    tracing::info!(
-                        feed = %self.feed,
-                        done = progress.done,
-                        total = progress.total,
-                        rate = progress.events_per_second,
-                        "backfilling"
-                    );
-                }
+            if let Some(progress) = progress
+                && at.backfill.log_due(self.options.progress_log_interval)
+            {
+                tracing::info!(
+                    feed = %self.feed,
+                    done = progress.done,
+                    total = progress.total,
+                    rate = progress.events_per_second,
+                    "backfilling"
+                );
             }
         }
         Ok(true)
