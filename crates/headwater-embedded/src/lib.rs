@@ -36,7 +36,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::reader::Readers;
 use crate::writer::Request;
 
-pub use crate::feeds::{EmbeddedFeedStore, FEED_POSITION_MAX, FEEDS_MAX};
+pub use crate::feeds::{
+    EmbeddedFeedStore, FEED_POSITION_MAX, FEEDS_MAX, FEEDS_PAGE_CACHE_BYTES_MIN,
+};
 pub use crate::verify::{
     CategoryCount, FileSizes, Inspection, PROBLEMS_RECORDED_MAX, PROGRESS_INTERVAL_EVENTS, Problem,
     TOP_CATEGORIES_MAX, VerifyProgress, VerifyReport, VerifyStage, inspect, verify,

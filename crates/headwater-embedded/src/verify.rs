@@ -424,13 +424,6 @@ pub enum Problem {
         after: u64,
         next: u64,
     },
-    /// The subject's recorded head is not its last sequence.
-    SubjectHeadMismatch {
-        feed: String,
-        subject: String,
-        head: u64,
-        last: u64,
-    },
     /// The feed's projector cursor is past the log's head.
     FeedAheadOfLog {
         feed: String,
@@ -554,15 +547,6 @@ impl fmt::Display for Problem {
                 f,
                 "feed {feed}, subject {subject}: sequence {} expected, {next} found",
                 after + 1
-            ),
-            Problem::SubjectHeadMismatch {
-                feed,
-                subject,
-                head,
-                last,
-            } => write!(
-                f,
-                "feed {feed}, subject {subject}: head is {head} but the last sequence is {last}"
             ),
             Problem::FeedAheadOfLog { feed, cursor, head } => write!(
                 f,

@@ -39,6 +39,9 @@ pub use self::schema::{FEED_POSITION_MAX, FEEDS_MAX};
 
 /// How many writes may wait for the feeds' writer.
 const QUEUE_WRITES_MAX: usize = 64;
+/// The page cache of the feeds' write connection, at least, in bytes: a backfill commit inserts
+/// into the subject index at as many places as the batch has subjects.
+pub const FEEDS_PAGE_CACHE_BYTES_MIN: u64 = 64 * 1024 * 1024;
 
 /// The embedded [`FeedStore`]: the feeds of the store it was opened from
 /// ([`EmbeddedStore::feeds`]), or a read-only view of a store directory
@@ -157,7 +160,10 @@ pub(crate) fn open(
     if !exists {
         create_database_of(dir, &path, &FEEDS_FORMAT)?;
     }
-    let mut conn = connect(&path, options.page_cache_bytes)?;
+    let mut conn = connect(
+        &path,
+        options.page_cache_bytes.max(FEEDS_PAGE_CACHE_BYTES_MIN),
+    )?;
     check_format_of(&conn, &path, &FEEDS_FORMAT)?;
     if is_blank(&conn, &path)? {
         return Err(OpenError::Corrupt {

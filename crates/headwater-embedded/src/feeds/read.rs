@@ -6,8 +6,9 @@ use headwater_store::{FeedError, FeedEvent, FeedReader, FeedState, SubjectHead};
 use rusqlite::{Connection, ErrorCode, OptionalExtension};
 
 use super::schema::{
-    FEED_POSITION_MAX, FeedRow, SELECT_FEED_AFTER, SELECT_FEEDS, SELECT_SUBJECT_AFTER, corrupt,
-    decode_event, decode_feed, decode_reader, decode_subject, event_key, subject_crc,
+    FEED_POSITION_MAX, FeedRow, SELECT_FEED_AFTER, SELECT_FEEDS, SELECT_SUBJECT_AFTER,
+    SELECT_SUBJECTS_AFTER, corrupt, decode_event, decode_feed, decode_reader, decode_subject,
+    event_key, subject_crc,
 };
 
 /// Maps a SQLite error met reading `feed`: damage is [`FeedError::Corrupt`].
@@ -139,26 +140,56 @@ pub(super) fn subjects(
     limit: u64,
 ) -> Result<Vec<SubjectHead>, FeedError> {
     let mut statement = conn
-        .prepare_cached(
-            "SELECT id, feed_id, subject, head, crc FROM subjects \
-             WHERE feed_id = ?1 AND subject > ?2 ORDER BY subject LIMIT ?3",
-        )
+        .prepare_cached(SELECT_SUBJECTS_AFTER)
         .map_err(sqlite(feed))?;
     let mut rows = statement
         .query((id, after.map_or("", |s| s.as_str()), to_sql(limit)))
         .map_err(sqlite(feed))?;
     let mut out = Vec::new();
     while let Some(row) = rows.next().map_err(sqlite(feed))? {
-        let (_, feed_id, head) = decode_subject(row).map_err(|detail| corrupt(feed, detail))?;
+        let (_, feed_id, subject) = decode_subject(row).map_err(|detail| corrupt(feed, detail))?;
         if feed_id != id {
             return Err(corrupt(
                 feed,
-                format!("subject {} belongs to feed row {feed_id}", head.subject),
+                format!("subject {subject} belongs to feed row {feed_id}"),
             ));
         }
-        out.push(head);
+        let head: Option<i64> = row.get(4).map_err(sqlite(feed))?;
+        let Some(head) = head.and_then(|h| u64::try_from(h).ok()).filter(|h| *h > 0) else {
+            return Err(corrupt(feed, format!("subject {subject} has no events")));
+        };
+        out.push(SubjectHead {
+            subject,
+            sequence: Sequence(head),
+        });
     }
     Ok(out)
+}
+
+/// The subject's row id, its checksum checked; `None` for a subject without events.
+pub(super) fn subject_id(
+    conn: &Connection,
+    feed: &FeedId,
+    id: i64,
+    subject: &Subject,
+) -> Result<Option<i64>, FeedError> {
+    let row: Option<(i64, i64)> = conn
+        .prepare_cached("SELECT id, crc FROM subjects WHERE feed_id = ?1 AND subject = ?2")
+        .and_then(|mut s| {
+            s.query_row((id, subject.as_str()), |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+        })
+        .map_err(sqlite(feed))?;
+    let Some((subject_id, stored)) = row else {
+        return Ok(None);
+    };
+    if stored != i64::from(subject_crc(subject_id, id, subject.as_str().as_bytes())) {
+        return Err(corrupt(
+            feed,
+            format!("subject row {subject_id} ({subject}): checksum mismatch"),
+        ));
+    }
+    Ok(Some(subject_id))
 }
 
 pub(super) fn read_subject(
@@ -169,31 +200,9 @@ pub(super) fn read_subject(
     after: Sequence,
     limit: u64,
 ) -> Result<Vec<FeedEvent>, FeedError> {
-    let row: Option<(i64, i64, i64)> = conn
-        .prepare_cached("SELECT id, head, crc FROM subjects WHERE feed_id = ?1 AND subject = ?2")
-        .and_then(|mut s| {
-            s.query_row((id, subject.as_str()), |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
-            .optional()
-        })
-        .map_err(sqlite(feed))?;
-    let Some((subject_id, head, stored)) = row else {
+    let Some(subject_id) = subject_id(conn, feed, id, subject)? else {
         return Ok(Vec::new());
     };
-    if stored
-        != i64::from(subject_crc(
-            subject_id,
-            id,
-            subject.as_str().as_bytes(),
-            head,
-        ))
-    {
-        return Err(corrupt(
-            feed,
-            format!("subject row {subject_id} ({subject}): checksum mismatch"),
-        ));
-    }
     let mut statement = conn
         .prepare_cached(SELECT_SUBJECT_AFTER)
         .map_err(sqlite(feed))?;

@@ -6,7 +6,7 @@ use headwater_core::{
     EventId, EventType, FeedId, FeedName, FeedPosition, FeedStatus, FeedVersion, Position,
     Sequence, Subject, Timestamp,
 };
-use headwater_store::{FeedError, FeedEvent, FeedReader, FeedState, SubjectHead};
+use headwater_store::{FeedError, FeedEvent, FeedReader, FeedState};
 use rusqlite::types::ValueRef;
 use uuid::Uuid;
 
@@ -46,7 +46,6 @@ CREATE TABLE subjects (
     id      INTEGER PRIMARY KEY,
     feed_id INTEGER NOT NULL,
     subject TEXT    NOT NULL,
-    head    INTEGER NOT NULL,
     crc     INTEGER NOT NULL,
     UNIQUE (feed_id, subject)
 );
@@ -143,15 +142,26 @@ impl FeedRow {
     }
 }
 
-/// A `subjects` row's checksum: `id`, `feed_id`, `subject`, `head`.
-pub(crate) fn subject_crc(id: i64, feed_id: i64, subject: &[u8], head: i64) -> u32 {
+/// A `subjects` row's checksum: `id`, `feed_id`, `subject`. (A subject's head is not stored in
+/// its row, which a commit would then rewrite for every subject it touches: it is the last
+/// sequence of the `feed_events_by_subject` index.)
+pub(crate) fn subject_crc(id: i64, feed_id: i64, subject: &[u8]) -> u32 {
     let mut crc = Crc::default();
     crc.int(id);
     crc.int(feed_id);
     crc.bytes(subject);
-    crc.int(head);
     crc.finish()
 }
+
+/// A feed's subjects after a subject, in byte order, each with its head: `?1` feed id, `?2`
+/// after (`''` for all), `?3` limit.
+pub(crate) const SELECT_SUBJECTS_AFTER: &str = "SELECT s.id, s.feed_id, s.subject, s.crc, \
+     (SELECT max(sequence) FROM feed_events WHERE subject_id = s.id) FROM subjects AS s \
+     WHERE s.feed_id = ?1 AND s.subject > ?2 ORDER BY s.subject LIMIT ?3";
+
+/// A subject's head: `?1` subject id.
+pub(crate) const SELECT_SUBJECT_HEAD: &str =
+    "SELECT max(sequence) FROM feed_events WHERE subject_id = ?1";
 
 /// A `readers` row's checksum: `feed_id`, `reader`, `first_read_at`, `last_read_at`, `reads`.
 pub(crate) fn reader_crc(feed_id: i64, reader: &[u8], first: i64, last: i64, reads: i64) -> u32 {
@@ -283,30 +293,22 @@ pub(crate) fn decode_feed(row: &rusqlite::Row<'_>) -> Result<FeedRow, Damage> {
     })
 }
 
-/// Decodes a row of `SELECT id, feed_id, subject, head, crc FROM subjects`, checking its
-/// checksum first.
-pub(crate) fn decode_subject(row: &rusqlite::Row<'_>) -> Result<(i64, i64, SubjectHead), Damage> {
+/// Decodes a row of `SELECT id, feed_id, subject, crc FROM subjects`, checking its checksum
+/// first: (id, feed id, subject).
+pub(crate) fn decode_subject(row: &rusqlite::Row<'_>) -> Result<(i64, i64, Subject), Damage> {
     let id = int(row, 0)?;
     let feed_id = int(row, 1)?;
     let subject = bytes(row, 2)?;
-    let head = int(row, 3)?;
     checked(
-        int(row, 4)?,
-        subject_crc(id, feed_id, subject, head),
+        int(row, 3)?,
+        subject_crc(id, feed_id, subject),
         &format!("subject row {id}"),
     )?;
     let subject = std::str::from_utf8(subject)
         .ok()
         .and_then(|s| Subject::new(s).ok())
         .ok_or_else(|| format!("subject row {id}: checksum matches but the subject is invalid"))?;
-    Ok((
-        id,
-        feed_id,
-        SubjectHead {
-            subject,
-            sequence: Sequence(unsigned(head, "a subject head")?),
-        },
-    ))
+    Ok((id, feed_id, subject))
 }
 
 /// Decodes a row of `SELECT reader, first_read_at, last_read_at, reads, crc FROM readers` of

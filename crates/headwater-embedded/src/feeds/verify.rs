@@ -180,14 +180,14 @@ pub(crate) fn check_feeds(
 }
 
 /// Every subject row (checksum, feed) and its events in sequence order: sequences contiguous
-/// from 1, the head right, the events' subject the row's.
+/// from 1, at least one, the events' subject the row's.
 fn check_subjects(
     conn: &Connection,
     feeds: &HashMap<i64, Feed>,
     findings: &mut Findings,
 ) -> Result<(), StageError> {
     let mut subjects = conn
-        .prepare("SELECT id, feed_id, subject, head, crc FROM subjects ORDER BY id")
+        .prepare("SELECT id, feed_id, subject, crc FROM subjects ORDER BY id")
         .map_err(damage)?;
     let mut events = conn
         .prepare(
@@ -201,20 +201,20 @@ fn check_subjects(
     let mut next_event = read_event(event_rows.next().map_err(damage)?)?;
     while let Some(row) = subject_rows.next().map_err(damage)? {
         let id = int(row, 0).unwrap_or(0);
-        let (name, feed, text, head) = match decode_subject(row) {
-            Ok((_, feed_id, head)) => {
+        let (name, feed, text) = match decode_subject(row) {
+            Ok((_, feed_id, subject)) => {
                 let feed = feeds
                     .get(&feed_id)
                     .map_or_else(|| format!("feed row {feed_id}"), |f| f.name.clone());
-                let text = head.subject.as_str().to_owned();
-                (text.clone(), feed, Some(text), head.sequence.get())
+                let text = subject.as_str().to_owned();
+                (text.clone(), feed, Some(text))
             }
             Err(detail) => {
                 findings.push(Problem::FeedDamage {
                     feed: "(a subject row)".to_owned(),
                     detail,
                 });
-                (format!("subject row {id}"), String::new(), None, 0)
+                (format!("subject row {id}"), String::new(), None)
             }
         };
         // Events of subject ids without a row, before this one.
@@ -250,12 +250,10 @@ fn check_subjects(
             last = *sequence;
             next_event = read_event(event_rows.next().map_err(damage)?)?;
         }
-        if text.is_some() && last != head {
-            findings.push(Problem::SubjectHeadMismatch {
+        if text.is_some() && last == 0 {
+            findings.push(Problem::FeedDamage {
                 feed,
-                subject: name,
-                head,
-                last,
+                detail: format!("subject {name} has no events"),
             });
         }
     }

@@ -16,8 +16,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::Shared;
 use super::schema::{
-    FEED_POSITION_MAX, FEEDS_MAX, FeedEventFields, FeedRow, INSERT_FEED_EVENT, event_key,
-    reader_crc, subject_crc,
+    FEED_POSITION_MAX, FEEDS_MAX, FeedEventFields, FeedRow, INSERT_FEED_EVENT, SELECT_SUBJECT_HEAD,
+    event_key, reader_crc, subject_crc,
 };
 use crate::checkpoint::Checkpointer;
 
@@ -391,29 +391,19 @@ impl FeedWriter {
             let mut insert = self
                 .conn
                 .prepare_cached(
-                    "INSERT INTO subjects (id, feed_id, subject, head, crc) \
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    "INSERT INTO subjects (id, feed_id, subject, crc) VALUES (?1, ?2, ?3, ?4)",
                 )
                 .map_err(sql)?;
-            let mut update = self
-                .conn
-                .prepare_cached("UPDATE subjects SET head = ?2, crc = ?3 WHERE id = ?1")
-                .map_err(sql)?;
             for (subject, (state, next, new)) in touched {
-                let crc = subject_crc(state.id, feed_id, subject.as_str().as_bytes(), int(next));
                 if new {
+                    let crc = subject_crc(state.id, feed_id, subject.as_str().as_bytes());
                     insert
                         .execute(rusqlite::params![
                             state.id,
                             feed_id,
                             subject.as_str(),
-                            int(next),
                             i64::from(crc)
                         ])
-                        .map_err(sql)?;
-                } else {
-                    update
-                        .execute(rusqlite::params![state.id, int(next), i64::from(crc)])
                         .map_err(sql)?;
                 }
                 states.push((
@@ -429,37 +419,38 @@ impl FeedWriter {
         Ok(states)
     }
 
-    /// A subject's row, from the database, checked.
+    /// A subject's row id (its checksum checked) and head, from the database.
     fn load_subject(
         &self,
         feed_id: i64,
         feed: &FeedId,
         subject: &Subject,
     ) -> Result<Option<SubjectState>, FeedError> {
-        let row: Option<(i64, i64, i64)> = self
+        let row: Option<(i64, i64)> = self
             .conn
-            .prepare_cached(
-                "SELECT id, head, crc FROM subjects WHERE feed_id = ?1 AND subject = ?2",
-            )
+            .prepare_cached("SELECT id, crc FROM subjects WHERE feed_id = ?1 AND subject = ?2")
             .and_then(|mut s| {
-                s.query_row((feed_id, subject.as_str()), |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })
-                .optional()
+                s.query_row((feed_id, subject.as_str()), |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
             })
             .map_err(sql)?;
-        let Some((id, head, stored)) = row else {
+        let Some((id, stored)) = row else {
             return Ok(None);
         };
-        if stored != i64::from(subject_crc(id, feed_id, subject.as_str().as_bytes(), head)) {
+        if stored != i64::from(subject_crc(id, feed_id, subject.as_str().as_bytes())) {
             return Err(FeedError::Corrupt {
                 feed: feed.clone(),
                 detail: format!("subject row {id} ({subject}): checksum mismatch"),
             });
         }
-        let head = u64::try_from(head).map_err(|_| FeedError::Corrupt {
+        let head: Option<i64> = self
+            .conn
+            .prepare_cached(SELECT_SUBJECT_HEAD)
+            .and_then(|mut s| s.query_row([id], |r| r.get(0)))
+            .map_err(sql)?;
+        let head = u64::try_from(head.unwrap_or(0)).map_err(|_| FeedError::Corrupt {
             feed: feed.clone(),
-            detail: format!("subject {subject} has a negative head"),
+            detail: format!("subject {subject} has a negative sequence"),
         })?;
         Ok(Some(SubjectState { id, head }))
     }
