@@ -61,7 +61,12 @@ CREATE TABLE feed_events (
     source_position INTEGER NOT NULL,
     crc             INTEGER NOT NULL
 );
-CREATE UNIQUE INDEX feed_events_by_subject ON feed_events(subject_id, sequence);
+CREATE TABLE subject_events (
+    subject_id INTEGER NOT NULL,
+    sequence   INTEGER NOT NULL,
+    key        INTEGER NOT NULL,
+    PRIMARY KEY (subject_id, sequence)
+) WITHOUT ROWID;
 CREATE TABLE readers (
     feed_id       INTEGER NOT NULL,
     reader        TEXT    NOT NULL,
@@ -94,10 +99,16 @@ macro_rules! select_feed_events {
 /// A feed's events in a key range: `?1` after (exclusive), `?2` last (inclusive), `?3` limit.
 pub(crate) const SELECT_FEED_AFTER: &str =
     select_feed_events!("WHERE key > ?1 AND key <= ?2 ORDER BY key LIMIT ?3");
-/// A subject's events after a sequence: `?1` subject id, `?2` after, `?3` limit.
-pub(crate) const SELECT_SUBJECT_AFTER: &str = select_feed_events!(
-    "WHERE subject_id = ?1 AND sequence > ?2 ORDER BY subject_id, sequence LIMIT ?3"
-);
+/// A subject's events after a sequence, through the subject index: `?1` subject id, `?2` after,
+/// `?3` limit.
+pub(crate) const SELECT_SUBJECT_AFTER: &str = "SELECT e.key, e.subject_id, e.sequence, \
+     e.event_id, e.event_type, e.subject, e.time, e.data, e.source_position, e.crc \
+     FROM subject_events AS se JOIN feed_events AS e ON e.key = se.key \
+     WHERE se.subject_id = ?1 AND se.sequence > ?2 ORDER BY se.sequence LIMIT ?3";
+
+/// Adds an entry to the subject index: `?1` subject id, `?2` sequence, `?3` event key.
+pub(crate) const INSERT_SUBJECT_EVENT: &str =
+    "INSERT INTO subject_events (subject_id, sequence, key) VALUES (?1, ?2, ?3)";
 
 pub(crate) const INSERT_FEED_EVENT: &str = "INSERT INTO feed_events (key, subject_id, sequence, \
      event_id, event_type, subject, time, data, source_position, crc) \
@@ -144,7 +155,7 @@ impl FeedRow {
 
 /// A `subjects` row's checksum: `id`, `feed_id`, `subject`. (A subject's head is not stored in
 /// its row, which a commit would then rewrite for every subject it touches: it is the last
-/// sequence of the `feed_events_by_subject` index.)
+/// sequence of the subject index, `subject_events`.)
 pub(crate) fn subject_crc(id: i64, feed_id: i64, subject: &[u8]) -> u32 {
     let mut crc = Crc::default();
     crc.int(id);
@@ -156,12 +167,12 @@ pub(crate) fn subject_crc(id: i64, feed_id: i64, subject: &[u8]) -> u32 {
 /// A feed's subjects after a subject, in byte order, each with its head: `?1` feed id, `?2`
 /// after (`''` for all), `?3` limit.
 pub(crate) const SELECT_SUBJECTS_AFTER: &str = "SELECT s.id, s.feed_id, s.subject, s.crc, \
-     (SELECT max(sequence) FROM feed_events WHERE subject_id = s.id) FROM subjects AS s \
+     (SELECT max(sequence) FROM subject_events WHERE subject_id = s.id) FROM subjects AS s \
      WHERE s.feed_id = ?1 AND s.subject > ?2 ORDER BY s.subject LIMIT ?3";
 
 /// A subject's head: `?1` subject id.
 pub(crate) const SELECT_SUBJECT_HEAD: &str =
-    "SELECT max(sequence) FROM feed_events WHERE subject_id = ?1";
+    "SELECT max(sequence) FROM subject_events WHERE subject_id = ?1";
 
 /// A `readers` row's checksum: `feed_id`, `reader`, `first_read_at`, `last_read_at`, `reads`.
 pub(crate) fn reader_crc(feed_id: i64, reader: &[u8], first: i64, last: i64, reads: i64) -> u32 {

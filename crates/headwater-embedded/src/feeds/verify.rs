@@ -147,6 +147,15 @@ pub(crate) fn check_feeds(
     }
 
     check_subjects(conn, &feeds, findings)?;
+    let indexed: i64 = conn
+        .query_row("SELECT count(*) FROM subject_events", [], |row| row.get(0))
+        .map_err(damage)?;
+    if u64::try_from(indexed).ok() != Some(events) {
+        findings.push(Problem::FeedDamage {
+            feed: "(all)".to_owned(),
+            detail: format!("the subject index holds {indexed} entries for {events} feed events"),
+        });
+    }
 
     let mut statement = conn
         .prepare("SELECT feed_id, reader, first_read_at, last_read_at, reads, crc FROM readers")
@@ -191,8 +200,9 @@ fn check_subjects(
         .map_err(damage)?;
     let mut events = conn
         .prepare(
-            "SELECT subject_id, sequence, subject FROM feed_events \
-             ORDER BY subject_id, sequence",
+            "SELECT se.subject_id, se.sequence, e.subject, e.subject_id, e.sequence, se.key \
+             FROM subject_events AS se LEFT JOIN feed_events AS e ON e.key = se.key \
+             ORDER BY se.subject_id, se.sequence",
         )
         .map_err(damage)?;
     let mut subject_rows = subjects.query([]).map_err(damage)?;
@@ -272,8 +282,16 @@ fn read_event(row: Option<&rusqlite::Row<'_>>) -> Result<EventKey, StageError> {
     let Some(row) = row else { return Ok(None) };
     let subject_id: i64 = row.get(0).map_err(damage)?;
     let sequence: i64 = row.get(1).map_err(damage)?;
-    let subject =
-        String::from_utf8_lossy(super::schema::bytes(row, 2).unwrap_or(b"?")).into_owned();
+    let event: (Option<i64>, Option<i64>) =
+        (row.get(3).map_err(damage)?, row.get(4).map_err(damage)?);
+    let subject = if event == (Some(subject_id), Some(sequence)) {
+        String::from_utf8_lossy(super::schema::bytes(row, 2).unwrap_or(b"?")).into_owned()
+    } else {
+        // The index entry points at no event, or at another subject's: the caller reports a
+        // subject mismatch.
+        let key: i64 = row.get(5).map_err(damage)?;
+        format!("(the index entry points at key {key}, whose event is {event:?})")
+    };
     Ok(Some((
         subject_id,
         u64::try_from(sequence).unwrap_or(0),

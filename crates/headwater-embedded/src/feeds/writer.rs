@@ -16,8 +16,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::Shared;
 use super::schema::{
-    FEED_POSITION_MAX, FEEDS_MAX, FeedEventFields, FeedRow, INSERT_FEED_EVENT, SELECT_SUBJECT_HEAD,
-    event_key, reader_crc, subject_crc,
+    FEED_POSITION_MAX, FEEDS_MAX, FeedEventFields, FeedRow, INSERT_FEED_EVENT,
+    INSERT_SUBJECT_EVENT, SELECT_SUBJECT_HEAD, event_key, reader_crc, subject_crc,
 };
 use crate::checkpoint::Checkpointer;
 
@@ -327,18 +327,21 @@ impl FeedWriter {
         // Each subject of the batch: its row id, head before the batch, next sequence, and
         // whether its row is new.
         let mut touched: HashMap<&Subject, (SubjectState, u64, bool)> = HashMap::new();
-        for event in &batch.events {
-            if touched.contains_key(&event.subject) {
-                continue;
-            }
+        let mut index: Vec<(i64, i64, i64)> = Vec::new();
+        // The batch's subjects in byte order: lookups walk the subjects' index left to right,
+        // and new subjects get ids (and index entries) in that order.
+        let mut distinct: Vec<&Subject> = batch.events.iter().map(|e| &e.subject).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        for subject in &distinct {
             let cached = self
                 .subjects
                 .get(&feed_id)
-                .and_then(|m| m.get(&event.subject))
+                .and_then(|m| m.get(*subject))
                 .copied();
             let state = match cached {
                 Some(state) => Some(state),
-                None => self.load_subject(feed_id, &row.state.feed, &event.subject)?,
+                None => self.load_subject(feed_id, &row.state.feed, subject)?,
             };
             let entry = match state {
                 Some(state) => (state, state.head, false),
@@ -348,11 +351,12 @@ impl FeedWriter {
                     (SubjectState { id, head: 0 }, 0, true)
                 }
             };
-            touched.insert(&event.subject, entry);
+            touched.insert(subject, entry);
         }
         {
             let mut insert = self.conn.prepare_cached(INSERT_FEED_EVENT).map_err(sql)?;
             let mut position = head;
+            index.reserve(batch.events.len());
             for event in &batch.events {
                 position += 1;
                 let (state, next, _) = touched
@@ -384,6 +388,19 @@ impl FeedWriter {
                         i64::from(fields.crc()),
                     ])
                     .map_err(sql)?;
+                index.push((fields.subject_id, fields.sequence, fields.key));
+            }
+        }
+        // The subject index, in its own order: the inserts walk its B-tree once, left to right,
+        // instead of jumping to a random leaf per event.
+        index.sort_unstable();
+        {
+            let mut insert = self
+                .conn
+                .prepare_cached(INSERT_SUBJECT_EVENT)
+                .map_err(sql)?;
+            for entry in &index {
+                insert.execute(*entry).map_err(sql)?;
             }
         }
         let mut states = Vec::with_capacity(touched.len());
@@ -394,7 +411,8 @@ impl FeedWriter {
                     "INSERT INTO subjects (id, feed_id, subject, crc) VALUES (?1, ?2, ?3, ?4)",
                 )
                 .map_err(sql)?;
-            for (subject, (state, next, new)) in touched {
+            for subject in distinct {
+                let (state, next, new) = touched[subject];
                 if new {
                     let crc = subject_crc(state.id, feed_id, subject.as_str().as_bytes());
                     insert

@@ -112,10 +112,9 @@ async fn a_damaged_subject_row_is_reported() {
     }
     let report = verify(dir.path(), &mut |_| {}).unwrap();
     assert!(
-        report
-            .problems
-            .iter()
-            .any(|p| matches!(p, Problem::FeedDamage { detail, .. } if detail.contains("checksum"))),
+        report.problems.iter().any(
+            |p| matches!(p, Problem::FeedDamage { detail, .. } if detail.contains("checksum"))
+        ),
         "{report:#?}"
     );
     let feeds = open_feeds(dir.path()).await;
@@ -144,11 +143,15 @@ async fn verify_finds_holes_and_wrong_heads() {
     {
         // Whole rows removed (their checksums are fine): a hole in the feed and in a subject.
         let conn = rusqlite::Connection::open(dir.path().join("feeds.sqlite3")).unwrap();
-        let key = (1i64 << 40) | 4;
-        conn.execute("DELETE FROM feed_events WHERE key = ?1", [key])
-            .unwrap();
-        let last = (1i64 << 40) | 10;
-        conn.execute("DELETE FROM feed_events WHERE key = ?1", [last])
+        for position in [4i64, 10] {
+            let key = (1i64 << 40) | position;
+            conn.execute("DELETE FROM feed_events WHERE key = ?1", [key])
+                .unwrap();
+            conn.execute("DELETE FROM subject_events WHERE key = ?1", [key])
+                .unwrap();
+        }
+        // And an index entry whose event is gone.
+        conn.execute("DELETE FROM feed_events WHERE key = ?1", [(1i64 << 40) | 7])
             .unwrap();
     }
     let report = verify(dir.path(), &mut |_| {}).unwrap();
@@ -179,6 +182,20 @@ async fn verify_finds_holes_and_wrong_heads() {
         problems.iter().any(|p| matches!(
             p,
             Problem::SequenceGap { subject, after: 1, next: 3, .. } if subject == "a"
+        )),
+        "{report:#?}"
+    );
+    assert!(
+        problems.iter().any(|p| matches!(
+            p,
+            Problem::FeedDamage { detail, .. } if detail.contains("the index entry points at key")
+        )),
+        "{report:#?}"
+    );
+    assert!(
+        problems.iter().any(|p| matches!(
+            p,
+            Problem::FeedDamage { detail, .. } if detail.contains("the subject index holds 8 entries for 7")
         )),
         "{report:#?}"
     );
