@@ -147,6 +147,18 @@ pub async fn read_rate(
     clients: usize,
     page_events: u64,
 ) -> Result<ReadRate, BenchError> {
+    read_rate_bounded(store, feed, clients, page_events, u64::MAX).await
+}
+
+/// As [`read_rate`], each client stopping once it has read `events_per_client` events (or the
+/// whole feed, if shorter).
+pub async fn read_rate_bounded(
+    store: Arc<dyn FeedStore>,
+    feed: &FeedId,
+    clients: usize,
+    page_events: u64,
+    events_per_client: u64,
+) -> Result<ReadRate, BenchError> {
     let server = Arc::new(Server::start(store).await?);
     let path = feed_path(feed);
     let started = Instant::now();
@@ -166,6 +178,9 @@ pub async fn read_rate(
                 };
                 events += positions.len() as u64;
                 after = *last;
+                if events >= events_per_client {
+                    return Ok(events);
+                }
             }
         }));
     }

@@ -5,6 +5,7 @@
 //! - `system`: the machine and the process's memory, from `/proc`;
 //! - `report`: the figures beside their comparisons, as a markdown table and as JSON.
 
+mod feeds;
 mod fsync;
 mod postgres;
 mod report;
@@ -111,9 +112,24 @@ pub(crate) struct BenchArgs {
     #[arg(long, value_enum, default_value_t = EventIds::Random)]
     event_ids: EventIds,
 
+    /// What to measure, comma-separated: `store` (the event store's appends, reads, memory) and
+    /// `feeds` (backfill of a new projection version while appends go on, feed reads over HTTP
+    /// with 1 and 16 clients, long-poll wake-up from append to answer).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Suite::Store, Suite::Feeds])]
+    suite: Vec<Suite>,
+
     /// Also write the results as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+}
+
+/// The parts of `headwater bench`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Suite {
+    /// The event store: appends, reads, memory.
+    Store,
+    /// Integration feeds: backfill, HTTP reads, long-poll wake-up.
+    Feeds,
 }
 
 /// The stores `headwater bench` can measure.
@@ -266,7 +282,10 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    let store_suite = args.suite.contains(&Suite::Store);
+    let feeds_suite = args.suite.contains(&Suite::Feeds);
     let mut results = Vec::new();
+    let mut feed_results = Vec::new();
     for run in 1..=args.runs {
         let run_dir = workdir.path().join(format!("run-{run}"));
         std::fs::create_dir(&run_dir)
@@ -275,6 +294,13 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         let fsync_dir = run_dir.join("fsync");
         if args.runs > 1 {
             tracing::info!(run, of = args.runs, "run starting");
+        }
+        if feeds_suite {
+            let feeds_dir = run_dir.join("feeds-store");
+            feed_results.push(runtime.block_on(measure_feeds(args, &feeds_dir, &plan))?);
+        }
+        if !store_suite {
+            continue;
         }
         let result = runtime.block_on(async {
             match args.backend {
@@ -303,18 +329,38 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     }
     drop(runtime);
 
-    let report = report::Report::new(
-        &plan,
-        args.backend.name(),
-        args.backend.durable(),
-        args.backend.local_files(),
-        machine,
-        &results,
-    );
-    print!("{}", report.markdown());
+    let report = store_suite.then(|| {
+        report::Report::new(
+            &plan,
+            args.backend.name(),
+            args.backend.durable(),
+            args.backend.local_files(),
+            machine,
+            &results,
+        )
+    });
+    if let Some(report) = &report {
+        print!("{}", report.markdown());
+    }
+    if feeds_suite {
+        print!(
+            "{}",
+            feeds::markdown(args.backend.name(), &plan, &feed_results)
+        );
+    }
     if let Some(path) = &args.json {
-        report
-            .write_json(path)
+        // The store report's fields at the top level (as before the feeds suite), `feeds` beside.
+        let mut json = match &report {
+            Some(report) => serde_json::to_value(report)?,
+            None => serde_json::json!({}),
+        };
+        if feeds_suite {
+            json["feeds"] = serde_json::json!({
+                "runs": feed_results,
+                "median": feeds::median(&feed_results),
+            });
+        }
+        std::fs::write(path, serde_json::to_vec_pretty(&json)?)
             .with_context(|| format!("cannot write the JSON results to {}", path.display()))?;
     }
     if args.keep {
@@ -327,6 +373,34 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("cannot remove the working directory {}", path.display()))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The feeds suite of one run, on a fresh store of the chosen backend.
+async fn measure_feeds(
+    args: &BenchArgs,
+    dir: &Path,
+    plan: &Plan,
+) -> anyhow::Result<feeds::FeedFigures> {
+    match args.backend {
+        Backend::Memory => {
+            let events = std::sync::Arc::new(MemoryStore::new());
+            let feeds = std::sync::Arc::new(headwater_store::MemoryFeedStore::new());
+            feeds::measure(events, feeds, plan).await
+        }
+        Backend::Embedded => {
+            let store = EmbeddedStore::open(dir)
+                .with_context(|| format!("cannot open an embedded store in {}", dir.display()))?;
+            let feeds = std::sync::Arc::new(store.feeds().context("cannot open its feeds")?);
+            feeds::measure(std::sync::Arc::new(store), feeds, plan).await
+        }
+        Backend::Postgres => {
+            let url = args
+                .postgres
+                .as_deref()
+                .context("--backend postgres needs --postgres URL")?;
+            postgres::measure_feeds(url, args.keep, plan).await
+        }
+    }
 }
 
 /// Everything one run measured.

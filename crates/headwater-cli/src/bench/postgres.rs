@@ -33,6 +33,27 @@ pub(crate) async fn measure(
     results
 }
 
+/// The feeds suite on a fresh schema of its own.
+pub(crate) async fn measure_feeds(
+    url: &str,
+    keep: bool,
+    plan: &Plan,
+) -> anyhow::Result<super::feeds::FeedFigures> {
+    let schema = format!("{SCHEMA_PREFIX}{:016x}", rand::random::<u64>());
+    let store = PostgresStore::connect(url, Options::with_schema(&schema))
+        .await
+        .context("cannot connect the PostgreSQL store (--postgres)")?;
+    tracing::info!(schema = %schema, "PostgreSQL store connected (feeds)");
+    let feeds = std::sync::Arc::new(store.feed_store());
+    let results = super::feeds::measure(std::sync::Arc::new(store), feeds, plan).await;
+    if keep {
+        tracing::info!(schema = %schema, "kept the PostgreSQL schema");
+    } else if let Err(error) = drop_schema(url, &schema).await {
+        tracing::warn!(schema = %schema, "could not drop the benchmark's schema: {error:#}");
+    }
+    results
+}
+
 async fn drop_schema(url: &str, schema: &str) -> anyhow::Result<()> {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await

@@ -1,8 +1,6 @@
 //! Figures beside what they are compared to: the markdown table (for BENCHMARKS.md) and JSON.
 
 use std::fmt::Write as _;
-use std::io::Write as _;
-use std::path::Path;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
@@ -566,14 +564,6 @@ impl Report {
             peak_kib: runs.iter().filter_map(|r| r.memory.end.peak_kib).max(),
             runs,
         }
-    }
-
-    pub(crate) fn write_json(&self, path: &Path) -> anyhow::Result<()> {
-        let mut file = std::fs::File::create(path)?;
-        serde_json::to_writer_pretty(&mut file, self)?;
-        file.write_all(b"\n")?;
-        file.sync_all()?;
-        Ok(())
     }
 
     /// The human report: a markdown section that can be pasted into BENCHMARKS.md.
