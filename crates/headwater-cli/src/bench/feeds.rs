@@ -5,8 +5,8 @@
 //! 3. **Appends alone**: `writers` concurrent writers, 1 event per append, for one phase.
 //! 4. **Backfill while appends go on**: the same writers again while a second version
 //!    (`bench.v2`) backfills from the log (v1 keeps projecting the new events, as in a live
-//!    service). The backfill rate counts the internal events v2 went through until it turned
-//!    live; the append rate beside it shows what the backfill cost the writers.
+//!    service). The backfill rate is the log as it stood when v2 was added over the time v2 took
+//!    to get through it; the append rate beside it shows what the backfill cost the writers.
 //! 5. **Feed reads over HTTP** on loopback, 1 client then `http_clients` clients, each reading
 //!    `http_read_events` events of v1 from the start in pages of 1,000.
 //! 6. **Long-poll wake-up**: a client long-polls at v1's head; one internal event is appended;
@@ -50,6 +50,10 @@ pub(crate) struct FeedPlan {
     pub(crate) http_clients: usize,
     pub(crate) http_read_events: u64,
     pub(crate) wake_rounds: usize,
+    /// The writers' combined append rate is kept below this, in events per second: durable
+    /// stores stay far below it anyway, and it keeps the memory store's writers from outrunning
+    /// every projector (a backfill that can never catch up measures nothing).
+    pub(crate) append_rate_max: u32,
 }
 
 impl FeedPlan {
@@ -60,6 +64,7 @@ impl FeedPlan {
             http_clients: 16,
             http_read_events: if plan.quick { 5_000 } else { 200_000 },
             wake_rounds: if plan.quick { 20 } else { 300 },
+            append_rate_max: if plan.quick { 5_000 } else { 50_000 },
         }
     }
 }
@@ -136,30 +141,39 @@ pub(crate) async fn measure<E: EventStore, F: FeedStore>(
     let backfill_alone_per_sec = done as f64 / started.elapsed().as_secs_f64();
 
     // Appends alone, then the same appends while v2 backfills.
-    let appends_alone_per_sec = appends(events.as_ref(), p.writers, plan.phase).await?;
+    let appends_alone_per_sec = appends(events.as_ref(), &p, plan.phase).await?;
     let v2 = feed("v2");
     let stop = AtomicBool::new(false);
     let appended = AtomicU64::new(0);
-    let writers = appends_until(events.as_ref(), p.writers, &stop, &appended);
+    let writers = appends_until(events.as_ref(), &p, &stop, &appended);
     let backfill = async {
+        // The log as it stands when v2 is added: the backfill is timed until v2's cursor reaches
+        // it, while the writers go on appending; then the writers stop and v2 catches up with
+        // what they added and turns live. (Timing until live instead would measure a chase whose
+        // length depends on how fast the writers are, unbounded on the memory store.)
+        let target = events.head_position().get();
         let started = Instant::now();
         let running = Projectors::builder()
             .projection(BenchProjection { feed: v2.clone() })
             .start(Arc::clone(&events), Arc::clone(&feeds))
             .await
             .context("cannot start the projector of bench.v2")?;
-        let total = events.head_position().get();
-        let done = wait_live(
+        let reached = wait_caught_up(
             feeds.as_ref(),
             &v2,
+            target,
             "backfill bench.v2 (appends going on)",
-            total,
         )
         .await;
         let elapsed = started.elapsed();
         stop.store(true, Ordering::Relaxed);
+        let live = match reached {
+            Ok(()) => wait_live(feeds.as_ref(), &v2, "bench.v2 catches up", target).await,
+            Err(error) => Err(error),
+        };
         running.shutdown().await;
-        anyhow::Ok((done?, elapsed))
+        live?;
+        anyhow::Ok((target, elapsed))
     };
     let (writers, backfill) = tokio::join!(writers, backfill);
     let (appends_elapsed, _) = writers?;
@@ -171,7 +185,7 @@ pub(crate) async fn measure<E: EventStore, F: FeedStore>(
     // v1 catches up with what the writers appended, so that each wake-up round below waits for
     // its own event.
     let head = events.head_position().get();
-    wait_caught_up(feeds.as_ref(), &v1, head).await?;
+    wait_caught_up(feeds.as_ref(), &v1, head, "bench.v1 catches up").await?;
 
     // Reads over HTTP, and the long-poll wake-up through the live v1 projector.
     let dyn_feeds: Arc<dyn FeedStore> = feeds.clone();
@@ -253,14 +267,18 @@ async fn wait_caught_up<F: FeedStore>(
     feeds: &F,
     feed: &FeedId,
     position: u64,
+    label: &str,
 ) -> anyhow::Result<()> {
+    let bar = super::progress_bar(label, position, "events");
     let deadline = Instant::now() + BACKFILL_TIMEOUT;
     loop {
         let state = feeds
             .feed(feed)
             .await?
             .with_context(|| format!("{feed} is not registered"))?;
+        bar.set_position(state.cursor.get().min(position));
         if state.cursor.get() >= position {
+            bar.finish_and_clear();
             return Ok(());
         }
         if Instant::now() > deadline {
@@ -270,11 +288,11 @@ async fn wait_caught_up<F: FeedStore>(
     }
 }
 
-/// `writers` concurrent writers, 1 event per append, each on its own stream, for `phase`;
-/// returns events per second.
+/// The plan's writers, 1 event per append, each on its own stream, for `phase`; returns events
+/// per second.
 async fn appends<E: EventStore>(
     events: &E,
-    writers: u32,
+    plan: &FeedPlan,
     phase: Duration,
 ) -> anyhow::Result<f64> {
     let stop = AtomicBool::new(false);
@@ -283,23 +301,29 @@ async fn appends<E: EventStore>(
         tokio::time::sleep(phase).await;
         stop.store(true, Ordering::Relaxed);
     };
-    let (result, ()) = tokio::join!(appends_until(events, writers, &stop, &appended), timer);
+    let (result, ()) = tokio::join!(appends_until(events, plan, &stop, &appended), timer);
     let (elapsed, _) = result?;
     Ok(appended.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64())
 }
 
-/// Runs `writers` writers until `stop`; returns the time they ran.
+/// Runs the plan's writers until `stop`; returns the time they ran.
 async fn appends_until<E: EventStore>(
     events: &E,
-    writers: u32,
+    plan: &FeedPlan,
     stop: &AtomicBool,
     appended: &AtomicU64,
 ) -> anyhow::Result<(Duration, ())> {
+    let writers = plan.writers.max(1);
+    // Each writer appends at most once per `pace`.
+    let pace = Duration::from_secs_f64(f64::from(writers) / f64::from(plan.append_rate_max));
     let started = Instant::now();
     let data = br#"{"amount_cents":100,"currency":"EUR","reference":"bench-live"}"#;
     let writer = |w: u32| async move {
         let stream = StreamName::new(format!("writer-{w}-{}", EventId::new_random()))?;
+        let mut ticks = tokio::time::interval(pace);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !stop.load(Ordering::Relaxed) {
+            ticks.tick().await;
             events
                 .append(&stream, ExpectedVersion::Any, vec![event(data)])
                 .await
@@ -402,10 +426,11 @@ pub(crate) fn markdown(backend: &str, plan: &Plan, runs: &[FeedFigures]) -> Stri
         out,
         "- workload: a log of {} internal events over {} streams; projection `bench` makes one \
          integration event per internal event; {} writers (1 event per append) during the \
-         append phases; HTTP reads of {} events per client in pages of {}; {} long-poll rounds",
+         append phases (together at most {} events/s); HTTP reads of {} events per client in pages of {}; {} long-poll rounds",
         group(m.events as f64),
         group(FILL_STREAMS as f64),
         p.writers,
+        group(f64::from(p.append_rate_max)),
         group(p.http_read_events as f64),
         HTTP_PAGE_EVENTS,
         m.wake_rounds
@@ -464,8 +489,7 @@ pub(crate) fn markdown(backend: &str, plan: &Plan, runs: &[FeedFigures]) -> Stri
             format!("{} events/s", group(m.http_read_n_clients_per_sec)),
             format!(
                 "{:.1}× one client",
-                m.http_read_n_clients_per_sec
-                    / m.http_read_1_client_per_sec.max(f64::MIN_POSITIVE)
+                m.http_read_n_clients_per_sec / m.http_read_1_client_per_sec.max(f64::MIN_POSITIVE)
             ),
             each(|r| r.http_read_n_clients_per_sec),
         ),

@@ -34,6 +34,7 @@ const BENCH_FLAGS: &[&str] = &[
     "--batch-events",
     "--batch-writers",
     "--event-ids",
+    "--suite",
     "--runs",
     "--json",
 ];
@@ -90,6 +91,15 @@ const FIGURE_ROWS: &[&str] = &[
     "| read the whole log forward (",
     "| peak memory (VmHWM) |",
     "| RSS at the end (",
+];
+
+const FEED_ROWS: &[&str] = &[
+    "| backfill of a new version, appends going on |",
+    "| backfill, nothing else running |",
+    "| appends during that backfill |",
+    "| feed read over HTTP, 1 client |",
+    "| feed read over HTTP, 16 clients |",
+    "| long-poll wake-up, append → answer, p50 / p99 |",
 ];
 
 const JSON_KEYS: &[&str] = &[
@@ -173,8 +183,30 @@ fn quick_bench_prints_every_figure_and_cleans_up() {
         "the command line:\n{stdout}"
     );
 
+    for row in FEED_ROWS {
+        let line = stdout
+            .lines()
+            .find(|line| line.starts_with(row))
+            .unwrap_or_else(|| panic!("no feeds row {row:?} in:\n{stdout}"));
+        assert_eq!(line.matches(" | ").count(), 3, "{line}");
+    }
+
     let results: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let feeds = &results["feeds"]["median"];
+    for key in [
+        "backfill_alone_per_sec",
+        "backfill_with_appends_per_sec",
+        "http_read_1_client_per_sec",
+        "http_read_n_clients_per_sec",
+    ] {
+        let rate = feeds[key].as_f64().unwrap_or_default();
+        assert!(rate > 0.0, "{key} in {results}");
+    }
+    assert!(
+        feeds["wake_p99_us"].as_u64().unwrap_or_default() > 0,
+        "{results}"
+    );
     let figures = results["figures"].as_array().unwrap();
     for key in JSON_KEYS {
         let figure = figures
