@@ -10,29 +10,77 @@ use headwater_embedded::EmbeddedFeedStore;
 use crate::feed_tools::Opened;
 use crate::pg_tools::{is_url, redacted};
 
-pub(crate) async fn open(
-    dir: Option<&Path>,
-    postgres: Option<&str>,
-    schema: &str,
-) -> anyhow::Result<Opened> {
-    let url = match (dir, postgres) {
-        (_, Some(url)) => Some(url.to_owned()),
-        (Some(dir), None) => dir.to_str().filter(|d| is_url(d)).map(str::to_owned),
-        (None, None) => bail!("name the store: a directory, or --postgres URL"),
-    };
-    match (url, dir) {
-        (Some(url), _) => open_postgres(&url, schema).await,
-        (None, Some(dir)) => open_dir(dir),
-        (None, None) => bail!("name the store: a directory, or --postgres URL"),
-    }
+/// The store a command names: a directory, or a PostgreSQL server (by `--postgres URL`, or a
+/// URL in place of the directory).
+enum Target<'a> {
+    Dir(&'a Path),
+    Postgres(&'a str),
 }
 
-fn open_dir(dir: &Path) -> anyhow::Result<Opened> {
+fn target<'a>(dir: Option<&'a Path>, postgres: Option<&'a str>) -> anyhow::Result<Target<'a>> {
+    if let Some(url) = postgres {
+        return Ok(Target::Postgres(url));
+    }
+    let Some(dir) = dir else {
+        bail!("name the store: a directory, or --postgres URL");
+    };
+    if let Some(url) = dir.to_str().filter(|d| is_url(d)) {
+        return Ok(Target::Postgres(url));
+    }
     let meta = std::fs::metadata(dir)
         .with_context(|| format!("cannot open the store directory {}", dir.display()))?;
     if !meta.is_dir() {
         bail!("{} is not a directory", dir.display());
     }
+    Ok(Target::Dir(dir))
+}
+
+/// Opens the store named for reading.
+pub(crate) async fn open(
+    dir: Option<&Path>,
+    postgres: Option<&str>,
+    schema: &str,
+) -> anyhow::Result<Opened> {
+    match target(dir, postgres)? {
+        Target::Postgres(url) => open_postgres(url, schema).await,
+        Target::Dir(dir) => open_dir(dir),
+    }
+}
+
+/// Opens the store named for writing (`headwater retire`). An embedded store is opened with its
+/// lock, so this fails while its service runs: the service owns its directory.
+pub(crate) async fn open_writable(
+    dir: Option<&Path>,
+    postgres: Option<&str>,
+    schema: &str,
+) -> anyhow::Result<Opened> {
+    let dir = match target(dir, postgres)? {
+        Target::Postgres(url) => return open_postgres(url, schema).await,
+        Target::Dir(dir) => dir,
+    };
+    let store = match headwater_embedded::EmbeddedStore::open(dir) {
+        Ok(store) => store,
+        Err(headwater_embedded::OpenError::Locked { .. }) => bail!(
+            "the store in {} is open in its service (locked): stop the service to retire a feed \
+             of an embedded store, then start it again",
+            dir.display()
+        ),
+        Err(error) => {
+            return Err(error)
+                .with_context(|| format!("cannot open the store in {}", dir.display()));
+        }
+    };
+    let feeds = store
+        .feeds()
+        .with_context(|| format!("cannot open the feeds of the store in {}", dir.display()))?;
+    Ok(Opened {
+        feeds: Arc::new(feeds),
+        log_head: Box::new(move || Ok(headwater_store::EventStore::head_position(&store))),
+        name: dir.display().to_string(),
+    })
+}
+
+fn open_dir(dir: &Path) -> anyhow::Result<Opened> {
     let feeds = EmbeddedFeedStore::open_read_only(dir).with_context(|| {
         format!(
             "cannot open the feeds of the store in {} (a store whose service never registered \

@@ -74,6 +74,24 @@ pub(crate) struct TailArgs {
     json: bool,
 }
 
+/// How long a reader must have been silent before `retire` lets a version go without `--force`.
+const RETIRE_IDLE_SECS_DEFAULT: u64 = 24 * 3_600;
+
+#[derive(Debug, Args)]
+pub(crate) struct RetireArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// The feed version to retire: `name.vN`, e.g. `accounts.v1`.
+    #[arg(long, value_name = "FEED")]
+    feed: FeedId,
+    /// A reader that read the feed within this many seconds still counts as reading it.
+    #[arg(long, value_name = "SECS", default_value_t = RETIRE_IDLE_SECS_DEFAULT)]
+    idle_secs: u64,
+    /// Retire even though a reader read it recently, or no newer live version exists.
+    #[arg(long)]
+    force: bool,
+}
+
 /// A feed store opened for reading, with the internal log's head (for backfill progress).
 pub(crate) struct Opened {
     pub(crate) feeds: Arc<dyn FeedStore>,
@@ -120,6 +138,87 @@ pub(crate) fn tail(args: &TailArgs) -> anyhow::Result<ExitCode> {
             () = stop => {}
         }
         Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub(crate) fn retire(args: &RetireArgs) -> anyhow::Result<ExitCode> {
+    let rt = runtime()?;
+    rt.block_on(async {
+        let opened = crate::feed_open::open_writable(
+            args.store.dir.as_deref(),
+            args.store.postgres.as_deref(),
+            &args.store.schema,
+        )
+        .await?;
+        let now = headwater_core::Timestamp::from_unix_micros(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+        );
+        let said = retire_feed(opened.feeds.as_ref(), args, now).await?;
+        println!("{said}");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Retires `args.feed` after the checks that keep consumers from being cut off: a newer version
+/// of the same name is live, and no reader read this one within `args.idle_secs`. Returns what
+/// it did.
+pub(crate) async fn retire_feed(
+    feeds: &dyn FeedStore,
+    args: &RetireArgs,
+    now: headwater_core::Timestamp,
+) -> anyhow::Result<String> {
+    let feed = &args.feed;
+    let all = feeds.feeds().await.context("cannot list the feeds")?;
+    let Some(state) = all.iter().find(|s| &s.feed == feed) else {
+        bail!("no feed {feed} in this store");
+    };
+    if state.status == FeedStatus::Retired {
+        return Ok(format!("{feed} is already retired; nothing changed"));
+    }
+    let successor = all
+        .iter()
+        .filter(|s| s.feed.name == feed.name && s.feed.version > feed.version)
+        .filter(|s| s.status == FeedStatus::Live)
+        .map(|s| s.feed.to_string())
+        .next_back();
+    if successor.is_none() && !args.force {
+        bail!(
+            "{feed} has no newer live version for its readers to move to; retire it anyway with \
+             --force"
+        );
+    }
+    let idle_micros = args.idle_secs.saturating_mul(1_000_000);
+    let recent: Vec<String> = feeds
+        .readers(feed)
+        .await
+        .with_context(|| format!("cannot list the readers of {feed}"))?
+        .into_iter()
+        .filter(|r| {
+            now.unix_micros()
+                .saturating_sub(r.last_read_at.unix_micros())
+                < idle_micros
+        })
+        .map(|r| format!("{} (last read {})", r.reader, utc(r.last_read_at)))
+        .collect();
+    if !recent.is_empty() && !args.force {
+        bail!(
+            "{feed} is still read: {}; move them to {} first, or retire it anyway with --force",
+            recent.join(", "),
+            successor.as_deref().unwrap_or("a newer version")
+        );
+    }
+    feeds
+        .set_status(feed, FeedStatus::Retired)
+        .await
+        .with_context(|| format!("cannot retire {feed}"))?;
+    Ok(match successor {
+        Some(successor) => format!(
+            "{feed} retired: the feed API answers 410 Gone for it, naming {successor}; its \
+             projector stops within seconds"
+        ),
+        None => format!("{feed} retired (no newer live version): the feed API answers 410 Gone"),
     })
 }
 
@@ -431,6 +530,81 @@ mod tests {
         assert_eq!(sequences, [json!(1), json!(2)]);
         assert_eq!(events[1]["position"], 4);
         assert_eq!(events[0]["feed"], "accounts.v1");
+    }
+
+    fn retire_args(extra: &[&str]) -> RetireArgs {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            retire: RetireArgs,
+        }
+        let mut argv = vec!["retire", "/nonexistent", "--feed", "accounts.v1"];
+        argv.extend_from_slice(extra);
+        Wrapper::try_parse_from(argv).unwrap().retire
+    }
+
+    #[tokio::test]
+    async fn retire_needs_a_live_successor_and_no_recent_reader() {
+        let (store, v1) = store().await;
+        let now = Timestamp::from_unix_micros(1_795_780_524_000_000);
+        let hour = 3_600_000_000;
+        // No newer version: refused, nothing changed.
+        let error = retire_feed(&store, &retire_args(&[]), now)
+            .await
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("no newer live version"),
+            "{error}"
+        );
+        let v2 = FeedId::parse("accounts.v2").unwrap();
+        store.register(&v2).await.unwrap();
+        // v2 still backfilling: still refused.
+        assert!(retire_feed(&store, &retire_args(&[]), now).await.is_err());
+        store.set_status(&v2, FeedStatus::Live).await.unwrap();
+        // A reader an hour ago: refused with the default idle time, named in the message.
+        let seen = headwater_store::ReaderSeen {
+            feed: v1.clone(),
+            reader: "statements".to_owned(),
+            at: Timestamp::from_unix_micros(now.unix_micros() - hour),
+            reads: 1,
+        };
+        store.record_readers(vec![seen]).await.unwrap();
+        let error = retire_feed(&store, &retire_args(&[]), now)
+            .await
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("still read: statements"),
+            "{error}"
+        );
+        assert_eq!(
+            store.feed(&v1).await.unwrap().unwrap().status,
+            FeedStatus::Backfilling
+        );
+        // Silent for longer than --idle-secs: retired.
+        let said = retire_feed(&store, &retire_args(&["--idle-secs", "60"]), now)
+            .await
+            .unwrap();
+        assert!(said.contains("naming accounts.v2"), "{said}");
+        assert_eq!(
+            store.feed(&v1).await.unwrap().unwrap().status,
+            FeedStatus::Retired
+        );
+        let said = retire_feed(&store, &retire_args(&[]), now).await.unwrap();
+        assert!(said.contains("already retired"), "{said}");
+    }
+
+    #[tokio::test]
+    async fn retire_with_force_skips_the_checks() {
+        let (store, v1) = store().await;
+        let now = Timestamp::from_unix_micros(1_795_780_524_000_000);
+        retire_feed(&store, &retire_args(&["--force"]), now)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.feed(&v1).await.unwrap().unwrap().status,
+            FeedStatus::Retired
+        );
     }
 
     #[tokio::test]

@@ -53,6 +53,11 @@ enum Command {
     /// Print a feed's events (the last ones, or one subject's), and with `--follow` the new ones
     /// as they come.
     Tail(feed_tools::TailArgs),
+    /// Retire a feed version: the feed API then answers 410 Gone for it, naming the newer
+    /// version, and its projector stops. Refused while a reader read it within `--idle-secs`
+    /// or when no newer version is live, unless `--force`. An embedded store must not be open
+    /// in its service.
+    Retire(feed_tools::RetireArgs),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +69,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(&args),
         Command::Feeds(args) => feed_tools::feeds(&args),
         Command::Tail(args) => feed_tools::tail(&args),
+        Command::Retire(args) => feed_tools::retire(&args),
     };
     match outcome {
         Ok(code) => code,

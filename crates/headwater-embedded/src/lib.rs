@@ -101,6 +101,9 @@ pub struct Options {
     /// **For tests**: called before each commit; an `Err` fails the commit (and poisons the
     /// store) as a failed fsync would.
     pub before_commit: Option<CommitHook>,
+    /// **For tests**: called after each successful commit, before the new head is published
+    /// (readers already see the commit then): a hook that sleeps widens that window.
+    pub after_commit: Option<Arc<dyn Fn() + Send + Sync>>,
     /// **For tests**: `PRAGMA max_page_count` of the write connection, so that a write fails
     /// with `SQLITE_FULL` as on a full disk.
     pub max_page_count: Option<u64>,
@@ -116,6 +119,7 @@ impl Default for Options {
             page_cache_bytes: PAGE_CACHE_BYTES_DEFAULT,
             reader_page_cache_bytes: READER_PAGE_CACHE_BYTES_DEFAULT,
             before_commit: None,
+            after_commit: None,
             max_page_count: None,
         }
     }
@@ -131,6 +135,7 @@ impl fmt::Debug for Options {
             .field("page_cache_bytes", &self.page_cache_bytes)
             .field("reader_page_cache_bytes", &self.reader_page_cache_bytes)
             .field("before_commit", &self.before_commit.as_ref().map(|_| "…"))
+            .field("after_commit", &self.after_commit.as_ref().map(|_| "…"))
             .field("max_page_count", &self.max_page_count)
             .finish()
     }

@@ -103,6 +103,7 @@ pub(crate) struct Writer {
     group_events_max: usize,
     group_bytes_max: usize,
     before_commit: Option<CommitHook>,
+    after_commit: Option<Arc<dyn Fn() + Send + Sync>>,
     commits: u64,
     poisoned: bool,
     /// Streams' row ids and heads, so that the common append needs no lookup. Exact because this
@@ -126,6 +127,7 @@ impl Writer {
             group_events_max: options.group_events_max.max(1),
             group_bytes_max: options.group_bytes_max.max(1),
             before_commit: options.before_commit.clone(),
+            after_commit: options.after_commit.clone(),
             commits: 0,
             poisoned: false,
             streams: HashMap::new(),
@@ -175,6 +177,9 @@ impl Writer {
         let start = self.next_position;
         match self.commit(group) {
             Ok(decisions) => {
+                if let Some(hook) = &self.after_commit {
+                    hook();
+                }
                 let head = Position(self.next_position - 1);
                 self.head.send_if_modified(|current| {
                     let moved = *current != head;

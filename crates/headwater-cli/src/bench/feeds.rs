@@ -22,7 +22,7 @@ use headwater_api::bench::{BenchError, ReadRate, WakeLatency, read_rate_bounded,
 use headwater_core::{
     EventId, EventType, ExpectedVersion, FeedId, FeedStatus, NewEvent, StreamName, Subject,
 };
-use headwater_feed::{Emit, Projection, ProjectionError, Projectors};
+use headwater_feed::{Emit, Projection, ProjectionError, ProjectorState, Projectors};
 use headwater_store::{EventStore, FeedStore};
 use serde::Serialize;
 
@@ -137,7 +137,14 @@ pub(crate) async fn measure<E: EventStore, F: FeedStore>(
         .start(Arc::clone(&events), Arc::clone(&feeds))
         .await
         .context("cannot start the projector of bench.v1")?;
-    let done = wait_live(feeds.as_ref(), &v1, "backfill bench.v1 (alone)", p.events).await?;
+    let done = wait_live(
+        feeds.as_ref(),
+        &running_v1,
+        &v1,
+        "backfill bench.v1 (alone)",
+        p.events,
+    )
+    .await?;
     let backfill_alone_per_sec = done as f64 / started.elapsed().as_secs_f64();
 
     // Appends alone, then the same appends while v2 backfills.
@@ -160,6 +167,7 @@ pub(crate) async fn measure<E: EventStore, F: FeedStore>(
             .context("cannot start the projector of bench.v2")?;
         let reached = wait_caught_up(
             feeds.as_ref(),
+            &running,
             &v2,
             target,
             "backfill bench.v2 (appends going on)",
@@ -168,7 +176,7 @@ pub(crate) async fn measure<E: EventStore, F: FeedStore>(
         let elapsed = started.elapsed();
         stop.store(true, Ordering::Relaxed);
         let live = match reached {
-            Ok(()) => wait_live(feeds.as_ref(), &v2, "bench.v2 catches up", target).await,
+            Ok(()) => wait_live(feeds.as_ref(), &running, &v2, "bench.v2 catches up", target).await,
             Err(error) => Err(error),
         };
         running.shutdown().await;
@@ -185,7 +193,14 @@ pub(crate) async fn measure<E: EventStore, F: FeedStore>(
     // v1 catches up with what the writers appended, so that each wake-up round below waits for
     // its own event.
     let head = events.head_position().get();
-    wait_caught_up(feeds.as_ref(), &v1, head, "bench.v1 catches up").await?;
+    wait_caught_up(
+        feeds.as_ref(),
+        &running_v1,
+        &v1,
+        head,
+        "bench.v1 catches up",
+    )
+    .await?;
 
     // Reads over HTTP, and the long-poll wake-up through the live v1 projector.
     let dyn_feeds: Arc<dyn FeedStore> = feeds.clone();
@@ -236,9 +251,25 @@ async fn fill<E: EventStore>(events: &E, total: u64) -> anyhow::Result<()> {
     results.into_iter().collect()
 }
 
+/// Fails when the projector of `feed` stopped for good.
+fn check_running(projectors: &Projectors, feed: &FeedId) -> anyhow::Result<()> {
+    let failed = projectors
+        .statuses()
+        .into_iter()
+        .find(|s| &s.feed == feed && matches!(s.state, ProjectorState::Failed));
+    if let Some(status) = failed {
+        bail!(
+            "the projector of {feed} failed: {}",
+            status.last_error.as_deref().unwrap_or("no error recorded")
+        );
+    }
+    Ok(())
+}
+
 /// Waits until `feed` is live; returns the internal events it went through.
 async fn wait_live<F: FeedStore>(
     feeds: &F,
+    projectors: &Projectors,
     feed: &FeedId,
     label: &str,
     total: u64,
@@ -255,6 +286,7 @@ async fn wait_live<F: FeedStore>(
             bar.finish_and_clear();
             return Ok(state.cursor.get());
         }
+        check_running(projectors, feed)?;
         if Instant::now() > deadline {
             bail!("{feed} did not turn live within {BACKFILL_TIMEOUT:?}");
         }
@@ -265,6 +297,7 @@ async fn wait_live<F: FeedStore>(
 /// Waits until `feed`'s cursor reaches `position`.
 async fn wait_caught_up<F: FeedStore>(
     feeds: &F,
+    projectors: &Projectors,
     feed: &FeedId,
     position: u64,
     label: &str,
@@ -281,6 +314,7 @@ async fn wait_caught_up<F: FeedStore>(
             bar.finish_and_clear();
             return Ok(());
         }
+        check_running(projectors, feed)?;
         if Instant::now() > deadline {
             bail!("{feed} did not catch up within {BACKFILL_TIMEOUT:?}");
         }

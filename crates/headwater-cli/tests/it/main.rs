@@ -901,3 +901,122 @@ fn feed_tools_refuse_unknown_feeds_and_stores_without_feeds() {
         "{out:?}"
     );
 }
+
+#[test]
+fn retire_checks_readers_and_successor_and_refuses_a_store_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    store_with_a_feed(dir.path());
+    let path = dir.path().to_str().unwrap();
+
+    // No newer live version: refused, and nothing changed.
+    let out = headwater(&["retire", path, "--feed", "accounts.v1"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        text(&out.stderr).contains("no newer live version"),
+        "{out:?}"
+    );
+
+    // A store open in its service (this process holds its lock): refused with the reason.
+    {
+        let _service = EmbeddedStore::open(dir.path()).unwrap();
+        let out = headwater(&["retire", path, "--feed", "accounts.v1", "--force"]);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        assert!(text(&out.stderr).contains("open in its service"), "{out:?}");
+    }
+
+    let out = headwater(&["retire", path, "--feed", "accounts.v1", "--force"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(text(&out.stdout).contains("accounts.v1 retired"), "{out:?}");
+    let out = headwater(&["feeds", path, "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["feeds"][0]["status"], "retired", "{json}");
+}
+
+#[test]
+fn feeds_tail_and_retire_work_on_a_postgres_store() {
+    use headwater_core::{FeedId, FeedStatus, Position, Subject, Timestamp};
+    use headwater_store::{FeedStore, ProjectedEvent, ProjectorBatch, ReaderSeen};
+
+    let pg = small_pg_store();
+    let (url, schema) = (pg.url.clone(), pg.schema.clone());
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async move {
+            let store = headwater_postgres::PostgresStore::connect(
+                &url,
+                headwater_postgres::Options::with_schema(schema),
+            )
+            .await
+            .unwrap();
+            let feeds = store.feed_store();
+            for version in ["accounts.v1", "accounts.v2"] {
+                let feed = FeedId::parse(version).unwrap();
+                feeds.register(&feed).await.unwrap();
+                let events = (1..=3)
+                    .map(|i| ProjectedEvent {
+                        id: EventId::new_random(),
+                        event_type: EventType::new("accounts.deposited").unwrap(),
+                        subject: Subject::new("a").unwrap(),
+                        time: Timestamp::from_unix_micros(1_795_780_524_000_000 + i),
+                        data: format!("{{\"amount\":{i}}}").into_bytes(),
+                        source_position: Position(i),
+                    })
+                    .collect();
+                let batch = ProjectorBatch {
+                    from: Position(0),
+                    to: Position(5),
+                    events,
+                };
+                feeds.commit(&feed, batch).await.unwrap();
+                feeds.set_status(&feed, FeedStatus::Live).await.unwrap();
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_micros() as u64;
+            feeds
+                .record_readers(vec![ReaderSeen {
+                    feed: FeedId::parse("accounts.v1").unwrap(),
+                    reader: "statements".to_owned(),
+                    at: Timestamp::from_unix_micros(now),
+                    reads: 2,
+                }])
+                .await
+                .unwrap();
+        });
+    let target = [
+        "--postgres",
+        pg.url.as_str(),
+        "--schema",
+        pg.schema.as_str(),
+    ];
+    let run = |verb: &[&str]| {
+        let mut args = verb.to_vec();
+        args.extend_from_slice(&target);
+        headwater(&args)
+    };
+
+    let out = run(&["feeds", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["feeds"].as_array().map(Vec::len), Some(2), "{json}");
+    assert_eq!(json["feeds"][0]["readers"][0]["reader"], "statements");
+
+    let out = run(&["tail", "--feed", "accounts.v2", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(text(&out.stdout).lines().count(), 3, "{out:?}");
+
+    // Read a moment ago: refused, naming the reader.
+    let out = run(&["retire", "--feed", "accounts.v1"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        text(&out.stderr).contains("still read: statements"),
+        "{out:?}"
+    );
+    let out = run(&["retire", "--feed", "accounts.v1", "--idle-secs", "0"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(text(&out.stdout).contains("naming accounts.v2"), "{out:?}");
+    let out = run(&["feeds", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["feeds"][0]["status"], "retired", "{json}");
+}

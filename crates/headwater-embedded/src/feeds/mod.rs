@@ -116,7 +116,15 @@ pub(crate) struct FeedInner {
     readers: Arc<Readers>,
     shared: Arc<Shared>,
     writer: Option<JoinHandle<()>>,
+    /// The log's head watch (`None` read-only): a commit waits for it to reach its batch.
+    log_head: Option<watch::Receiver<Position>>,
 }
+
+/// How long a commit waits for the log's head watch to reach its batch's cursor before it refuses
+/// the batch as past the log's head. The log's writer publishes its new head right after the
+/// commit that readers can already see, so a projector can read events an instant before the
+/// watch shows them; that instant is microseconds, this bound is for a loaded machine.
+const LOG_HEAD_LAG_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Drop for FeedInner {
     fn drop(&mut self) {
@@ -217,7 +225,7 @@ pub(crate) fn open(
         next_feed_id,
         next_subject_id,
         shared.clone(),
-        log_head,
+        log_head.clone(),
     );
     let (requests, queue) = mpsc::channel(QUEUE_WRITES_MAX);
     let thread = std::thread::Builder::new()
@@ -234,6 +242,7 @@ pub(crate) fn open(
         readers,
         shared,
         writer: Some(thread),
+        log_head: Some(log_head),
     })
 }
 
@@ -306,6 +315,7 @@ impl EmbeddedFeedStore {
                 readers,
                 shared,
                 writer: None,
+                log_head: None,
             }),
             _store: None,
         })
@@ -392,6 +402,12 @@ impl FeedStore for EmbeddedFeedStore {
     /// Dropping the future after its first poll may still commit the batch.
     async fn commit(&self, feed: &FeedId, batch: ProjectorBatch) -> Result<FeedCommit, FeedError> {
         validate_batch(&batch)?;
+        if let Some(log_head) = &self.inner.log_head {
+            let mut log_head = log_head.clone();
+            let caught_up = log_head.wait_for(|head| *head >= batch.to);
+            // On a timeout the writer refuses the batch; a closed store refuses it as closed.
+            let _ = tokio::time::timeout(LOG_HEAD_LAG_MAX, caught_up).await;
+        }
         let feed = feed.clone();
         self.write(|reply| Request::Commit { feed, batch, reply })
             .await

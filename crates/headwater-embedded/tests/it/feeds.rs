@@ -338,3 +338,67 @@ async fn feeds_is_one_store_per_directory() {
             .is_some()
     );
 }
+
+/// A follower that commits as soon as it has read events must never be refused as "past the
+/// log's head": readers see a log commit an instant before the log's head watch moves, and the
+/// feed store's check against that watch must wait that instant out. (Found by `headwater bench`:
+/// a live projector behind busy writers stopped with an `Invalid` batch.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_right_behind_busy_writers_is_never_refused() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use headwater_core::ExpectedVersion;
+    use headwater_store::EventStore;
+    use headwater_store::conformance::{events, stream};
+
+    /// Commits the follower must make before the test ends.
+    const COMMITS: u64 = 100;
+    let dir = tempfile::tempdir().unwrap();
+    // Widens the instant between a commit readers see and the head watch moving.
+    let mut options = headwater_embedded::Options::default();
+    options.after_commit = Some(Arc::new(|| {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }));
+    let store =
+        Arc::new(headwater_embedded::EmbeddedStore::open_with(dir.path(), options).unwrap());
+    let feeds = store.feeds().unwrap();
+    feeds.register(&feed()).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let (store, stop) = (Arc::clone(&store), Arc::clone(&stop));
+            tokio::spawn(async move {
+                let stream = stream(&format!("w{w}"));
+                while !stop.load(Ordering::Relaxed) {
+                    store
+                        .append(&stream, ExpectedVersion::Any, events(1))
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    let mut cursor = Position::START;
+    let mut commits = 0;
+    while commits < COMMITS {
+        let page = store.read_all(cursor, 1_000).await.unwrap();
+        let Some(last) = page.last() else {
+            tokio::task::yield_now().await;
+            continue;
+        };
+        let to = last.position;
+        let batch = batch(cursor.get(), to.get(), &[("a", to.get())]);
+        let result = feeds.commit(&feed(), batch).await;
+        if let Err(error) = result {
+            stop.store(true, Ordering::Relaxed);
+            panic!("commit {commits} to {to} refused: {error}");
+        }
+        cursor = to;
+        commits += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for writer in writers {
+        writer.await.unwrap();
+    }
+}
