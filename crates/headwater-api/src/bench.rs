@@ -243,7 +243,14 @@ where
                 head.get() + 1
             )));
         }
-        let micros = answered.saturating_duration_since(started).as_micros();
+        if answered < started {
+            return Err(BenchError::Answer(format!(
+                "the long poll after position {} was answered before the commit: the feed was \
+                 still moving (wait until its projector is idle)",
+                head.get()
+            )));
+        }
+        let micros = answered.duration_since(started).as_micros();
         histogram.saturating_record(u64::try_from(micros).unwrap_or(u64::MAX));
     }
     Ok(WakeLatency {

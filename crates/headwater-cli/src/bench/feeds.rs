@@ -191,16 +191,27 @@ pub(crate) async fn measure<E: EventStore, F: FeedStore>(
         appended.load(Ordering::Relaxed) as f64 / appends_elapsed.as_secs_f64();
 
     // v1 catches up with what the writers appended, so that each wake-up round below waits for
-    // its own event.
-    let head = events.head_position().get();
-    wait_caught_up(
-        feeds.as_ref(),
-        &running_v1,
-        &v1,
-        head,
-        "bench.v1 catches up",
-    )
-    .await?;
+    // its own event. (The log's head as this handle knows it may lag the log: PostgreSQL learns
+    // of commits by notification. Nothing left to read after v1's cursor is the sure sign.)
+    loop {
+        let head = events.head_position().get();
+        wait_caught_up(
+            feeds.as_ref(),
+            &running_v1,
+            &v1,
+            head,
+            "bench.v1 catches up",
+        )
+        .await?;
+        let cursor = feeds
+            .feed(&v1)
+            .await?
+            .context("bench.v1 is not registered")?
+            .cursor;
+        if events.read_all(cursor, 1).await?.is_empty() {
+            break;
+        }
+    }
 
     // Reads over HTTP, and the long-poll wake-up through the live v1 projector.
     let dyn_feeds: Arc<dyn FeedStore> = feeds.clone();
