@@ -19,6 +19,8 @@ use prometheus_client::registry::Registry;
 use crate::{ApiConfig, FeedApi, Tokens};
 
 const BENCH_TOKEN: &str = "headwater-bench-token";
+/// The slowest wake-up the latency histogram tells apart, in microseconds (one minute).
+const LATENCY_US_MAX: u64 = 60_000_000;
 
 /// Why a workload failed.
 #[derive(Debug, thiserror::Error)]
@@ -215,8 +217,10 @@ where
     const SETTLE: Duration = Duration::from_millis(2);
     let server = Arc::new(Server::start(Arc::clone(&store)).await?);
     let path = feed_path(feed);
-    let mut histogram =
-        hdrhistogram::Histogram::<u64>::new(3).map_err(|e| BenchError::Request(e.to_string()))?;
+    // Fixed bounds: `saturating_record` clamps to the histogram's current range, and an
+    // auto-resizing histogram starts with a range of 1 to 2 (every round then read 2 µs).
+    let mut histogram = hdrhistogram::Histogram::<u64>::new_with_bounds(1, LATENCY_US_MAX, 3)
+        .map_err(|e| BenchError::Request(e.to_string()))?;
     for _ in 0..rounds {
         let head = store
             .feed(feed)

@@ -25,7 +25,8 @@ const TAIL_PAGE_EVENTS: u64 = 1_000;
 /// Which store a feed tool reads.
 #[derive(Debug, Args)]
 pub(crate) struct StoreArgs {
-    /// The producer's store: its data directory, or a PostgreSQL URL (as `--postgres`).
+    /// The producer's store: its data directory, or a PostgreSQL URL (as `--postgres`); for
+    /// `feeds` and `tail` also a running producer's feed API (`http://HOST:PORT`, with a token).
     #[arg(
         value_name = "DIR",
         required_unless_present = "postgres",
@@ -44,6 +45,9 @@ pub(crate) struct StoreArgs {
 pub(crate) struct FeedsArgs {
     #[command(flatten)]
     store: StoreArgs,
+    /// With a feed API URL (`http://HOST:PORT`): the bearer token [default: $HEADWATER_TOKEN].
+    #[arg(long, value_name = "TOKEN")]
+    token: Option<String>,
     /// Print JSON (one object with every feed) instead of text.
     #[arg(long)]
     json: bool,
@@ -53,6 +57,9 @@ pub(crate) struct FeedsArgs {
 pub(crate) struct TailArgs {
     #[command(flatten)]
     store: StoreArgs,
+    /// With a feed API URL (`http://HOST:PORT`): the bearer token [default: $HEADWATER_TOKEN].
+    #[arg(long, value_name = "TOKEN")]
+    token: Option<String>,
     /// The feed: `name.vN`, e.g. `accounts.v2`.
     #[arg(long, value_name = "FEED")]
     feed: FeedId,
@@ -106,8 +113,24 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
+/// The feed API URL the store argument names, if it names one.
+fn api_url(store: &StoreArgs) -> Option<&str> {
+    store
+        .dir
+        .as_deref()
+        .and_then(|d| d.to_str())
+        .filter(|d| crate::feed_http::is_http(d))
+}
+
 pub(crate) fn feeds(args: &FeedsArgs) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
+    if let Some(url) = api_url(&args.store) {
+        return rt.block_on(async {
+            let client = crate::feed_http::FeedApiClient::new(url, args.token.as_deref())?;
+            print!("{}", crate::feed_http::feeds(&client, args.json).await?);
+            Ok(ExitCode::SUCCESS)
+        });
+    }
     rt.block_on(async {
         let opened = open(&args.store).await?;
         let log_head = (opened.log_head)()?;
@@ -124,7 +147,6 @@ pub(crate) fn feeds(args: &FeedsArgs) -> anyhow::Result<ExitCode> {
 pub(crate) fn tail(args: &TailArgs) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
     rt.block_on(async {
-        let opened = open(&args.store).await?;
         let stdout = std::io::stdout();
         let mut out = stdout.lock();
         let stop = async {
@@ -133,6 +155,25 @@ pub(crate) fn tail(args: &TailArgs) -> anyhow::Result<ExitCode> {
                 std::future::pending::<()>().await;
             }
         };
+        if let Some(url) = api_url(&args.store) {
+            let client = crate::feed_http::FeedApiClient::new(url, args.token.as_deref())?;
+            let run = crate::feed_http::tail(
+                &client,
+                &args.feed,
+                args.subject.as_ref(),
+                args.after,
+                args.last,
+                args.follow,
+                args.json,
+                &mut out,
+            );
+            tokio::select! {
+                result = run => result?,
+                () = stop => {}
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        let opened = open(&args.store).await?;
         tokio::select! {
             result = run_tail(opened.feeds.as_ref(), args, &mut out) => result?,
             () = stop => {}

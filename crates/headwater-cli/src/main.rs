@@ -4,6 +4,7 @@
 //! 2 on usage errors.
 
 mod bench;
+mod feed_http;
 mod feed_open;
 mod feed_tools;
 mod pg_tools;

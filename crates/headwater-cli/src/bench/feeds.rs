@@ -450,7 +450,12 @@ pub(crate) fn median(runs: &[FeedFigures]) -> Option<FeedFigures> {
 }
 
 /// The feeds section of the report, for BENCHMARKS.md.
-pub(crate) fn markdown(backend: &str, plan: &Plan, runs: &[FeedFigures]) -> String {
+pub(crate) fn markdown(
+    backend: &str,
+    plan: &Plan,
+    machine: &super::system::Machine,
+    runs: &[FeedFigures],
+) -> String {
     use std::fmt::Write as _;
     let Some(m) = median(runs) else {
         return String::new();
@@ -467,6 +472,12 @@ pub(crate) fn markdown(backend: &str, plan: &Plan, runs: &[FeedFigures]) -> Stri
     };
     let mut out = String::new();
     let _ = writeln!(out, "\n#### Feeds ({backend} store)\n");
+    let _ = writeln!(out, "- command: `{}`", super::report::command_line());
+    let _ = writeln!(
+        out,
+        "- machine: {}, {} cores, {}; disk: {}",
+        machine.cpu, machine.cores, machine.kernel, machine.filesystem
+    );
     let _ = writeln!(
         out,
         "- workload: a log of {} internal events over {} streams; projection `bench` makes one \

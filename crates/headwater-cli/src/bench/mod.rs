@@ -329,6 +329,7 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     }
     drop(runtime);
 
+    let feed_machine = machine.clone();
     let report = store_suite.then(|| {
         report::Report::new(
             &plan,
@@ -345,7 +346,7 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     if feeds_suite {
         print!(
             "{}",
-            feeds::markdown(args.backend.name(), &plan, &feed_results)
+            feeds::markdown(args.backend.name(), &plan, &feed_machine, &feed_results)
         );
     }
     if let Some(path) = &args.json {

@@ -811,7 +811,7 @@ fn trim_float(value: f64) -> String {
 }
 
 /// The command line as typed, quoted where a shell needs it, with any password in a URL hidden.
-fn command_line() -> String {
+pub(crate) fn command_line() -> String {
     std::env::args_os()
         .map(|arg| {
             let arg = redact_password(&arg.to_string_lossy());

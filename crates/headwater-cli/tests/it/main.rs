@@ -1020,3 +1020,120 @@ fn feeds_tail_and_retire_work_on_a_postgres_store() {
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["feeds"][0]["status"], "retired", "{json}");
 }
+
+/// A feed API on 127.0.0.1 over a memory feed store holding `accounts.v1` (5 events, subjects
+/// `a` and `b`), served from a thread of its own until the test ends.
+fn feed_api_server() -> (String, std::sync::mpsc::Sender<()>) {
+    use headwater_core::{FeedId, Position, Subject, Timestamp};
+    use headwater_store::{FeedStore, MemoryFeedStore, ProjectedEvent, ProjectorBatch};
+
+    let (address_tx, address_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async move {
+            let feeds = std::sync::Arc::new(MemoryFeedStore::new());
+            let feed = FeedId::parse("accounts.v1").unwrap();
+            feeds.register(&feed).await.unwrap();
+            let events = (1..=5)
+                .map(|i| ProjectedEvent {
+                    id: EventId::new_random(),
+                    event_type: EventType::new("accounts.deposited").unwrap(),
+                    subject: Subject::new(if i % 2 == 0 { "a" } else { "b" }).unwrap(),
+                    time: Timestamp::from_unix_micros(1_795_780_524_000_000 + i),
+                    data: format!("{{\"amount\":{i}}}").into_bytes(),
+                    source_position: Position(i),
+                })
+                .collect();
+            let batch = ProjectorBatch {
+                from: Position(0),
+                to: Position(5),
+                events,
+            };
+            feeds.commit(&feed, batch).await.unwrap();
+            let mut registry = prometheus_client::registry::Registry::default();
+            let tokens = headwater_api::Tokens::one_for_all("cli", "secret-token").unwrap();
+            let config = headwater_api::ApiConfig::new("test", tokens).unwrap();
+            let api = headwater_api::FeedApi::new(feeds, config, &mut registry);
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            address_tx
+                .send(format!("http://{}", listener.local_addr().unwrap()))
+                .unwrap();
+            let stop = async move {
+                let _ = tokio::task::spawn_blocking(move || stop_rx.recv()).await;
+            };
+            api.serve(listener, std::sync::Arc::new(registry), stop)
+                .await
+                .unwrap();
+        });
+    });
+    (address_rx.recv().unwrap(), stop_tx)
+}
+
+#[test]
+fn feeds_and_tail_read_a_running_feed_api_with_a_token() {
+    let (url, _stop) = feed_api_server();
+    let out = headwater(&["feeds", &url, "--token", "secret-token"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        text(&out.stdout).contains("| accounts.v1 | backfilling | 5 |"),
+        "{out:?}"
+    );
+
+    let out = headwater(&[
+        "tail",
+        &url,
+        "--token",
+        "secret-token",
+        "--feed",
+        "accounts.v1",
+        "--last",
+        "2",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stdout = text(&out.stdout);
+    let lines: Vec<_> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(
+        lines[0].starts_with("#4 ") && lines[1].starts_with("#5 "),
+        "{stdout}"
+    );
+
+    let args = [
+        "tail",
+        &url,
+        "--token",
+        "secret-token",
+        "--feed",
+        "accounts.v1",
+        "--subject",
+        "b",
+        "--json",
+    ];
+    let out = headwater(&args);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let sequences: Vec<u64> = text(&out.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["sequence"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(sequences, [1, 2, 3]);
+
+    // A wrong token: the API's refusal, said clearly; the token itself never printed.
+    let out = headwater(&["feeds", &url, "--token", "wrong-token-value"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("401"), "{stderr}");
+    assert!(!stderr.contains("wrong-token-value"), "{stderr}");
+    // No token at all.
+    let out = Command::new(env!("CARGO_BIN_EXE_headwater"))
+        .args(["feeds", &url])
+        .env_remove("HEADWATER_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(text(&out.stderr).contains("HEADWATER_TOKEN"), "{out:?}");
+}
