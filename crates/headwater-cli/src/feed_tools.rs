@@ -51,6 +51,23 @@ pub(crate) struct FeedsArgs {
     /// Print JSON (one object with every feed) instead of text.
     #[arg(long)]
     json: bool,
+    /// When a feed is backfilling, read the store again after this many seconds to show the
+    /// backfill's rate and the time left (0: do not wait).
+    #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = parse_sample_secs)]
+    sample_secs: f64,
+}
+
+/// The longest `--sample-secs`.
+const SAMPLE_SECS_MAX: f64 = 60.0;
+
+fn parse_sample_secs(text: &str) -> Result<f64, String> {
+    let secs: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if !(0.0..=SAMPLE_SECS_MAX).contains(&secs) {
+        return Err(format!("{text} is outside 0..={SAMPLE_SECS_MAX} seconds"));
+    }
+    Ok(secs)
 }
 
 #[derive(Debug, Args)]
@@ -133,8 +150,18 @@ pub(crate) fn feeds(args: &FeedsArgs) -> anyhow::Result<ExitCode> {
     }
     rt.block_on(async {
         let opened = open(&args.store).await?;
-        let log_head = (opened.log_head)()?;
-        let report = report(opened.feeds.as_ref()).await?;
+        let mut log_head = (opened.log_head)()?;
+        let mut report = report(opened.feeds.as_ref()).await?;
+        let backfilling = report
+            .iter()
+            .any(|row| row.state.status == FeedStatus::Backfilling);
+        if backfilling && args.sample_secs > 0.0 {
+            let first = std::time::Instant::now();
+            tokio::time::sleep(Duration::from_secs_f64(args.sample_secs)).await;
+            let later = self::report(opened.feeds.as_ref()).await?;
+            log_head = (opened.log_head)()?;
+            report = with_rates(&report, later, first.elapsed());
+        }
         if args.json {
             println!("{}", serde_json::to_string_pretty(&report_json(&report))?);
         } else {
@@ -273,6 +300,30 @@ async fn open(args: &StoreArgs) -> anyhow::Result<Opened> {
 pub(crate) struct FeedRow {
     pub(crate) state: FeedState,
     pub(crate) readers: Vec<FeedReader>,
+    /// How fast the projector's cursor moved between two looks, in internal events per second
+    /// (backfilling feeds, when sampled).
+    pub(crate) rate: Option<f64>,
+}
+
+/// The `later` rows, with the rate each backfilling feed's cursor moved at since `earlier`.
+fn with_rates(earlier: &[FeedRow], later: Vec<FeedRow>, elapsed: Duration) -> Vec<FeedRow> {
+    later
+        .into_iter()
+        .map(|mut row| {
+            let before = earlier.iter().find(|e| e.state.feed == row.state.feed);
+            if let Some(before) = before
+                && before.state.status == FeedStatus::Backfilling
+            {
+                let moved = row
+                    .state
+                    .cursor
+                    .get()
+                    .saturating_sub(before.state.cursor.get());
+                row.rate = Some(moved as f64 / elapsed.as_secs_f64().max(f64::MIN_POSITIVE));
+            }
+            row
+        })
+        .collect()
 }
 
 pub(crate) async fn report(feeds: &dyn FeedStore) -> anyhow::Result<Vec<FeedRow>> {
@@ -282,7 +333,11 @@ pub(crate) async fn report(feeds: &dyn FeedStore) -> anyhow::Result<Vec<FeedRow>
             .readers(&state.feed)
             .await
             .with_context(|| format!("cannot list the readers of {}", state.feed))?;
-        rows.push(FeedRow { state, readers });
+        rows.push(FeedRow {
+            state,
+            readers,
+            rate: None,
+        });
     }
     Ok(rows)
 }
@@ -341,17 +396,28 @@ pub(crate) fn render_report(name: &str, log_head: Position, rows: &[FeedRow]) ->
             readers
         );
     }
-    let backfilling: Vec<_> = rows
+    let backfilling: Vec<String> = rows
         .iter()
         .filter(|r| r.state.status == FeedStatus::Backfilling)
-        .map(|r| r.state.feed.to_string())
+        .map(|r| {
+            let s = &r.state;
+            let done = format!("{:.1} %", progress(s.cursor, log_head));
+            match r.rate {
+                Some(rate) if rate > 0.0 => {
+                    let left = log_head.get().saturating_sub(s.cursor.get()) as f64 / rate;
+                    format!(
+                        "{}: {done} at {} events/s, about {left:.0} s left",
+                        s.feed,
+                        crate::text::group(rate)
+                    )
+                }
+                Some(_) => format!("{}: {done}, not moving (is its service running?)", s.feed),
+                None => format!("{}: {done}", s.feed),
+            }
+        })
         .collect();
     if !backfilling.is_empty() {
-        let _ = writeln!(
-            out,
-            "\nbackfilling: {} (the service logs and /metrics show the rate)",
-            backfilling.join(", ")
-        );
+        let _ = writeln!(out, "\nbackfilling: {}", backfilling.join("; "));
     }
     out
 }
@@ -369,6 +435,7 @@ pub(crate) fn report_json(rows: &[FeedRow]) -> serde_json::Value {
                 "cursor": s.cursor.get(),
                 "registered_at": utc(s.registered_at),
                 "live_at": s.live_at.map(utc),
+                "backfill_rate_per_sec": row.rate,
                 "readers": row.readers.iter().map(|r| json!({
                     "reader": r.reader,
                     "reads": r.reads,
@@ -544,6 +611,34 @@ mod tests {
         let json = report_json(&rows);
         assert_eq!(json["feeds"][0]["readers"][0]["reads"], 3);
         assert_eq!(json["feeds"][0]["cursor"], 6);
+    }
+
+    #[tokio::test]
+    async fn a_sampled_backfill_shows_its_rate_and_time_left() {
+        let (store, feed) = store().await;
+        let earlier = report(&store).await.unwrap();
+        store
+            .commit(
+                &feed,
+                ProjectorBatch {
+                    from: Position(6),
+                    to: Position(1_006),
+                    events: vec![projected("a", 7)],
+                },
+            )
+            .await
+            .unwrap();
+        let later = report(&store).await.unwrap();
+        let rows = with_rates(&earlier, later, Duration::from_secs(2));
+        assert_eq!(rows[0].rate, Some(500.0));
+        let text = render_report("memory", Position(2_006), &rows);
+        assert!(
+            text.contains("backfilling: accounts.v1: 50.1 % at 500 events/s, about 2 s left"),
+            "{text}"
+        );
+        let still = with_rates(&rows, report(&store).await.unwrap(), Duration::from_secs(1));
+        let text = render_report("memory", Position(2_006), &still);
+        assert!(text.contains("not moving"), "{text}");
     }
 
     #[tokio::test]

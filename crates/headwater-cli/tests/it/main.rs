@@ -48,7 +48,14 @@ fn help_for_every_verb_exits_0_and_names_each_flag() {
         ),
         (
             &["feeds", "--help"],
-            &["DIR", "--postgres", "--schema", "--json"],
+            &[
+                "DIR",
+                "--postgres",
+                "--schema",
+                "--json",
+                "--sample-secs",
+                "--token",
+            ],
         ),
         (
             &["tail", "--help"],
