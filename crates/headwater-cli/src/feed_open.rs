@@ -8,54 +8,31 @@ use anyhow::{Context, bail};
 use headwater_embedded::EmbeddedFeedStore;
 
 use crate::feed_tools::Opened;
-use crate::pg_tools::{is_url, redacted};
+use crate::pg_tools::redacted;
+use crate::store_arg::{StoreArgs, Target, check_store_dir};
 
-/// The store a command names: a directory, or a PostgreSQL server (by `--postgres URL`, or a
-/// URL in place of the directory).
-enum Target<'a> {
-    Dir(&'a Path),
-    Postgres(&'a str),
-}
-
-fn target<'a>(dir: Option<&'a Path>, postgres: Option<&'a str>) -> anyhow::Result<Target<'a>> {
-    if let Some(url) = postgres {
-        return Ok(Target::Postgres(url));
+/// Which store the arguments name, a directory checked to be one.
+fn target(args: &StoreArgs) -> anyhow::Result<Target<'_>> {
+    let target = args.target()?;
+    if let Target::Dir(dir) = target {
+        check_store_dir(dir)?;
     }
-    let Some(dir) = dir else {
-        bail!("name the store: a directory, or --postgres URL");
-    };
-    if let Some(url) = dir.to_str().filter(|d| is_url(d)) {
-        return Ok(Target::Postgres(url));
-    }
-    let meta = std::fs::metadata(dir)
-        .with_context(|| format!("cannot open the store directory {}", dir.display()))?;
-    if !meta.is_dir() {
-        bail!("{} is not a directory", dir.display());
-    }
-    Ok(Target::Dir(dir))
+    Ok(target)
 }
 
 /// Opens the store named for reading.
-pub(crate) async fn open(
-    dir: Option<&Path>,
-    postgres: Option<&str>,
-    schema: &str,
-) -> anyhow::Result<Opened> {
-    match target(dir, postgres)? {
-        Target::Postgres(url) => open_postgres(url, schema).await,
+pub(crate) async fn open(args: &StoreArgs) -> anyhow::Result<Opened> {
+    match target(args)? {
+        Target::Postgres(url) => open_postgres(url, &args.schema).await,
         Target::Dir(dir) => open_dir(dir),
     }
 }
 
 /// Opens the store named for writing (`headwater retire`). An embedded store is opened with its
 /// lock, so this fails while its service runs: the service owns its directory.
-pub(crate) async fn open_writable(
-    dir: Option<&Path>,
-    postgres: Option<&str>,
-    schema: &str,
-) -> anyhow::Result<Opened> {
-    let dir = match target(dir, postgres)? {
-        Target::Postgres(url) => return open_postgres(url, schema).await,
+pub(crate) async fn open_writable(args: &StoreArgs) -> anyhow::Result<Opened> {
+    let dir = match target(args)? {
+        Target::Postgres(url) => return open_postgres(url, &args.schema).await,
         Target::Dir(dir) => dir,
     };
     let store = match headwater_embedded::EmbeddedStore::open(dir) {

@@ -3,7 +3,6 @@
 //! PostgreSQL backends open one read-only (see [`open`]).
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +13,7 @@ use headwater_core::{FeedId, FeedPosition, FeedStatus, Position, Sequence, Subje
 use headwater_store::{FeedEvent, FeedReader, FeedState, FeedStore};
 use serde_json::json;
 
+use crate::store_arg::StoreArgs;
 use crate::text::{count, rfc3339, utc};
 
 /// How long `tail --follow` waits for new events before it asks again (a store opened by another
@@ -21,25 +21,6 @@ use crate::text::{count, rfc3339, utc};
 const FOLLOW_POLL: Duration = Duration::from_millis(250);
 /// The events one read of `tail` asks for.
 const TAIL_PAGE_EVENTS: u64 = 1_000;
-
-/// Which store a feed tool reads.
-#[derive(Debug, Args)]
-pub(crate) struct StoreArgs {
-    /// The producer's store: its data directory, or a PostgreSQL URL (as `--postgres`); for
-    /// `feeds` and `tail` also a running producer's feed API (`http://HOST:PORT`, with a token).
-    #[arg(
-        value_name = "DIR",
-        required_unless_present = "postgres",
-        conflicts_with = "postgres"
-    )]
-    dir: Option<PathBuf>,
-    /// A PostgreSQL store instead: the server (`postgres://USER@HOST:PORT/DB`).
-    #[arg(long, value_name = "URL")]
-    postgres: Option<String>,
-    /// The PostgreSQL store's schema.
-    #[arg(long, value_name = "NAME", default_value = headwater_postgres::SCHEMA_DEFAULT)]
-    schema: String,
-}
 
 #[derive(Debug, Args)]
 pub(crate) struct FeedsArgs {
@@ -130,18 +111,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-/// The feed API URL the store argument names, if it names one.
-fn api_url(store: &StoreArgs) -> Option<&str> {
-    store
-        .dir
-        .as_deref()
-        .and_then(|d| d.to_str())
-        .filter(|d| crate::feed_http::is_http(d))
-}
-
 pub(crate) fn feeds(args: &FeedsArgs) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
-    if let Some(url) = api_url(&args.store) {
+    if let Some(url) = args.store.api_url() {
         return rt.block_on(async {
             let client = crate::feed_http::FeedApiClient::new(url, args.token.as_deref())?;
             print!("{}", crate::feed_http::feeds(&client, args.json).await?);
@@ -182,7 +154,7 @@ pub(crate) fn tail(args: &TailArgs) -> anyhow::Result<ExitCode> {
                 std::future::pending::<()>().await;
             }
         };
-        if let Some(url) = api_url(&args.store) {
+        if let Some(url) = args.store.api_url() {
             let client = crate::feed_http::FeedApiClient::new(url, args.token.as_deref())?;
             let run = crate::feed_http::tail(
                 &client,
@@ -212,12 +184,7 @@ pub(crate) fn tail(args: &TailArgs) -> anyhow::Result<ExitCode> {
 pub(crate) fn retire(args: &RetireArgs) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
     rt.block_on(async {
-        let opened = crate::feed_open::open_writable(
-            args.store.dir.as_deref(),
-            args.store.postgres.as_deref(),
-            &args.store.schema,
-        )
-        .await?;
+        let opened = crate::feed_open::open_writable(&args.store).await?;
         let now = headwater_core::Timestamp::from_unix_micros(
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -292,7 +259,7 @@ pub(crate) async fn retire_feed(
 
 /// Opens the store named by `args` for reading.
 async fn open(args: &StoreArgs) -> anyhow::Result<Opened> {
-    crate::feed_open::open(args.dir.as_deref(), args.postgres.as_deref(), &args.schema).await
+    crate::feed_open::open(args).await
 }
 
 /// One feed, as `headwater feeds` shows it.

@@ -8,6 +8,7 @@ mod feed_http;
 mod feed_open;
 mod feed_tools;
 mod pg_tools;
+mod store_arg;
 mod store_tools;
 mod text;
 

@@ -5,55 +5,32 @@
 //! Both read a consistent snapshot without taking the store's lock, so they work on a live store.
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::Args;
 use headwater_embedded::{Inspection, VerifyProgress, VerifyReport, VerifyStage};
 use indicatif::ProgressBar;
 
+use crate::store_arg::{StoreArgs, Target, check_store_dir};
 use crate::text::{bytes, count, utc};
 
 #[derive(Debug, Args)]
 pub(crate) struct InspectArgs {
-    /// The store's directory (the one given to the service as its data directory), or a
-    /// PostgreSQL URL (as `--postgres`).
-    #[arg(
-        value_name = "DIR",
-        required_unless_present = "postgres",
-        conflicts_with = "postgres"
-    )]
-    dir: Option<PathBuf>,
-    /// A PostgreSQL store instead: the server (`postgres://USER@HOST:PORT/DB`).
-    #[arg(long, value_name = "URL")]
-    postgres: Option<String>,
-    /// The PostgreSQL store's schema.
-    #[arg(long, value_name = "NAME", default_value = headwater_postgres::SCHEMA_DEFAULT)]
-    schema: String,
+    #[command(flatten)]
+    store: StoreArgs,
 }
 
 #[derive(Debug, Args)]
 pub(crate) struct VerifyArgs {
-    /// The store's directory (the one given to the service as its data directory), or a
-    /// PostgreSQL URL (as `--postgres`).
-    #[arg(
-        value_name = "DIR",
-        required_unless_present = "postgres",
-        conflicts_with = "postgres"
-    )]
-    dir: Option<PathBuf>,
-    /// A PostgreSQL store instead: the server (`postgres://USER@HOST:PORT/DB`).
-    #[arg(long, value_name = "URL")]
-    postgres: Option<String>,
-    /// The PostgreSQL store's schema.
-    #[arg(long, value_name = "NAME", default_value = headwater_postgres::SCHEMA_DEFAULT)]
-    schema: String,
+    #[command(flatten)]
+    store: StoreArgs,
 }
 
 pub(crate) fn inspect(args: &InspectArgs) -> anyhow::Result<ExitCode> {
-    let dir = match Target::of(args.dir.as_deref(), args.postgres.as_deref())? {
-        Target::Postgres(url) => return crate::pg_tools::inspect(url, &args.schema),
+    let dir = match args.store.target()? {
+        Target::Postgres(url) => return crate::pg_tools::inspect(url, &args.store.schema),
         Target::Dir(dir) => dir,
     };
     check_store_dir(dir)?;
@@ -127,8 +104,8 @@ fn render_inspection(i: &Inspection) -> String {
 }
 
 pub(crate) fn verify(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
-    let dir = match Target::of(args.dir.as_deref(), args.postgres.as_deref())? {
-        Target::Postgres(url) => return crate::pg_tools::verify(url, &args.schema),
+    let dir = match args.store.target()? {
+        Target::Postgres(url) => return crate::pg_tools::verify(url, &args.store.schema),
         Target::Dir(dir) => dir,
     };
     check_store_dir(dir)?;
@@ -234,36 +211,4 @@ fn render_report(dir: &Path, report: &VerifyReport) -> String {
         let _ = writeln!(out, "- … and {} more", count(unlisted));
     }
     out
-}
-
-/// The store a command names: a directory, or a PostgreSQL server (by `--postgres URL`, or a
-/// URL in place of the directory).
-enum Target<'a> {
-    Dir(&'a Path),
-    Postgres(&'a str),
-}
-
-impl<'a> Target<'a> {
-    fn of(dir: Option<&'a Path>, postgres: Option<&'a str>) -> anyhow::Result<Target<'a>> {
-        if let Some(url) = postgres {
-            return Ok(Target::Postgres(url));
-        }
-        let Some(dir) = dir else {
-            bail!("name the store: a directory, or --postgres URL");
-        };
-        match dir.to_str() {
-            Some(text) if crate::pg_tools::is_url(text) => Ok(Target::Postgres(text)),
-            _ => Ok(Target::Dir(dir)),
-        }
-    }
-}
-
-/// Refuses early, with a clear message, a path that cannot be a store.
-fn check_store_dir(dir: &Path) -> anyhow::Result<()> {
-    let meta = std::fs::metadata(dir)
-        .with_context(|| format!("cannot open the store directory {}", dir.display()))?;
-    if !meta.is_dir() {
-        bail!("{} is not a directory", dir.display());
-    }
-    Ok(())
 }

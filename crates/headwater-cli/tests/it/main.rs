@@ -774,11 +774,41 @@ fn a_schema_without_a_store_is_a_clear_error() {
     }
 }
 
+/// A batch from cursor 0 to `to`: one `accounts.deposited` event of `{"amount": i}` for each
+/// source position `i` in 1..=`count`, its subject `subject_of(i)`.
+fn deposits(
+    count: u64,
+    to: u64,
+    subject_of: fn(u64) -> &'static str,
+) -> headwater_store::ProjectorBatch {
+    use headwater_core::{Position, Subject, Timestamp};
+    let events = (1..=count)
+        .map(|i| headwater_store::ProjectedEvent {
+            id: EventId::new_random(),
+            event_type: EventType::new("accounts.deposited").unwrap(),
+            subject: Subject::new(subject_of(i)).unwrap(),
+            time: Timestamp::from_unix_micros(1_795_780_524_000_000 + i),
+            data: format!("{{\"amount\":{i}}}").into_bytes(),
+            source_position: Position(i),
+        })
+        .collect();
+    headwater_store::ProjectorBatch {
+        from: Position(0),
+        to: Position(to),
+        events,
+    }
+}
+
+/// Alternates subjects `b`, `a`, `b` … by source position.
+fn a_or_b(i: u64) -> &'static str {
+    if i.is_multiple_of(2) { "a" } else { "b" }
+}
+
 /// A store with a log of 5 events and one feed `accounts.v1` projected from its first 4, two
 /// subjects, and one reader recorded.
 fn store_with_a_feed(dir: &Path) {
-    use headwater_core::{FeedId, Position, Subject, Timestamp};
-    use headwater_store::{FeedStore, ProjectedEvent, ProjectorBatch, ReaderSeen};
+    use headwater_core::{FeedId, Timestamp};
+    use headwater_store::{FeedStore, ReaderSeen};
 
     small_store(dir);
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -787,21 +817,7 @@ fn store_with_a_feed(dir: &Path) {
         let feeds = store.feeds().unwrap();
         let feed = FeedId::parse("accounts.v1").unwrap();
         feeds.register(&feed).await.unwrap();
-        let events = (1..=4)
-            .map(|i| ProjectedEvent {
-                id: EventId::new_random(),
-                event_type: EventType::new("accounts.deposited").unwrap(),
-                subject: Subject::new(if i % 2 == 0 { "a" } else { "b" }).unwrap(),
-                time: Timestamp::from_unix_micros(1_795_780_524_000_000 + i),
-                data: format!("{{\"amount\":{i}}}").into_bytes(),
-                source_position: Position(i),
-            })
-            .collect();
-        let batch = ProjectorBatch {
-            from: Position(0),
-            to: Position(4),
-            events,
-        };
+        let batch = deposits(4, 4, a_or_b);
         feeds.commit(&feed, batch).await.unwrap();
         feeds
             .record_readers(vec![ReaderSeen {
@@ -941,8 +957,8 @@ fn retire_checks_readers_and_successor_and_refuses_a_store_in_use() {
 
 #[test]
 fn feeds_tail_and_retire_work_on_a_postgres_store() {
-    use headwater_core::{FeedId, FeedStatus, Position, Subject, Timestamp};
-    use headwater_store::{FeedStore, ProjectedEvent, ProjectorBatch, ReaderSeen};
+    use headwater_core::{FeedId, FeedStatus, Timestamp};
+    use headwater_store::{FeedStore, ReaderSeen};
 
     let pg = small_pg_store();
     let (url, schema) = (pg.url.clone(), pg.schema.clone());
@@ -959,21 +975,7 @@ fn feeds_tail_and_retire_work_on_a_postgres_store() {
             for version in ["accounts.v1", "accounts.v2"] {
                 let feed = FeedId::parse(version).unwrap();
                 feeds.register(&feed).await.unwrap();
-                let events = (1..=3)
-                    .map(|i| ProjectedEvent {
-                        id: EventId::new_random(),
-                        event_type: EventType::new("accounts.deposited").unwrap(),
-                        subject: Subject::new("a").unwrap(),
-                        time: Timestamp::from_unix_micros(1_795_780_524_000_000 + i),
-                        data: format!("{{\"amount\":{i}}}").into_bytes(),
-                        source_position: Position(i),
-                    })
-                    .collect();
-                let batch = ProjectorBatch {
-                    from: Position(0),
-                    to: Position(5),
-                    events,
-                };
+                let batch = deposits(3, 5, |_| "a");
                 feeds.commit(&feed, batch).await.unwrap();
                 feeds.set_status(&feed, FeedStatus::Live).await.unwrap();
             }
@@ -1031,8 +1033,8 @@ fn feeds_tail_and_retire_work_on_a_postgres_store() {
 /// A feed API on 127.0.0.1 over a memory feed store holding `accounts.v1` (5 events, subjects
 /// `a` and `b`), served from a thread of its own until the test ends.
 fn feed_api_server() -> (String, std::sync::mpsc::Sender<()>) {
-    use headwater_core::{FeedId, Position, Subject, Timestamp};
-    use headwater_store::{FeedStore, MemoryFeedStore, ProjectedEvent, ProjectorBatch};
+    use headwater_core::FeedId;
+    use headwater_store::{FeedStore, MemoryFeedStore};
 
     let (address_tx, address_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
@@ -1042,21 +1044,7 @@ fn feed_api_server() -> (String, std::sync::mpsc::Sender<()>) {
             let feeds = std::sync::Arc::new(MemoryFeedStore::new());
             let feed = FeedId::parse("accounts.v1").unwrap();
             feeds.register(&feed).await.unwrap();
-            let events = (1..=5)
-                .map(|i| ProjectedEvent {
-                    id: EventId::new_random(),
-                    event_type: EventType::new("accounts.deposited").unwrap(),
-                    subject: Subject::new(if i % 2 == 0 { "a" } else { "b" }).unwrap(),
-                    time: Timestamp::from_unix_micros(1_795_780_524_000_000 + i),
-                    data: format!("{{\"amount\":{i}}}").into_bytes(),
-                    source_position: Position(i),
-                })
-                .collect();
-            let batch = ProjectorBatch {
-                from: Position(0),
-                to: Position(5),
-                events,
-            };
+            let batch = deposits(5, 5, a_or_b);
             feeds.commit(&feed, batch).await.unwrap();
             let mut registry = prometheus_client::registry::Registry::default();
             let tokens = headwater_api::Tokens::one_for_all("cli", "secret-token").unwrap();
