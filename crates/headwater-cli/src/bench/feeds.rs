@@ -285,24 +285,16 @@ async fn wait_live<F: FeedStore>(
     label: &str,
     total: u64,
 ) -> anyhow::Result<u64> {
-    let bar = super::progress_bar(label, total, "events");
-    let deadline = Instant::now() + BACKFILL_TIMEOUT;
-    loop {
-        let state = feeds
-            .feed(feed)
-            .await?
-            .with_context(|| format!("{feed} is not registered"))?;
-        bar.set_position(state.cursor.get().min(total));
-        if state.status == FeedStatus::Live {
-            bar.finish_and_clear();
-            return Ok(state.cursor.get());
-        }
-        check_running(projectors, feed)?;
-        if Instant::now() > deadline {
-            bail!("{feed} did not turn live within {BACKFILL_TIMEOUT:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let until = Until {
+        label,
+        total,
+        what: "turn live",
+    };
+    let state = wait_until(feeds, projectors, feed, until, |s| {
+        s.status == FeedStatus::Live
+    })
+    .await?;
+    Ok(state.cursor.get())
 }
 
 /// Waits until `feed`'s cursor reaches `position`.
@@ -313,21 +305,51 @@ async fn wait_caught_up<F: FeedStore>(
     position: u64,
     label: &str,
 ) -> anyhow::Result<()> {
-    let bar = super::progress_bar(label, position, "events");
+    let until = Until {
+        label,
+        total: position,
+        what: "catch up",
+    };
+    wait_until(feeds, projectors, feed, until, |s| {
+        s.cursor.get() >= position
+    })
+    .await?;
+    Ok(())
+}
+
+/// What [`wait_until`] shows and says.
+struct Until<'a> {
+    label: &'a str,
+    /// The progress bar's length, in internal events.
+    total: u64,
+    /// For the timeout's message: "did not … within".
+    what: &'a str,
+}
+
+/// Polls `feed`'s state until `done`, with a progress bar of its cursor; fails when its
+/// projector failed or after [`BACKFILL_TIMEOUT`].
+async fn wait_until<F: FeedStore>(
+    feeds: &F,
+    projectors: &Projectors,
+    feed: &FeedId,
+    until: Until<'_>,
+    done: impl Fn(&headwater_store::FeedState) -> bool,
+) -> anyhow::Result<headwater_store::FeedState> {
+    let bar = super::progress_bar(until.label, until.total, "events");
     let deadline = Instant::now() + BACKFILL_TIMEOUT;
     loop {
         let state = feeds
             .feed(feed)
             .await?
             .with_context(|| format!("{feed} is not registered"))?;
-        bar.set_position(state.cursor.get().min(position));
-        if state.cursor.get() >= position {
+        bar.set_position(state.cursor.get().min(until.total));
+        if done(&state) {
             bar.finish_and_clear();
-            return Ok(());
+            return Ok(state);
         }
         check_running(projectors, feed)?;
         if Instant::now() > deadline {
-            bail!("{feed} did not catch up within {BACKFILL_TIMEOUT:?}");
+            bail!("{feed} did not {} within {BACKFILL_TIMEOUT:?}", until.what);
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
