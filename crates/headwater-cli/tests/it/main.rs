@@ -1032,16 +1032,22 @@ fn feeds_tail_and_retire_work_on_a_postgres_store() {
 
 /// A feed API on 127.0.0.1 over a memory feed store holding `accounts.v1` (5 events, subjects
 /// `a` and `b`), served from a thread of its own until the test ends.
-fn feed_api_server() -> (String, std::sync::mpsc::Sender<()>) {
+fn feed_api_server() -> (
+    String,
+    std::sync::mpsc::Sender<()>,
+    headwater_store::MemoryFeedStore,
+) {
     use headwater_core::FeedId;
     use headwater_store::{FeedStore, MemoryFeedStore};
 
     let (address_tx, address_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let store = MemoryFeedStore::new();
+    let served = store.clone();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async move {
-            let feeds = std::sync::Arc::new(MemoryFeedStore::new());
+            let feeds = std::sync::Arc::new(served);
             let feed = FeedId::parse("accounts.v1").unwrap();
             feeds.register(&feed).await.unwrap();
             let batch = deposits(5, 5, a_or_b);
@@ -1062,12 +1068,12 @@ fn feed_api_server() -> (String, std::sync::mpsc::Sender<()>) {
                 .unwrap();
         });
     });
-    (address_rx.recv().unwrap(), stop_tx)
+    (address_rx.recv().unwrap(), stop_tx, store)
 }
 
 #[test]
 fn feeds_and_tail_read_a_running_feed_api_with_a_token() {
-    let (url, _stop) = feed_api_server();
+    let (url, _stop, _store) = feed_api_server();
     let out = headwater(&["feeds", &url, "--token", "secret-token"]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert!(
@@ -1131,4 +1137,65 @@ fn feeds_and_tail_read_a_running_feed_api_with_a_token() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(text(&out.stderr).contains("HEADWATER_TOKEN"), "{out:?}");
+}
+
+#[test]
+fn tail_follow_over_http_prints_new_events_as_they_are_committed() {
+    use std::io::BufRead;
+
+    use headwater_core::FeedId;
+    use headwater_store::FeedStore;
+
+    let (url, _stop, store) = feed_api_server();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_headwater"))
+        .args([
+            "tail",
+            &url,
+            "--feed",
+            "accounts.v1",
+            "--after",
+            "5",
+            "--follow",
+            "--json",
+        ])
+        .env("HEADWATER_TOKEN", "secret-token")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if lines_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // Nothing after position 5 yet: the follower waits (long polling) and prints nothing.
+    assert!(
+        lines_rx
+            .recv_timeout(std::time::Duration::from_millis(300))
+            .is_err()
+    );
+    let mut batch = deposits(1, 6, |_| "c");
+    batch.from = headwater_core::Position(5);
+    batch.events[0].source_position = headwater_core::Position(6);
+    let feed = FeedId::parse("accounts.v1").unwrap();
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(store.commit(&feed, batch))
+        .unwrap();
+    let line = lines_rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the new event is printed")
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        (&event["position"], &event["subject"], &event["sequence"]),
+        (&6.into(), &"c".into(), &1.into()),
+        "{line}"
+    );
 }
