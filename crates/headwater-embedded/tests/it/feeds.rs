@@ -402,3 +402,78 @@ async fn a_follower_right_behind_busy_writers_is_never_refused() {
         writer.await.unwrap();
     }
 }
+
+/// A feed commit that fails (here a full disk: `max_page_count`) writes nothing and poisons the
+/// feeds' writer: later commits are refused until the store is reopened (an fsync is never
+/// retried), reads go on, and after a reopen the feed is as it was before the failed commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_feed_commit_writes_nothing_and_poisons_until_reopen() {
+    use headwater_core::{ErrorKind, ExpectedVersion};
+    use headwater_store::conformance::{events, stream};
+    use headwater_store::{EventStore, ProjectedEvent, ProjectorBatch};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = headwater_embedded::Options::default();
+    // Room for the log's few events and the feeds' schema, not for a large batch.
+    options.max_page_count = Some(64);
+    {
+        let store = headwater_embedded::EmbeddedStore::open_with(dir.path(), options).unwrap();
+        store
+            .append(&stream("s"), ExpectedVersion::Any, events(10))
+            .await
+            .unwrap();
+        let feeds = store.feeds().unwrap();
+        feeds.register(&feed()).await.unwrap();
+        feeds
+            .commit(&feed(), batch(0, 2, &[("a", 1), ("b", 2)]))
+            .await
+            .unwrap();
+
+        let big: Vec<ProjectedEvent> = (0..2_000)
+            .map(|i| {
+                let mut event = headwater_store::conformance::feed::projected("c", 3);
+                event.data = format!("{{\"pad\":\"{}\",\"i\":{i}}}", "x".repeat(400)).into_bytes();
+                event
+            })
+            .collect();
+        let too_big = ProjectorBatch {
+            from: Position(2),
+            to: Position(3),
+            events: big,
+        };
+        let error = feeds.commit(&feed(), too_big).await.unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Internal, "{error}");
+
+        // Poisoned: even a small commit from the unchanged cursor is refused now.
+        let error = feeds
+            .commit(&feed(), batch(2, 3, &[("c", 3)]))
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Internal, "{error}");
+        assert!(
+            error
+                .to_string()
+                .contains("refuse writes until the store is reopened"),
+            "{error}"
+        );
+        // Reads go on, and show the feed as before the failed commit.
+        let state = feeds.feed(&feed()).await.unwrap().unwrap();
+        assert_eq!((state.cursor, state.head), (Position(2), FeedPosition(2)));
+        let page = feeds
+            .read_feed(&feed(), FeedPosition::START, 100)
+            .await
+            .unwrap();
+        assert_eq!(page.len(), 2);
+    }
+    // Reopened (with room): as before the failed commit, and writable again.
+    let store = crate::support::open(dir.path());
+    let feeds = store.feeds().unwrap();
+    let state = feeds.feed(&feed()).await.unwrap().unwrap();
+    assert_eq!((state.cursor, state.head), (Position(2), FeedPosition(2)));
+    feeds
+        .commit(&feed(), batch(2, 3, &[("c", 3)]))
+        .await
+        .unwrap();
+    let subjects = feeds.subjects(&feed(), None, 10).await.unwrap();
+    assert_eq!(subjects.len(), 3);
+}
