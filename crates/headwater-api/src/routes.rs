@@ -27,6 +27,11 @@ use crate::{
     SUBJECT_PAGE_DEFAULT,
 };
 
+/// The largest `after` (a feed position or a sequence) a request may give: positions and
+/// sequences are signed 64-bit integers in both backends' tables, as the OpenAPI document says
+/// (`int64`).
+const AFTER_MAX: u64 = i64::MAX as u64;
+
 /// The route templates (also the `route` label of the request metrics).
 pub(crate) const ROUTE_FEEDS: &str = "/feeds";
 pub(crate) const ROUTE_FEED: &str = "/feeds/{name}/{version}";
@@ -330,7 +335,7 @@ async fn read_feed(
     let app = &state.app;
     let (reader, feed, _) = open_feed(app, &headers, path).await?;
     let query = Query::parse(query.as_deref(), &["after", "limit", "timeout_ms"])?;
-    let after = FeedPosition(query.integer("after", 0, 0, u64::MAX)?);
+    let after = FeedPosition(query.integer("after", 0, 0, AFTER_MAX)?);
     let limit = query.integer("limit", FEED_PAGE_EVENTS_DEFAULT, 1, FEED_PAGE_EVENTS_MAX)?;
     let timeout_ms = query.integer("timeout_ms", 0, 0, LONG_POLL_TIMEOUT_MS_MAX)?;
     check_feed_served(app, &feed).await?;
@@ -406,7 +411,7 @@ async fn read_subject(
             Subject::new(s.as_str()).map_err(|e| ApiError::bad_parameter(e.to_string()))
         })?;
     let query = Query::parse(query.as_deref(), &["after", "limit"])?;
-    let after = Sequence(query.integer("after", 0, 0, u64::MAX)?);
+    let after = Sequence(query.integer("after", 0, 0, AFTER_MAX)?);
     let limit = query.integer("limit", FEED_PAGE_EVENTS_DEFAULT, 1, FEED_PAGE_EVENTS_MAX)?;
     check_feed_served(app, &feed).await?;
     app.readers.seen(&feed, &reader.name);

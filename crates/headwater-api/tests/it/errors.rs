@@ -37,6 +37,16 @@ const BAD_INPUTS: &[(&str, u16, &str)] = &[
         "bad-parameter",
     ),
     ("/feeds/accounts/v2?after=1&after=2", 400, "bad-parameter"),
+    (
+        "/feeds/accounts/v2?after=9223372036854775808",
+        400,
+        "bad-parameter",
+    ),
+    (
+        "/feeds/accounts/v2/subjects/42?after=9223372036854775808",
+        400,
+        "bad-parameter",
+    ),
     // `limit`.
     ("/feeds/accounts/v2?limit=0", 400, "bad-parameter"),
     ("/feeds/accounts/v2?limit=10001", 400, "bad-parameter"),
@@ -149,10 +159,10 @@ async fn bounds_are_accepted() {
     for uri in [
         "/feeds/accounts/v2?limit=1",
         "/feeds/accounts/v2?limit=10000",
-        "/feeds/accounts/v2?after=18446744073709551615",
+        "/feeds/accounts/v2?after=9223372036854775807",
         "/feeds/accounts/v2?timeout_ms=0",
         "/feeds/accounts/v2/subjects?limit=10000",
-        "/feeds/accounts/v2/subjects/s1?after=18446744073709551615&limit=10000",
+        "/feeds/accounts/v2/subjects/s1?after=9223372036854775807&limit=10000",
     ] {
         let answer = get(&fx.router, uri, Some(ALL)).await;
         assert_eq!(answer.status, 200, "{uri}");
