@@ -47,7 +47,7 @@ pub use auth::{
     TOKEN_NAME_BYTES_MAX, TOKENS_MAX, Tokens,
 };
 pub use problem::{PROBLEM_CONTENT_TYPE, ProblemType};
-pub use wire::{CLOUDEVENTS_BATCH_CONTENT_TYPE, rfc3339};
+pub use wire::{CLOUDEVENTS_BATCH_CONTENT_TYPE, NotJson, cloud_event_json, rfc3339};
 
 /// The longest a feed read waits for a new event (`timeout_ms`), in milliseconds. Longer
 /// requests are refused (400), so a client learns the bound instead of being cut silently.

@@ -26,12 +26,41 @@ struct CloudEvent<'a> {
     feed: &'a str,
 }
 
-/// Why a page could not be written: an event's stored data is not JSON.
+/// Why an event could not be written: its stored data is not JSON.
 #[derive(Debug, thiserror::Error)]
 #[error("the data of event {id} (feed position {position}) is not valid JSON")]
-pub(crate) struct NotJson {
-    pub(crate) id: String,
-    pub(crate) position: u64,
+#[non_exhaustive]
+pub struct NotJson {
+    /// The event's id.
+    pub id: String,
+    /// The event's feed position.
+    pub position: u64,
+}
+
+/// One event on the wire; `feed` is the feed's id as text (`accounts.v2`).
+fn cloud_event<'a>(
+    source: &'a str,
+    feed: &'a str,
+    event: &'a FeedEvent,
+) -> Result<CloudEvent<'a>, NotJson> {
+    // Validates without building a value: the bytes are embedded as stored.
+    let data: &RawValue = serde_json::from_slice(&event.data).map_err(|_| NotJson {
+        id: event.id.to_string(),
+        position: event.position.get(),
+    })?;
+    Ok(CloudEvent {
+        specversion: "1.0",
+        id: event.id.to_string(),
+        source,
+        event_type: event.event_type.as_str(),
+        subject: event.subject.as_str(),
+        time: rfc3339(event.time),
+        datacontenttype: "application/json",
+        data,
+        sequence: event.sequence.get(),
+        position: event.position.get(),
+        feed,
+    })
 }
 
 /// Writes a page of events as a JSON array of CloudEvents.
@@ -44,31 +73,38 @@ pub(crate) fn events_page(
     let mut wire = Vec::with_capacity(events.len());
     let mut data_bytes = 0usize;
     for event in events {
-        // Validates without building a value: the bytes are embedded as stored.
-        let data: &RawValue = serde_json::from_slice(&event.data).map_err(|_| NotJson {
-            id: event.id.to_string(),
-            position: event.position.get(),
-        })?;
         data_bytes += event.data.len();
-        wire.push(CloudEvent {
-            specversion: "1.0",
-            id: event.id.to_string(),
-            source,
-            event_type: event.event_type.as_str(),
-            subject: event.subject.as_str(),
-            time: rfc3339(event.time),
-            datacontenttype: "application/json",
-            data,
-            sequence: event.sequence.get(),
-            position: event.position.get(),
-            feed: &feed,
-        });
+        wire.push(cloud_event(source, &feed, event)?);
     }
     let mut body = Vec::with_capacity(data_bytes + events.len() * 320 + 2);
     // Serializing strings, integers and raw JSON into a Vec cannot fail.
     serde_json::to_writer(&mut body, &wire).map_err(|_| NotJson {
         id: String::new(),
         position: 0,
+    })?;
+    Ok(body)
+}
+
+/// One event as a CloudEvent in JSON (`application/cloudevents+json`), byte for byte the element
+/// of a page the feed API serves for it: what a broker carries as the message body.
+///
+/// `source` is the producer's CloudEvents `source`, as the feed API is given it.
+///
+/// # Errors
+///
+/// [`NotJson`] when the event's stored data is not JSON.
+pub fn cloud_event_json(
+    feed: &FeedId,
+    source: &str,
+    event: &FeedEvent,
+) -> Result<Vec<u8>, NotJson> {
+    let feed = feed.to_string();
+    let wire = cloud_event(source, &feed, event)?;
+    let mut body = Vec::with_capacity(event.data.len() + 320);
+    // Serializing strings, integers and raw JSON into a Vec cannot fail.
+    serde_json::to_writer(&mut body, &wire).map_err(|_| NotJson {
+        id: event.id.to_string(),
+        position: event.position.get(),
     })?;
     Ok(body)
 }
@@ -178,5 +214,35 @@ mod tests {
         ] {
             assert_eq!(rfc3339(Timestamp::from_unix_micros(micros)), text);
         }
+    }
+
+    fn event(position: u64, data: &str) -> FeedEvent {
+        use headwater_core::{EventId, EventType, FeedPosition, Position, Sequence, Subject};
+        FeedEvent {
+            position: FeedPosition(position),
+            sequence: Sequence(position),
+            id: EventId::new_random(),
+            event_type: EventType::new("AccountOpened").unwrap(),
+            subject: Subject::new("42").unwrap(),
+            time: Timestamp::from_unix_micros(1_798_380_419_123_456),
+            data: data.as_bytes().to_vec(),
+            source_position: Position(position),
+        }
+    }
+
+    #[test]
+    fn one_event_is_byte_for_byte_its_element_of_a_page() {
+        let feed = FeedId::parse("accounts.v2").unwrap();
+        let events = [event(1, r#"{"owner": "ada"}"#), event(2, "[1, 2]")];
+        let page = events_page("accounts", &feed, &events).unwrap();
+        let elements: Vec<&RawValue> = serde_json::from_slice(&page).unwrap();
+        assert_eq!(elements.len(), events.len());
+        for (event, element) in events.iter().zip(elements) {
+            let one = cloud_event_json(&feed, "accounts", event).unwrap();
+            assert_eq!(std::str::from_utf8(&one).unwrap(), element.get());
+        }
+        let bad = event(3, "{not json");
+        let err = cloud_event_json(&feed, "accounts", &bad).unwrap_err();
+        assert_eq!((err.id, err.position), (bad.id.to_string(), 3));
     }
 }

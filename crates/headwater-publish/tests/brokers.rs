@@ -1,0 +1,337 @@
+//! Against real brokers: RabbitMQ at HEADWATER_TEST_AMQP_URL and NATS (JetStream) at
+//! HEADWATER_TEST_NATS_URL, both started by `scripts/test` (scripts/lib/rabbitmq.sh, nats.sh).
+//! Without them these tests fail: they are never skipped.
+//!
+//! Every test declares exchanges and streams of a feed with a unique name and deletes them.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use headwater_core::{
+    EventId, EventType, FeedId, FeedPosition, Position, Sequence, Subject, Timestamp,
+};
+use headwater_publish::{
+    AmqpBroker, Broker, BrokerError, NATS_MSG_ID_HEADER, NatsBroker, Outcome, Refusal,
+    exchange_name, nats_subject, stream_name,
+};
+use headwater_store::FeedEvent;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties};
+
+const SOURCE: &str = "accounts";
+/// Generous: only bounds a wait for messages that are already on the broker.
+const RECEIVE_TIMEOUT: Duration = Duration::from_secs(20);
+const SUBJECTS: [&str; 3] = ["acc-1", "acc.2", "acc_3"];
+
+fn amqp_url() -> String {
+    std::env::var("HEADWATER_TEST_AMQP_URL").expect(
+        "HEADWATER_TEST_AMQP_URL is not set: run scripts/test, or \
+         `source scripts/lib/rabbitmq.sh && rabbitmq_start` first",
+    )
+}
+
+fn nats_url() -> String {
+    std::env::var("HEADWATER_TEST_NATS_URL").expect(
+        "HEADWATER_TEST_NATS_URL is not set: run scripts/test, or \
+         `source scripts/lib/nats.sh && nats_start` first",
+    )
+}
+
+/// A feed nobody else uses.
+fn unique_feed() -> FeedId {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    FeedId::parse(&format!("hwt_{}.v3", &id[..16])).unwrap()
+}
+
+/// `count` events over [`SUBJECTS`], round robin, with positions 1.. and sequences per subject.
+fn events(count: usize) -> Vec<FeedEvent> {
+    let mut sequences = [0u64; SUBJECTS.len()];
+    (0..count)
+        .map(|i| {
+            let s = i % SUBJECTS.len();
+            sequences[s] += 1;
+            FeedEvent {
+                position: FeedPosition(i as u64 + 1),
+                sequence: Sequence(sequences[s]),
+                id: EventId::new_random(),
+                event_type: EventType::new("Deposited").unwrap(),
+                subject: Subject::new(SUBJECTS[s]).unwrap(),
+                time: Timestamp::from_unix_micros(1_798_380_419_000_000 + i as u64),
+                data: format!(r#"{{"amount": {i}}}"#).into_bytes(),
+                source_position: Position(i as u64 + 10),
+            }
+        })
+        .collect()
+}
+
+fn body(feed: &FeedId, event: &FeedEvent) -> Vec<u8> {
+    headwater_api::cloud_event_json(feed, SOURCE, event).unwrap()
+}
+
+fn all_confirmed(outcomes: &[Outcome], duplicate: bool) {
+    for (i, outcome) in outcomes.iter().enumerate() {
+        assert_eq!(outcome, &Outcome::Confirmed { duplicate }, "event {i}");
+    }
+}
+
+// ---- RabbitMQ ----
+
+/// A test's own connection and a server-named exclusive queue bound to the feed's exchange.
+async fn amqp_queue(feed: &FeedId) -> (Connection, lapin::Channel, String) {
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let queue = queue.name().to_string();
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            exchange_name(feed).as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    (connection, channel, queue)
+}
+
+async fn amqp_delete(channel: &lapin::Channel, feed: &FeedId) {
+    channel
+        .exchange_delete(
+            exchange_name(feed).as_str().into(),
+            ExchangeDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn amqp_publishes_confirmed_persistent_messages_in_order() {
+    let feed = unique_feed();
+    let broker = AmqpBroker::connect(&amqp_url()).await.unwrap();
+    broker.declare(&feed).await.unwrap();
+    broker
+        .declare(&feed)
+        .await
+        .expect("declaring again is a no-op");
+    let (_connection, channel, queue) = amqp_queue(&feed).await;
+
+    let events = events(300);
+    let (first, second) = events.split_at(200);
+    all_confirmed(&broker.publish(&feed, SOURCE, first).await.unwrap(), false);
+    all_confirmed(&broker.publish(&feed, SOURCE, second).await.unwrap(), false);
+
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    // One queue receives in publish order: feed order, so every subject's order too.
+    for (i, event) in events.iter().enumerate() {
+        let delivery = tokio::time::timeout(RECEIVE_TIMEOUT, consumer.next())
+            .await
+            .unwrap_or_else(|_| panic!("message {i} did not arrive"))
+            .unwrap()
+            .unwrap();
+        let properties = &delivery.properties;
+        assert_eq!(
+            properties.message_id().as_ref().map(|id| id.as_str()),
+            Some(event.id.to_string().as_str()),
+            "message {i}"
+        );
+        assert_eq!(*properties.delivery_mode(), Some(2), "persistent");
+        assert_eq!(delivery.routing_key.as_str(), event.subject.as_str());
+        assert_eq!(delivery.exchange.as_str(), exchange_name(&feed));
+        assert_eq!(delivery.data, body(&feed, event), "message {i}");
+        delivery.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    amqp_delete(&channel, &feed).await;
+}
+
+#[tokio::test]
+async fn amqp_unroutable_or_undeclared_is_refused_and_the_broker_recovers() {
+    let feed = unique_feed();
+    let broker = AmqpBroker::connect(&amqp_url()).await.unwrap();
+    let events = events(20);
+
+    // No exchange: the broker closes the channel; nothing is confirmed.
+    let outcomes = broker.publish(&feed, SOURCE, &events[..10]).await.unwrap();
+    assert_eq!(outcomes.len(), 10);
+    assert_eq!(outcomes[0], Outcome::Refused(Refusal::NotDeclared));
+    assert!(outcomes.iter().all(|o| !o.is_confirmed()), "{outcomes:?}");
+
+    // The exchange, but no queue bound: every message is returned.
+    broker.declare(&feed).await.unwrap();
+    let outcomes = broker.publish(&feed, SOURCE, &events[..10]).await.unwrap();
+    for outcome in &outcomes {
+        assert!(
+            matches!(
+                outcome,
+                Outcome::Refused(Refusal::Returned { code: 312, .. })
+            ),
+            "{outcome:?}"
+        );
+    }
+
+    // Bound: the same broker (a new channel) publishes again.
+    let (_connection, channel, _queue) = amqp_queue(&feed).await;
+    all_confirmed(
+        &broker.publish(&feed, SOURCE, &events).await.unwrap(),
+        false,
+    );
+    amqp_delete(&channel, &feed).await;
+}
+
+#[tokio::test]
+async fn amqp_stops_a_batch_at_an_event_it_cannot_encode() {
+    let feed = unique_feed();
+    let broker = AmqpBroker::connect(&amqp_url()).await.unwrap();
+    broker.declare(&feed).await.unwrap();
+    let (_connection, channel, _queue) = amqp_queue(&feed).await;
+    let mut events = events(6);
+    events[3].data = b"{not json".to_vec();
+    let outcomes = broker.publish(&feed, SOURCE, &events).await.unwrap();
+    all_confirmed(&outcomes[..3], false);
+    assert_eq!(
+        outcomes[3..],
+        [
+            Outcome::Refused(Refusal::NotJson),
+            Outcome::Refused(Refusal::NotSent),
+            Outcome::Refused(Refusal::NotSent)
+        ]
+    );
+    amqp_delete(&channel, &feed).await;
+}
+
+#[tokio::test]
+async fn amqp_connect_errors_are_typed() {
+    let err = AmqpBroker::connect("nats://127.0.0.1:1").await.unwrap_err();
+    assert!(matches!(err, BrokerError::Url(_)), "{err}");
+    // Port 1 on loopback: nothing listens there.
+    let err = AmqpBroker::connect("amqp://guest:guest@127.0.0.1:1/%2f")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, BrokerError::Connect(_)), "{err}");
+}
+
+// ---- NATS JetStream ----
+
+#[tokio::test]
+async fn nats_publishes_acked_messages_in_order() {
+    let feed = unique_feed();
+    let broker = NatsBroker::connect(&nats_url()).await.unwrap();
+    broker.declare(&feed).await.unwrap();
+    broker
+        .declare(&feed)
+        .await
+        .expect("declaring again is a no-op");
+
+    let events = events(300);
+    let (first, second) = events.split_at(200);
+    all_confirmed(&broker.publish(&feed, SOURCE, first).await.unwrap(), false);
+    all_confirmed(&broker.publish(&feed, SOURCE, second).await.unwrap(), false);
+
+    let stream = broker
+        .jetstream()
+        .get_stream(stream_name(&feed))
+        .await
+        .unwrap();
+    assert_eq!(stream.get_info().await.unwrap().state.messages, 300);
+    // The stream's order is publish order: feed order, so every subject's order too.
+    for (i, event) in events.iter().enumerate() {
+        let message = stream.get_raw_message(i as u64 + 1).await.unwrap();
+        assert_eq!(
+            message.subject.as_str(),
+            nats_subject(&feed, event.subject.as_str())
+        );
+        assert_eq!(
+            message.headers.get(NATS_MSG_ID_HEADER).map(|v| v.as_str()),
+            Some(event.id.to_string().as_str()),
+            "message {i}"
+        );
+        assert_eq!(message.payload.as_ref(), body(&feed, event), "message {i}");
+    }
+    broker
+        .jetstream()
+        .delete_stream(stream_name(&feed))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn nats_deduplicates_by_event_id() {
+    let feed = unique_feed();
+    let broker = NatsBroker::connect(&nats_url()).await.unwrap();
+    broker.declare(&feed).await.unwrap();
+    let events = events(50);
+    all_confirmed(
+        &broker.publish(&feed, SOURCE, &events).await.unwrap(),
+        false,
+    );
+    // Published again (a publisher restarted before saving its cursor): acked, not stored twice.
+    all_confirmed(&broker.publish(&feed, SOURCE, &events).await.unwrap(), true);
+    let stream = broker
+        .jetstream()
+        .get_stream(stream_name(&feed))
+        .await
+        .unwrap();
+    assert_eq!(stream.get_info().await.unwrap().state.messages, 50);
+    broker
+        .jetstream()
+        .delete_stream(stream_name(&feed))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn nats_undeclared_stream_is_refused() {
+    let feed = unique_feed();
+    let broker = NatsBroker::connect(&nats_url())
+        .await
+        .unwrap()
+        .with_confirm_timeout(RECEIVE_TIMEOUT);
+    let outcomes = broker.publish(&feed, SOURCE, &events(10)).await.unwrap();
+    assert_eq!(outcomes.len(), 10);
+    for outcome in &outcomes {
+        assert_eq!(outcome, &Outcome::Refused(Refusal::NotDeclared));
+    }
+    broker.declare(&feed).await.unwrap();
+    all_confirmed(
+        &broker.publish(&feed, SOURCE, &events(10)).await.unwrap(),
+        false,
+    );
+    broker
+        .jetstream()
+        .delete_stream(stream_name(&feed))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn nats_connect_errors_are_typed() {
+    let err = NatsBroker::connect("amqp://127.0.0.1:1").await.unwrap_err();
+    assert!(matches!(err, BrokerError::Url(_)), "{err}");
+    let err = NatsBroker::connect("nats://127.0.0.1:1").await.unwrap_err();
+    assert!(matches!(err, BrokerError::Connect(_)), "{err}");
+}
