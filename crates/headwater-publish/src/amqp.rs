@@ -178,6 +178,8 @@ impl Broker for AmqpBroker {
         // One batch at a time on the channel: the messages of a batch go out in feed order.
         let mut state = self.state.lock().await;
         let channel = self.channel(&mut state).await?;
+        // Sending is bounded too: a blocked connection (a RabbitMQ memory alarm) holds writes.
+        let deadline = Instant::now() + self.confirm_timeout;
         let mut outcomes: Vec<Option<Outcome>> = vec![None; events.len()];
         let mut confirms = Vec::with_capacity(events.len());
         for (index, event) in events.iter().enumerate() {
@@ -192,28 +194,30 @@ impl Broker for AmqpBroker {
                 .with_message_id(event.id.to_string().into())
                 .with_delivery_mode(DELIVERY_MODE_PERSISTENT)
                 .with_content_type("application/cloudevents+json".into());
-            let sent = channel
-                .basic_publish(
-                    exchange.as_str().into(),
-                    event.subject.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    &body,
-                    properties,
-                )
-                .await;
-            match sent {
-                Ok(confirm) => confirms.push((index, confirm)),
-                Err(e) => {
+            let sent = channel.basic_publish(
+                exchange.as_str().into(),
+                event.subject.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &body,
+                properties,
+            );
+            match timeout_at(deadline, sent).await {
+                Ok(Ok(confirm)) => confirms.push((index, confirm)),
+                Ok(Err(e)) => {
                     outcomes[index] = Some(Outcome::Refused(refusal(&e)));
+                    break;
+                }
+                Err(_) => {
+                    outcomes[index] =
+                        Some(Outcome::Refused(Refusal::TimedOut(self.confirm_timeout)));
                     break;
                 }
             }
         }
         drop(state);
-        let deadline = Instant::now() + self.confirm_timeout;
         for (index, confirm) in confirms {
             let outcome = match timeout_at(deadline, confirm).await {
                 Err(_) => Outcome::Refused(Refusal::TimedOut(self.confirm_timeout)),

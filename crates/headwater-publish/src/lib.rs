@@ -62,8 +62,9 @@ pub trait Broker: Send + Sync {
     async fn declare(&self, feed: &FeedId) -> Result<(), BrokerError>;
 
     /// Publishes `events` (of `feed`, in feed order) as CloudEvents with the given `source`, all
-    /// in flight at once, and waits for the broker's answer to each. Returns one [`Outcome`] per
-    /// event, in the order of `events`.
+    /// in flight at once, and waits for the broker's answer to each; sending and waiting together
+    /// take at most the broker's confirm timeout. Returns one [`Outcome`] per event, in the order
+    /// of `events`.
     ///
     /// Messages are sent in the order given; once an event is refused before it is sent (its data
     /// is not JSON, the channel is gone), the events after it are not sent

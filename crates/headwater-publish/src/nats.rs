@@ -123,6 +123,8 @@ impl Broker for NatsBroker {
     ) -> Result<Vec<Outcome>, BrokerError> {
         check_batch(events)?;
         let publishing = self.publishing.lock().await;
+        // Sending is bounded too: a disconnected client's buffer fills up.
+        let deadline = Instant::now() + self.confirm_timeout;
         let mut outcomes: Vec<Option<Outcome>> = vec![None; events.len()];
         let mut acks = Vec::with_capacity(events.len());
         for (index, event) in events.iter().enumerate() {
@@ -135,24 +137,25 @@ impl Broker for NatsBroker {
             };
             let mut headers = async_nats::HeaderMap::new();
             headers.insert(NATS_MSG_ID_HEADER, event.id.to_string().as_str());
-            let sent = self
-                .jetstream
-                .publish_with_headers(
-                    crate::nats_subject(feed, event.subject.as_str()),
-                    headers,
-                    body.into(),
-                )
-                .await;
-            match sent {
-                Ok(ack) => acks.push((index, ack)),
-                Err(e) => {
+            let sent = self.jetstream.publish_with_headers(
+                crate::nats_subject(feed, event.subject.as_str()),
+                headers,
+                body.into(),
+            );
+            match timeout_at(deadline, sent).await {
+                Ok(Ok(ack)) => acks.push((index, ack)),
+                Ok(Err(e)) => {
                     outcomes[index] = Some(Outcome::Refused(refusal(&e)));
+                    break;
+                }
+                Err(_) => {
+                    outcomes[index] =
+                        Some(Outcome::Refused(Refusal::TimedOut(self.confirm_timeout)));
                     break;
                 }
             }
         }
         drop(publishing);
-        let deadline = Instant::now() + self.confirm_timeout;
         for (index, ack) in acks {
             let outcome = match timeout_at(deadline, ack.into_future()).await {
                 Err(_) => Outcome::Refused(Refusal::TimedOut(self.confirm_timeout)),

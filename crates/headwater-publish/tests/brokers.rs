@@ -335,3 +335,25 @@ async fn nats_connect_errors_are_typed() {
     let err = NatsBroker::connect("nats://127.0.0.1:1").await.unwrap_err();
     assert!(matches!(err, BrokerError::Connect(_)), "{err}");
 }
+
+#[tokio::test]
+async fn nats_no_ack_in_time_is_refused_as_timed_out() {
+    let feed = unique_feed();
+    // Not a stream: a plain subscriber that takes the messages and never answers.
+    let client = async_nats::connect(nats_url()).await.unwrap();
+    let _silent = client
+        .subscribe(headwater_publish::stream_subjects(&feed))
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let timeout = Duration::from_millis(300);
+    let broker = NatsBroker::connect(&nats_url())
+        .await
+        .unwrap()
+        .with_confirm_timeout(timeout);
+    let outcomes = broker.publish(&feed, SOURCE, &events(3)).await.unwrap();
+    assert_eq!(
+        outcomes,
+        vec![Outcome::Refused(Refusal::TimedOut(timeout)); 3]
+    );
+}
