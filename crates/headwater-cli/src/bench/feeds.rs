@@ -184,7 +184,7 @@ pub(crate) async fn measure<E: EventStore, F: FeedStore>(
         anyhow::Ok((target, elapsed))
     };
     let (writers, backfill) = tokio::join!(writers, backfill);
-    let (appends_elapsed, _) = writers?;
+    let appends_elapsed = writers?;
     let (done, elapsed) = backfill?;
     let backfill_with_appends_per_sec = done as f64 / elapsed.as_secs_f64();
     let appends_during_backfill_per_sec =
@@ -369,7 +369,7 @@ async fn appends<E: EventStore>(
         stop.store(true, Ordering::Relaxed);
     };
     let (result, ()) = tokio::join!(appends_until(events, plan, &stop, &appended), timer);
-    let (elapsed, _) = result?;
+    let elapsed = result?;
     Ok(appended.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64())
 }
 
@@ -379,7 +379,7 @@ async fn appends_until<E: EventStore>(
     plan: &FeedPlan,
     stop: &AtomicBool,
     appended: &AtomicU64,
-) -> anyhow::Result<(Duration, ())> {
+) -> anyhow::Result<Duration> {
     let writers = plan.writers.max(1);
     // Each writer appends at most once per `pace`.
     let pace = Duration::from_secs_f64(f64::from(writers) / f64::from(plan.append_rate_max));
@@ -401,7 +401,7 @@ async fn appends_until<E: EventStore>(
     };
     let results = futures_util::future::join_all((0..writers).map(writer)).await;
     results.into_iter().collect::<anyhow::Result<()>>()?;
-    Ok((started.elapsed(), ()))
+    Ok(started.elapsed())
 }
 
 async fn http_read(
