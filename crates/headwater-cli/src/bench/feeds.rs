@@ -88,8 +88,14 @@ pub(crate) struct FeedFigures {
 
 /// Every internal event becomes one integration event of its stream's id.
 #[derive(Debug)]
-struct BenchProjection {
+pub(crate) struct BenchProjection {
     feed: FeedId,
+}
+
+impl BenchProjection {
+    pub(crate) fn new(feed: FeedId) -> BenchProjection {
+        BenchProjection { feed }
+    }
 }
 
 impl Projection for BenchProjection {
@@ -127,7 +133,7 @@ pub(crate) async fn measure<E: EventStore, F: FeedStore>(
     plan: &Plan,
 ) -> anyhow::Result<FeedFigures> {
     let p = FeedPlan::from_plan(plan);
-    fill(events.as_ref(), p.events).await?;
+    fill(events.as_ref(), p.events, "feeds: fill the log").await?;
 
     // Backfill alone.
     let v1 = feed("v1");
@@ -237,8 +243,8 @@ pub(crate) async fn measure<E: EventStore, F: FeedStore>(
 }
 
 /// Appends `total` events in batches over [`FILL_STREAMS`] streams.
-async fn fill<E: EventStore>(events: &E, total: u64) -> anyhow::Result<()> {
-    let bar = super::progress_bar("feeds: fill the log", total, "events");
+pub(crate) async fn fill<E: EventStore>(events: &E, total: u64, label: &str) -> anyhow::Result<()> {
+    let bar = super::progress_bar(label, total, "events");
     let data = br#"{"amount_cents":12345,"currency":"EUR","reference":"bench"}"#;
     let next = AtomicU64::new(0);
     let writer = || async {
@@ -278,7 +284,7 @@ fn check_running(projectors: &Projectors, feed: &FeedId) -> anyhow::Result<()> {
 }
 
 /// Waits until `feed` is live; returns the internal events it went through.
-async fn wait_live<F: FeedStore>(
+pub(crate) async fn wait_live<F: FeedStore>(
     feeds: &F,
     projectors: &Projectors,
     feed: &FeedId,

@@ -8,6 +8,8 @@
 mod feeds;
 mod fsync;
 mod postgres;
+mod publish;
+mod publish_broker;
 mod report;
 mod store;
 mod system;
@@ -112,11 +114,28 @@ pub(crate) struct BenchArgs {
     #[arg(long, value_enum, default_value_t = EventIds::Random)]
     event_ids: EventIds,
 
-    /// What to measure, comma-separated: `store` (the event store's appends, reads, memory) and
+    /// What to measure, comma-separated: `store` (the event store's appends, reads, memory),
     /// `feeds` (backfill of a new projection version while appends go on, feed reads over HTTP
-    /// with 1 and 16 clients, long-poll wake-up from append to answer).
+    /// with 1 and 16 clients, long-poll wake-up from append to answer) and `publish` (to the
+    /// brokers of `--amqp` and `--nats`: the broker's raw publish-with-confirm rate, the
+    /// publisher's throughput and the append → broker latency; not a default: it needs a broker).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Suite::Store, Suite::Feeds])]
     suite: Vec<Suite>,
+
+    /// The RabbitMQ broker of `--suite publish` (`amqp://USER:PASSWORD@HOST:PORT/VHOST`). The
+    /// suite declares exchanges and durable queues named `headwater.bench_*` and deletes them.
+    #[arg(long, value_name = "URL")]
+    amqp: Option<String>,
+
+    /// The NATS server (with JetStream) of `--suite publish` (`nats://HOST:PORT`). The suite
+    /// creates streams named `HEADWATER_BENCH_*` and deletes them.
+    #[arg(long, value_name = "URL")]
+    nats: Option<String>,
+
+    /// Events of the publish suite's pre-filled feed (and messages of its raw figure).
+    /// [default: 200000; with --quick: 5000]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=EVENTS_MAX))]
+    publish_events: Option<u64>,
 
     /// Also write the results as JSON to FILE.
     #[arg(long, value_name = "FILE")]
@@ -130,6 +149,8 @@ pub(crate) enum Suite {
     Store,
     /// Integration feeds: backfill, HTTP reads, long-poll wake-up.
     Feeds,
+    /// Publishing to RabbitMQ and NATS JetStream: raw rate, publisher throughput, latency.
+    Publish,
 }
 
 /// The stores `headwater bench` can measure.
@@ -212,6 +233,8 @@ pub(crate) struct Plan {
     pub(crate) batch_events: u32,
     pub(crate) batch_writers: u32,
     pub(crate) event_ids: EventIds,
+    /// `--publish-events`, when given.
+    pub(crate) publish_events: Option<u64>,
     /// A `--quick` run: a smoke test whose figures mean little.
     pub(crate) quick: bool,
 }
@@ -236,6 +259,7 @@ impl Plan {
             batch_events: args.batch_events,
             batch_writers: args.batch_writers,
             event_ids: args.event_ids,
+            publish_events: args.publish_events,
             quick,
         }
     }
@@ -253,6 +277,14 @@ impl Plan {
 
 pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let plan = Plan::from_args(args);
+    let targets = match publish_targets(args) {
+        Ok(targets) => targets,
+        Err(usage) => {
+            // A usage error, as clap reports its own: exit code 2.
+            eprintln!("error: {usage}");
+            return Ok(ExitCode::from(2));
+        }
+    };
     let parent = match &args.dir {
         Some(dir) => dir.clone(),
         None => std::env::temp_dir(),
@@ -284,8 +316,10 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         .context("cannot start the async runtime")?;
     let store_suite = args.suite.contains(&Suite::Store);
     let feeds_suite = args.suite.contains(&Suite::Feeds);
+    let publish_suite = args.suite.contains(&Suite::Publish);
     let mut results = Vec::new();
     let mut feed_results = Vec::new();
+    let mut publish_results = Vec::new();
     for run in 1..=args.runs {
         let run_dir = workdir.path().join(format!("run-{run}"));
         std::fs::create_dir(&run_dir)
@@ -325,6 +359,9 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
             let feeds_dir = run_dir.join("feeds-store");
             feed_results.push(runtime.block_on(measure_feeds(args, &feeds_dir, &plan))?);
         }
+        if publish_suite {
+            publish_results.push(measure_publish(&runtime, args, &targets, &run_dir, &plan)?);
+        }
         // The next run starts on an empty disk, as this one did.
         if !args.keep && run < args.runs {
             std::fs::remove_dir_all(&run_dir)
@@ -353,6 +390,12 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
             feeds::markdown(args.backend.name(), &plan, &feed_machine, &feed_results)
         );
     }
+    if publish_suite {
+        print!(
+            "{}",
+            publish::markdown(args.backend.name(), &plan, &feed_machine, &publish_results)
+        );
+    }
     if let Some(path) = &args.json {
         // The store report's fields at the top level (as before the feeds suite), `feeds` beside.
         let mut json = match &report {
@@ -363,6 +406,12 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
             json["feeds"] = serde_json::json!({
                 "runs": feed_results,
                 "median": feeds::median(&feed_results),
+            });
+        }
+        if publish_suite {
+            json["publish"] = serde_json::json!({
+                "runs": publish_results,
+                "median": publish::median(&publish_results),
             });
         }
         std::fs::write(path, serde_json::to_vec_pretty(&json)?)
@@ -405,6 +454,88 @@ async fn measure_feeds(
                 .context("--backend postgres needs --postgres URL")?;
             postgres::measure_feeds(url, args.keep, plan).await
         }
+    }
+}
+
+/// The brokers of the publish suite, checked against the suites asked for; `Err`: what is wrong
+/// with the command line.
+fn publish_targets(args: &BenchArgs) -> Result<Vec<publish_broker::Target>, String> {
+    let targets: Vec<publish_broker::Target> = [
+        args.amqp.clone().map(publish_broker::Target::Amqp),
+        args.nats.clone().map(publish_broker::Target::Nats),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let publish = args.suite.contains(&Suite::Publish);
+    if publish && targets.is_empty() {
+        return Err(
+            "--suite publish needs a broker: --amqp URL (RabbitMQ) and/or --nats URL \
+                    (NATS with JetStream); scripts/bench-publish starts private ones and runs it"
+                .to_owned(),
+        );
+    }
+    if !publish && !targets.is_empty() {
+        return Err("--amqp and --nats are for --suite publish (add it to --suite)".to_owned());
+    }
+    if publish && args.backend == Backend::Postgres {
+        return Err(
+            "--suite publish runs on the embedded or the memory store, not --backend postgres"
+                .to_owned(),
+        );
+    }
+    Ok(targets)
+}
+
+/// The publish suite of one run: the fsync context, then each broker on fresh stores.
+fn measure_publish(
+    runtime: &tokio::runtime::Runtime,
+    args: &BenchArgs,
+    targets: &[publish_broker::Target],
+    run_dir: &Path,
+    plan: &Plan,
+) -> anyhow::Result<publish::PublishFigures> {
+    // Blocking, on this thread: nothing else runs meanwhile.
+    let fsync_per_sec = publish::fsync_bound(&run_dir.join("publish-fsync"), plan)?;
+    let mut brokers = Vec::new();
+    for target in targets {
+        let figures = runtime.block_on(async {
+            match args.backend {
+                Backend::Embedded => {
+                    let filled =
+                        embedded_stores(&run_dir.join(format!("publish-{}", target.key())))?;
+                    let live = embedded_stores(&run_dir.join(format!("latency-{}", target.key())))?;
+                    publish::measure(target, filled, live, plan).await
+                }
+                Backend::Memory | Backend::Postgres => {
+                    publish::measure(target, memory_stores(), memory_stores(), plan).await
+                }
+            }
+        })?;
+        brokers.push(figures);
+    }
+    Ok(publish::PublishFigures {
+        fsync_per_sec,
+        brokers,
+    })
+}
+
+fn embedded_stores(
+    dir: &Path,
+) -> anyhow::Result<publish::Stores<EmbeddedStore, headwater_embedded::EmbeddedFeedStore>> {
+    let store = EmbeddedStore::open(dir)
+        .with_context(|| format!("cannot open an embedded store in {}", dir.display()))?;
+    let feeds = std::sync::Arc::new(store.feeds().context("cannot open its feeds")?);
+    Ok(publish::Stores {
+        events: std::sync::Arc::new(store),
+        feeds,
+    })
+}
+
+fn memory_stores() -> publish::Stores<MemoryStore, headwater_store::MemoryFeedStore> {
+    publish::Stores {
+        events: std::sync::Arc::new(MemoryStore::new()),
+        feeds: std::sync::Arc::new(headwater_store::MemoryFeedStore::new()),
     }
 }
 

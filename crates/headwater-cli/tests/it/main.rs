@@ -35,6 +35,9 @@ const BENCH_FLAGS: &[&str] = &[
     "--batch-writers",
     "--event-ids",
     "--suite",
+    "--amqp",
+    "--nats",
+    "--publish-events",
     "--runs",
     "--json",
 ];
@@ -404,6 +407,80 @@ fn bench_runs_against_postgres_in_a_schema_it_drops() {
     assert_eq!(bench_schemas(), before, "a schema was left behind");
 }
 
+/// The rows of the publish suite, per broker label.
+const PUBLISH_ROWS: &[&str] = &[
+    ": raw client (",
+    ": through `Broker::publish` (",
+    ": through the publisher",
+    ": append → consumer arrival",
+];
+
+/// Against the brokers `scripts/test` starts (HEADWATER_TEST_AMQP_URL, HEADWATER_TEST_NATS_URL):
+/// fails when they are missing.
+#[test]
+fn quick_publish_bench_measures_each_broker() {
+    let amqp = std::env::var("HEADWATER_TEST_AMQP_URL").expect(
+        "HEADWATER_TEST_AMQP_URL is not set: run scripts/test, or \
+         `source scripts/lib/rabbitmq.sh && rabbitmq_start` first",
+    );
+    let nats = std::env::var("HEADWATER_TEST_NATS_URL").expect(
+        "HEADWATER_TEST_NATS_URL is not set: run scripts/test, or \
+         `source scripts/lib/nats.sh && nats_start` first",
+    );
+    let parent = tempfile::tempdir().unwrap();
+    let json = parent.path().join("publish.json");
+    let out = headwater(&[
+        "bench",
+        "--quick",
+        "--suite",
+        "publish",
+        "--publish-events",
+        "2000",
+        "--amqp",
+        &amqp,
+        "--nats",
+        &nats,
+        "--dir",
+        parent.path().to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{stdout}",
+        text(&out.stderr)
+    );
+    for label in ["RabbitMQ", "NATS JetStream"] {
+        for row in PUBLISH_ROWS {
+            let start = format!("| {label}{row}");
+            let line = stdout
+                .lines()
+                .find(|line| line.starts_with(&start))
+                .unwrap_or_else(|| panic!("no row {start:?} in:\n{stdout}"));
+            assert_eq!(line.matches(" | ").count(), 3, "{line}");
+        }
+    }
+    assert!(stdout.contains("- fsync bound ("), "{stdout}");
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let brokers = results["publish"]["median"]["brokers"].as_array().unwrap();
+    let keys: Vec<&str> = brokers
+        .iter()
+        .map(|b| b["broker"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["rabbitmq", "nats"], "{results}");
+    for broker in brokers {
+        for key in ["raw_per_sec", "broker_layer_per_sec"] {
+            let rate = broker[key].as_f64().unwrap_or_default();
+            assert!(rate > 0.0, "{key} in {broker}");
+        }
+    }
+    // Only the JSON file is left of the working directory.
+    assert_eq!(std::fs::read_dir(parent.path()).unwrap().count(), 1);
+}
+
 #[test]
 fn bad_arguments_exit_2_with_a_clear_message() {
     let table: &[(&[&str], &str)] = &[
@@ -421,6 +498,28 @@ fn bad_arguments_exit_2_with_a_clear_message() {
         (&["bench", "--backend", "floppy"], "--backend"),
         (&["bench", "--backend", "postgres"], "--postgres <URL>"),
         (&["bench", "--events=0"], "--events"),
+        (
+            &["bench", "--suite", "publish"],
+            "needs a broker: --amqp URL",
+        ),
+        (
+            &["bench", "--amqp", "amqp://127.0.0.1:1/%2f"],
+            "are for --suite publish",
+        ),
+        (
+            &[
+                "bench",
+                "--suite",
+                "publish",
+                "--nats",
+                "nats://127.0.0.1:1",
+                "--backend",
+                "postgres",
+                "--postgres",
+                "postgres://127.0.0.1:1/x",
+            ],
+            "not --backend postgres",
+        ),
     ];
     for (args, expected) in table {
         let out = headwater(args);

@@ -1,0 +1,666 @@
+//! The publish suite of `headwater bench`: issue 5's figures, per broker, in one run.
+//!
+//! For each broker given (`--amqp`, `--nats`):
+//!
+//! 1. **Raw rate**: the broker's own publish-with-confirm rate through the client library the
+//!    publisher uses (lapin with publisher confirms, persistent and mandatory, to a durable topic
+//!    exchange with a durable queue bound; async-nats JetStream publishes with acks and
+//!    `Nats-Msg-Id`, to a file-backed stream), pipelined with the publisher's in-flight window:
+//!    the best a client can do. The message is the CloudEvent the publisher would send.
+//! 2. **Through the publisher**: a feed of the embedded feed store pre-filled with `events`
+//!    integration events (not timed), then `Publishers` started on it; events per second until
+//!    the publisher's cursor reaches the feed's head. Compared with the raw rate as a ratio.
+//! 3. **Append → broker latency**: one internal event appended at a time, at a steady rate,
+//!    to the embedded event store, with a projector and the publisher running and a consumer on
+//!    the broker (RabbitMQ: `basic.consume` on the queue, no ack; NATS: a pull consumer without
+//!    acks); the time from the start of the append to the consumer's arrival, p50 / p99.
+//!
+//! Every queue and stream the suite declares is removed at the end of its figure, after checking
+//! that it held every message confirmed to it.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures_util::StreamExt;
+use hdrhistogram::Histogram;
+use headwater_core::limits::FEED_PAGE_EVENTS_MAX;
+use headwater_core::{
+    EventId, EventType, ExpectedVersion, FeedId, FeedPosition, NewEvent, Position, Sequence,
+    StreamName, Subject, Timestamp,
+};
+use headwater_feed::Projectors;
+use headwater_store::{EventStore, FeedEvent, FeedStore};
+use serde::{Deserialize, Serialize};
+
+use super::Plan;
+use super::feeds::BenchProjection;
+use super::publish_broker::{Raw, Target};
+use crate::text::group;
+
+/// The CloudEvents `source` of the benchmark's feeds.
+const SOURCE: &str = "headwater-bench";
+/// Subjects the pre-filled feed spreads its events over: the feeds suite's streams.
+const FILL_SUBJECTS: u64 = 10_000;
+/// The publisher's window of events sent and not yet confirmed (its default); the raw figure
+/// uses the same.
+const IN_FLIGHT_EVENTS_DEFAULT: usize = 8_192;
+/// Events per `Broker::publish` of the publisher (its default).
+const BATCH_EVENTS_DEFAULT: usize = 512;
+/// Streams the latency appends rotate over (each a subject of the feed).
+const LATENCY_STREAMS: u64 = 100;
+/// Appends of the latency figure that may wait for the store at once (the appends are paced,
+/// not closed-loop: a slow append does not delay the next one).
+const LATENCY_APPENDS_IN_FLIGHT_MAX: usize = 256;
+/// How long the publisher may take to reach the head of the pre-filled feed, and the latency
+/// consumer to see the last event after the last append, before the benchmark gives up.
+#[expect(
+    dead_code,
+    reason = "the latency figure, wired in once the publisher is on main"
+)]
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(600);
+#[expect(
+    dead_code,
+    reason = "the latency figure, wired in once the publisher is on main"
+)]
+const ARRIVAL_TIMEOUT: Duration = Duration::from_secs(60);
+/// The slowest append → arrival the latency histogram tells apart, in microseconds (fixed
+/// bounds: a slower one counts as this, and is seen as such in the maximum).
+const LATENCY_MICROS_MAX: u64 = 60_000_000;
+/// The fsync context of the suite: each of the two loops runs this long at most.
+const FSYNC_PHASE_MAX: Duration = Duration::from_secs(2);
+/// The integration event's data, as in the feeds suite.
+const FILL_DATA: &[u8] = br#"{"amount_cents":12345,"currency":"EUR","reference":"bench"}"#;
+
+/// The publish suite's sizes.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct PublishPlan {
+    /// Events of the pre-filled feed, and messages of the raw figure.
+    pub(crate) events: u64,
+    pub(crate) subjects: u64,
+    pub(crate) window: usize,
+    pub(crate) latency_events: u64,
+    /// Appends per second of the latency figure.
+    pub(crate) latency_rate: u32,
+}
+
+impl PublishPlan {
+    pub(crate) fn from_plan(plan: &Plan) -> PublishPlan {
+        PublishPlan {
+            events: plan
+                .publish_events
+                .unwrap_or(if plan.quick { 5_000 } else { 200_000 }),
+            subjects: FILL_SUBJECTS,
+            window: IN_FLIGHT_EVENTS_DEFAULT,
+            latency_events: if plan.quick { 100 } else { 3_000 },
+            latency_rate: if plan.quick { 200 } else { 500 },
+        }
+    }
+}
+
+/// Everything one run of the publish suite measured.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct PublishFigures {
+    /// write + fdatasync of one record on a growing file, on the disk of the stores.
+    pub(crate) fsync_per_sec: f64,
+    pub(crate) brokers: Vec<BrokerFigures>,
+}
+
+/// One broker's figures in one run.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct BrokerFigures {
+    pub(crate) broker: &'static str,
+    pub(crate) label: &'static str,
+    pub(crate) server: String,
+    pub(crate) raw_per_sec: f64,
+    /// Through `Broker::publish` alone (events read beforehand).
+    pub(crate) broker_layer_per_sec: f64,
+    /// That over raw, in this run.
+    pub(crate) broker_layer_ratio: f64,
+    /// Projecting the log into the pre-filled feed (not part of the publish figure).
+    pub(crate) fill_per_sec: Option<f64>,
+    pub(crate) publisher_per_sec: Option<f64>,
+    /// Through the publisher over raw, in this run.
+    pub(crate) ratio: Option<f64>,
+    pub(crate) latency: Option<Latency>,
+}
+
+/// Append → consumer arrival.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Latency {
+    pub(crate) events: u64,
+    /// The appends' achieved rate, per second.
+    pub(crate) append_rate: f64,
+    pub(crate) p50_us: u64,
+    pub(crate) p99_us: u64,
+    pub(crate) max_us: u64,
+}
+
+/// The fsync context of one run, on the disk of the stores.
+pub(crate) fn fsync_bound(dir: &Path, plan: &Plan) -> anyhow::Result<f64> {
+    let mut short = plan.clone();
+    short.phase = short.phase.min(FSYNC_PHASE_MAX);
+    std::fs::create_dir(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let figures = super::fsync::measure(dir, &short).context("the fsync bound")?;
+    std::fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+    Ok(figures.growing.per_second())
+}
+
+/// A fresh event store and its feed store.
+pub(crate) struct Stores<E, F> {
+    pub(crate) events: Arc<E>,
+    pub(crate) feeds: Arc<F>,
+}
+
+/// One broker's figures: raw, through the publisher (on `filled`), latency (on `live`, which
+/// must be empty: its projector starts from the beginning of the log).
+pub(crate) async fn measure<E: EventStore + 'static, F: FeedStore>(
+    target: &Target,
+    filled: Stores<E, F>,
+    live: Stores<E, F>,
+    plan: &Plan,
+) -> anyhow::Result<BrokerFigures> {
+    let p = PublishPlan::from_plan(plan);
+    let server = target.server().await;
+    let body = sample_body()?;
+    let raw = target.raw(p.events, p.window, &body, p.subjects).await?;
+    let through = through_publisher(target, &filled.events, &filled.feeds, &p).await?;
+    drop(filled);
+    let latency = latency(target, live.events, live.feeds, &p).await?;
+    let (fill_rate, broker_layer, published) = through;
+    let publisher_per_sec = published.map(|r| r.per_second());
+    Ok(BrokerFigures {
+        broker: target.key(),
+        label: target.label(),
+        server,
+        raw_per_sec: raw.per_second(),
+        fill_per_sec: Some(fill_rate),
+        broker_layer_per_sec: broker_layer.per_second(),
+        broker_layer_ratio: broker_layer.per_second() / raw.per_second().max(f64::MIN_POSITIVE),
+        publisher_per_sec,
+        ratio: publisher_per_sec.map(|ours| ours / raw.per_second().max(f64::MIN_POSITIVE)),
+        latency,
+    })
+}
+
+/// The CloudEvent the publisher sends for a pre-filled event: the raw figure's message.
+fn sample_body() -> anyhow::Result<Vec<u8>> {
+    let feed = FeedId::parse("bench_publish.v1").context("a constant feed id")?;
+    let event = FeedEvent {
+        position: FeedPosition(123_456),
+        sequence: Sequence(12),
+        id: EventId::new_random(),
+        event_type: EventType::new("bench.changed")?,
+        subject: Subject::new("account-1234")?,
+        time: now(),
+        data: FILL_DATA.to_vec(),
+        source_position: Position(123_456),
+    };
+    headwater_api::cloud_event_json(&feed, SOURCE, &event).context("the sample CloudEvent")
+}
+
+fn now() -> Timestamp {
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    Timestamp::from_unix_micros(micros)
+}
+
+/// A feed nobody else uses on a shared broker: `{prefix}_{random}.v1`.
+fn unique_feed(prefix: &str) -> anyhow::Result<FeedId> {
+    FeedId::parse(&format!("{prefix}_{:08x}.v1", rand::random::<u32>()))
+        .context("the benchmark's feed name")
+}
+
+/// Fills the log with `total` internal events over the feeds suite's 10,000 streams, then
+/// projects them into `feed` (one integration event each, subject = the stream) and stops the
+/// projector once the feed is live: the feed a projector makes, ready to publish. Returns the
+/// projection's rate, in events per second.
+async fn fill<E: EventStore + 'static, F: FeedStore>(
+    events: &Arc<E>,
+    feeds: &Arc<F>,
+    feed: &FeedId,
+    total: u64,
+) -> anyhow::Result<f64> {
+    super::feeds::fill(events.as_ref(), total, "publish: fill the log").await?;
+    let started = Instant::now();
+    let projectors = Projectors::builder()
+        .projection(BenchProjection::new(feed.clone()))
+        .start(Arc::clone(events), Arc::clone(feeds))
+        .await
+        .with_context(|| format!("cannot start the projector of {feed}"))?;
+    let projected = super::feeds::wait_live(
+        feeds.as_ref(),
+        &projectors,
+        feed,
+        "publish: project the feed",
+        total,
+    )
+    .await;
+    projectors.shutdown().await;
+    projected?;
+    Ok(total as f64 / started.elapsed().as_secs_f64().max(f64::MIN_POSITIVE))
+}
+
+/// The broker layer and the publisher through a pre-filled feed: `(fill rate, through
+/// `Broker::publish`, through the publisher)`; the last `None` until the publisher is built.
+async fn through_publisher<E: EventStore + 'static, F: FeedStore>(
+    target: &Target,
+    events: &Arc<E>,
+    feeds: &Arc<F>,
+    p: &PublishPlan,
+) -> anyhow::Result<(f64, Raw, Option<Raw>)> {
+    let feed = unique_feed("bench_publish")?;
+    let fill_rate = fill(events, feeds, &feed, p.events).await?;
+    tracing::info!(
+        events_per_sec = format_args!("{}", group(fill_rate)),
+        "feed projected"
+    );
+    let broker_layer = through_broker(target, feeds.as_ref(), &feed, p).await?;
+    Ok((fill_rate, broker_layer, None))
+}
+
+/// The feed's events, read from the store beforehand (not timed), published through the
+/// publisher's [`Broker`] (CloudEvent encoding, batches of the publisher's size) with the
+/// publisher's window: the broker layer alone, without feed reads or cursors. Removes the
+/// feed's queue or stream afterwards (so that the publisher's figure starts on an empty one,
+/// and JetStream's duplicate window does not drop its messages).
+async fn through_broker<F: FeedStore>(
+    target: &Target,
+    feeds: &F,
+    feed: &FeedId,
+    p: &PublishPlan,
+) -> anyhow::Result<Raw> {
+    let mut all = Vec::new();
+    while (all.len() as u64) < p.events {
+        let after = all
+            .last()
+            .map_or(FeedPosition::START, |e: &FeedEvent| e.position);
+        let page = feeds
+            .read_feed(feed, after, FEED_PAGE_EVENTS_MAX)
+            .await
+            .context("read the feed")?;
+        if page.is_empty() {
+            bail!("{feed} holds {} events, not {}", all.len(), p.events);
+        }
+        all.extend(page);
+    }
+    let broker = target.broker().await?;
+    target.prepare(feed).await?;
+    broker.declare(feed).await?;
+    let bar = super::progress_bar(
+        &format!("publish: {} through Broker::publish", target.key()),
+        p.events,
+        "events",
+    );
+    let batches_in_flight = (p.window / BATCH_EVENTS_DEFAULT).max(1);
+    let started = Instant::now();
+    let mut publishes = futures_util::stream::iter(all.chunks(BATCH_EVENTS_DEFAULT))
+        .map(|batch| {
+            let broker = Arc::clone(&broker);
+            async move { broker.publish(feed, SOURCE, batch).await }
+        })
+        .buffered(batches_in_flight);
+    while let Some(outcomes) = publishes.next().await {
+        let outcomes = outcomes.context("Broker::publish")?;
+        if let Some(refused) = outcomes.iter().find(|o| !o.is_confirmed()) {
+            bail!("the broker refused an event: {refused:?}");
+        }
+        bar.inc(outcomes.len() as u64);
+    }
+    let elapsed = started.elapsed();
+    bar.finish_and_clear();
+    drop(publishes);
+    let held = target.remove(feed).await?;
+    if held < p.events {
+        bail!(
+            "{} confirmed {} events, its queue or stream held {held}",
+            target.label(),
+            p.events
+        );
+    }
+    let raw = Raw {
+        messages: p.events,
+        elapsed,
+    };
+    tracing::info!(
+        broker = target.key(),
+        events_per_sec = format_args!("{}", group(raw.per_second())),
+        "through Broker::publish"
+    );
+    Ok(raw)
+}
+
+/// The latency figure; `None` until the publisher is built.
+async fn latency<E: EventStore + 'static, F: FeedStore>(
+    target: &Target,
+    events: Arc<E>,
+    feeds: Arc<F>,
+    p: &PublishPlan,
+) -> anyhow::Result<Option<Latency>> {
+    let _ = (target, events, feeds, p);
+    Ok(None)
+}
+
+/// What the latency consumer reads of each message: the append instant the event carries.
+#[derive(Deserialize)]
+struct LatencyBody {
+    data: LatencyData,
+}
+
+#[derive(Deserialize)]
+struct LatencyData {
+    /// Nanoseconds from the benchmark's epoch to the start of the append.
+    sent_ns: u64,
+}
+
+/// Reads arrivals until `total` distinct events arrived (duplicates count once); the latency of
+/// each from its append (its `sent_ns` after `epoch`) to its first arrival.
+#[expect(
+    dead_code,
+    reason = "the latency figure, wired in once the publisher is on main"
+)]
+async fn collect(
+    mut arrivals: tokio::sync::mpsc::Receiver<super::publish_broker::Arrival>,
+    epoch: Instant,
+    total: u64,
+    deadline: tokio::time::Instant,
+) -> anyhow::Result<Histogram<u64>> {
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, LATENCY_MICROS_MAX, 3)
+        .context("the latency histogram's bounds")?;
+    let mut seen = HashSet::new();
+    while (seen.len() as u64) < total {
+        let arrival = match tokio::time::timeout_at(deadline, arrivals.recv()).await {
+            Ok(Some(arrival)) => arrival,
+            Ok(None) => bail!(
+                "the consumer stopped after {} of {total} events",
+                seen.len()
+            ),
+            Err(_) => bail!(
+                "{} of {total} events reached the broker's consumer in time",
+                seen.len()
+            ),
+        };
+        let body: LatencyBody = serde_json::from_slice(&arrival.body)
+            .context("a message that is not the benchmark's CloudEvent")?;
+        if !seen.insert(body.data.sent_ns) {
+            continue;
+        }
+        let arrived_ns =
+            u64::try_from(arrival.at.duration_since(epoch).as_nanos()).unwrap_or(u64::MAX);
+        let micros = arrived_ns.saturating_sub(body.data.sent_ns) / 1_000;
+        histogram.saturating_record(micros.max(1));
+    }
+    Ok(histogram)
+}
+
+/// Appends `total` events, one per append, at `rate` per second (paced: each append starts on
+/// its tick, whatever earlier ones take), each carrying the instant its append started.
+#[expect(
+    dead_code,
+    reason = "the latency figure, wired in once the publisher is on main"
+)]
+async fn paced_appends<E: EventStore + 'static>(
+    events: Arc<E>,
+    epoch: Instant,
+    total: u64,
+    rate: u32,
+) -> anyhow::Result<f64> {
+    let bar = super::progress_bar("publish: append → broker latency", total, "events");
+    let streams: Vec<StreamName> = (0..LATENCY_STREAMS)
+        .map(|s| StreamName::new(format!("latency-{s}")))
+        .collect::<Result<_, _>>()?;
+    let event_type = EventType::new("account.deposited")?;
+    let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate.max(1))));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let slots = Arc::new(tokio::sync::Semaphore::new(LATENCY_APPENDS_IN_FLIGHT_MAX));
+    let mut appends = tokio::task::JoinSet::new();
+    let started = Instant::now();
+    for i in 0..total {
+        ticks.tick().await;
+        let slot = Arc::clone(&slots).acquire_owned().await?;
+        let events = Arc::clone(&events);
+        let stream = streams[usize::try_from(i % LATENCY_STREAMS).unwrap_or(0)].clone();
+        let event_type = event_type.clone();
+        let bar = bar.clone();
+        appends.spawn(async move {
+            let sent_ns = u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            let data = format!(r#"{{"sent_ns":{sent_ns},"currency":"EUR","reference":"bench"}}"#);
+            let event = NewEvent::new(EventId::new_random(), event_type, data.into_bytes());
+            let appended = events
+                .append(&stream, ExpectedVersion::Any, vec![event])
+                .await
+                .context("append while measuring the latency");
+            drop(slot);
+            bar.inc(1);
+            appended.map(|_| ())
+        });
+        while let Some(done) = appends.try_join_next() {
+            done??;
+        }
+    }
+    while let Some(done) = appends.join_next().await {
+        done??;
+    }
+    bar.finish_and_clear();
+    Ok(total as f64 / started.elapsed().as_secs_f64().max(f64::MIN_POSITIVE))
+}
+
+/// The median of each figure over the runs, per broker.
+pub(crate) fn median(runs: &[PublishFigures]) -> Option<PublishFigures> {
+    fn med(mut values: Vec<f64>) -> Option<f64> {
+        values.sort_by(f64::total_cmp);
+        values.get(values.len() / 2).copied()
+    }
+    let first = runs.first()?;
+    let brokers = first
+        .brokers
+        .iter()
+        .map(|b| {
+            let each: Vec<&BrokerFigures> = runs
+                .iter()
+                .filter_map(|r| r.brokers.iter().find(|x| x.broker == b.broker))
+                .collect();
+            let f = |get: &dyn Fn(&BrokerFigures) -> Option<f64>| {
+                med(each.iter().filter_map(|r| get(r)).collect())
+            };
+            let latencies: Vec<&Latency> = each.iter().filter_map(|r| r.latency.as_ref()).collect();
+            let lat = |get: fn(&Latency) -> f64| med(latencies.iter().map(|l| get(l)).collect());
+            BrokerFigures {
+                broker: b.broker,
+                label: b.label,
+                server: b.server.clone(),
+                raw_per_sec: f(&|r| Some(r.raw_per_sec)).unwrap_or(0.0),
+                broker_layer_per_sec: f(&|r| Some(r.broker_layer_per_sec)).unwrap_or(0.0),
+                broker_layer_ratio: f(&|r| Some(r.broker_layer_ratio)).unwrap_or(0.0),
+                fill_per_sec: f(&|r| r.fill_per_sec),
+                publisher_per_sec: f(&|r| r.publisher_per_sec),
+                ratio: f(&|r| r.ratio),
+                latency: latencies.first().map(|l| Latency {
+                    events: l.events,
+                    append_rate: lat(|l| l.append_rate).unwrap_or(0.0),
+                    p50_us: lat(|l| l.p50_us as f64).unwrap_or(0.0) as u64,
+                    p99_us: lat(|l| l.p99_us as f64).unwrap_or(0.0) as u64,
+                    max_us: latencies.iter().map(|l| l.max_us).max().unwrap_or(0),
+                }),
+            }
+        })
+        .collect();
+    Some(PublishFigures {
+        fsync_per_sec: med(runs.iter().map(|r| r.fsync_per_sec).collect()).unwrap_or(0.0),
+        brokers,
+    })
+}
+
+/// The publishing section of the report, for BENCHMARKS.md.
+pub(crate) fn markdown(
+    backend: &str,
+    plan: &Plan,
+    machine: &super::system::Machine,
+    runs: &[PublishFigures],
+) -> String {
+    use std::fmt::Write as _;
+    let Some(m) = median(runs) else {
+        return String::new();
+    };
+    let p = PublishPlan::from_plan(plan);
+    let several = runs.len() > 1;
+    let each = |values: Vec<String>| {
+        if several {
+            values.join(" / ")
+        } else {
+            String::new()
+        }
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "\n#### Publishing ({backend} store)\n");
+    let _ = writeln!(out, "- command: `{}`", super::report::command_line());
+    let _ = writeln!(
+        out,
+        "- machine: {}, {} cores, {}; disk: {}",
+        machine.cpu, machine.cores, machine.kernel, machine.filesystem
+    );
+    let _ = writeln!(
+        out,
+        "- fsync bound (write {} B + fdatasync, growing file) in this run: {} ops/s",
+        plan.record_bytes,
+        if several {
+            runs.iter()
+                .map(|r| group(r.fsync_per_sec))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        } else {
+            group(m.fsync_per_sec)
+        }
+    );
+    let servers: Vec<String> = m.brokers.iter().map(|b| b.server.clone()).collect();
+    let _ = writeln!(out, "- brokers: {}", servers.join(", "));
+    let _ = writeln!(
+        out,
+        "- workload: raw and through the publisher: {} events over {} subjects, the CloudEvent \
+         of a ~{}-byte JSON payload, at most {} unconfirmed; latency: {} events appended one \
+         per append at {} appends/s, projector and publisher running, a consumer on the broker",
+        group(p.events as f64),
+        group(p.subjects as f64),
+        FILL_DATA.len(),
+        group(p.window as f64),
+        group(p.latency_events as f64),
+        p.latency_rate,
+    );
+    if several {
+        let _ = writeln!(
+            out,
+            "- {} runs: each figure is the median (each run's figure in the last column); a \
+             ratio is the median of each run's ratio",
+            runs.len()
+        );
+    }
+    if plan.quick {
+        let _ = writeln!(
+            out,
+            "- note: a `--quick` run (a smoke test): figures that mean little"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\n| figure | measured | compared to, same run | runs |\n| --- | ---: | --- | --- |"
+    );
+    let not_measured = "not measured (the publisher is not built yet)";
+    for b in &m.brokers {
+        let mine =
+            |run: &PublishFigures| run.brokers.iter().find(|x| x.broker == b.broker).cloned();
+        let per_run = |get: &dyn Fn(&BrokerFigures) -> String| {
+            each(runs.iter().filter_map(mine).map(|r| get(&r)).collect())
+        };
+        let _ = writeln!(
+            out,
+            "| {}: raw client ({}), window {} | {} events/s | the best a client can do | {} |",
+            b.label,
+            target_client(b.broker),
+            group(p.window as f64),
+            group(b.raw_per_sec),
+            per_run(&|r| group(r.raw_per_sec)),
+        );
+        let _ = writeln!(
+            out,
+            "| {}: through `Broker::publish` (CloudEvent encoding, batches of {}), events read \
+             beforehand | {} events/s | {:.0} % of the raw rate | {} |",
+            b.label,
+            BATCH_EVENTS_DEFAULT,
+            group(b.broker_layer_per_sec),
+            b.broker_layer_ratio * 100.0,
+            per_run(&|r| group(r.broker_layer_per_sec)),
+        );
+        match (b.publisher_per_sec, b.ratio) {
+            (Some(ours), Some(ratio)) => {
+                let _ = writeln!(
+                    out,
+                    "| {}: through the publisher, {} events from the feed store | {} events/s | \
+                     {:.0} % of the raw rate | {} |",
+                    b.label,
+                    group(p.events as f64),
+                    group(ours),
+                    ratio * 100.0,
+                    per_run(&|r| r.publisher_per_sec.map_or("—".to_owned(), group)),
+                );
+            }
+            _ => {
+                let _ = writeln!(
+                    out,
+                    "| {}: through the publisher | {not_measured} | — | — |",
+                    b.label
+                );
+            }
+        }
+        match &b.latency {
+            Some(l) => {
+                let _ = writeln!(
+                    out,
+                    "| {}: append → consumer arrival, p50 / p99 (max) | {:.2} / {:.2} ms ({:.1} ms) \
+                     | {} appends/s achieved | {} |",
+                    b.label,
+                    l.p50_us as f64 / 1_000.0,
+                    l.p99_us as f64 / 1_000.0,
+                    l.max_us as f64 / 1_000.0,
+                    group(l.append_rate),
+                    per_run(&|r| r.latency.as_ref().map_or("—".to_owned(), |l| {
+                        format!(
+                            "{:.2} / {:.2}",
+                            l.p50_us as f64 / 1_000.0,
+                            l.p99_us as f64 / 1_000.0
+                        )
+                    })),
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "| {}: append → consumer arrival | {not_measured} | — | — |",
+                    b.label
+                );
+            }
+        }
+    }
+    let fills: Vec<String> = runs
+        .iter()
+        .flat_map(|r| r.brokers.iter().filter_map(|b| b.fill_per_sec).map(group))
+        .collect();
+    if !fills.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nProjecting the log into the feed before publishing (not timed in the figures): {} \
+             events/s.",
+            fills.join(" / ")
+        );
+    }
+    out
+}
+
+fn target_client(key: &str) -> &'static str {
+    match key {
+        "rabbitmq" => Target::Amqp(String::new()).client(),
+        _ => Target::Nats(String::new()).client(),
+    }
+}
