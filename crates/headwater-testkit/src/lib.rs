@@ -4,6 +4,9 @@
 //! test function in a new process, reads what the child acknowledges on stdout, and kills it with
 //! SIGKILL at a moment of its choosing.
 //!
+//! [`broker`]: private RabbitMQ and NATS processes a test stops, kills and starts again.
+//!
 //! Architecture invariant: nothing here is linked into a library or a binary users run.
 
+pub mod broker;
 pub mod process;
