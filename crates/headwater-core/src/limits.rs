@@ -22,6 +22,8 @@ pub const READ_PAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
 pub const COMMAND_ATTEMPTS_MAX: u32 = 8;
 /// The longest feed (projection) name, in bytes.
 pub const FEED_NAME_BYTES_MAX: usize = 64;
+/// The longest name of a feed's publisher (`rabbitmq`, `nats`), in bytes.
+pub const PUBLISHER_NAME_BYTES_MAX: usize = 64;
 /// The longest subject of an integration event, in bytes.
 pub const SUBJECT_BYTES_MAX: usize = 200;
 /// The largest `data` of one integration event, in bytes (serialized JSON).

@@ -16,14 +16,13 @@
 //! `FeedStore::commit` from the cursor it read, so whatever crashes, restarts or second
 //! projector happen, a feed is exactly the projection of the log up to its cursor.
 
-mod leader;
 mod metrics;
 mod offline;
 mod projection;
 mod projector;
 mod runtime;
 
-pub use leader::{AlwaysLead, Leadership, Lease, LeaseHolder};
+pub use headwater_store::{AlwaysLead, Leadership, Lease, LeaseHolder};
 pub use offline::{BuildError, build_feed, build_feed_until};
 pub use projection::{
     Emit, FnProjection, ProjectFailure, Projection, ProjectionError, decode, projection,

@@ -11,9 +11,9 @@ use headwater_store::{
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::leader::{Leadership, Lease};
 use crate::metrics::{FeedLabel, Metrics, gauge_value};
 use crate::projection::{Emit, ProjectFailure, Projection, project_one};
+use headwater_store::{Leadership, Lease};
 
 /// The largest batch the projector commits, summing its events' data, in bytes.
 pub const COMMIT_BYTES_MAX: usize = 64 * 1024 * 1024;

@@ -10,12 +10,12 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::leader::{AlwaysLead, Leadership};
 use crate::metrics::Metrics;
 use crate::projection::Projection;
 use crate::projector::{
     Projector, ProjectorError, ProjectorOptions, ProjectorState, ProjectorStatus, Stopped,
 };
+use headwater_store::{AlwaysLead, Leadership};
 
 /// Why the projectors could not start.
 #[derive(Debug, thiserror::Error)]

@@ -116,6 +116,19 @@ pub struct FeedReader {
     pub reads: u64,
 }
 
+/// How far one publisher of a feed got: every event up to `position` was confirmed by its broker
+/// (G6). A feed may have several publishers (one per destination), each with its own cursor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublisherCursor {
+    /// The publisher's name (`rabbitmq`, `nats`): 1 ..= `limits::PUBLISHER_NAME_BYTES_MAX` bytes
+    /// of `[a-z0-9_-]`.
+    pub publisher: String,
+    /// The last feed position the broker confirmed, with every position before it.
+    pub position: FeedPosition,
+    /// When the cursor last moved (the store's clock).
+    pub updated_at: Timestamp,
+}
+
 /// Why a feed store operation failed. In every case nothing was written.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -134,6 +147,15 @@ pub enum FeedError {
         feed: FeedId,
         expected: Position,
         actual: Position,
+    },
+    /// A publisher's cursor is not where the caller said it was: another publisher of the same
+    /// name moved it (a replica that lost its leadership, a second process).
+    #[error("feed {feed}: publisher {publisher}'s cursor is at {actual}, not {expected}")]
+    PublisherMoved {
+        feed: FeedId,
+        publisher: String,
+        expected: FeedPosition,
+        actual: FeedPosition,
     },
     /// Stored data failed its integrity check. It is reported, never served (G11).
     #[error("feed {feed} is corrupt: {detail}")]
@@ -155,7 +177,7 @@ impl FeedError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             FeedError::Invalid(_) | FeedError::UnknownFeed(_) => ErrorKind::BadRequest,
-            FeedError::CursorMoved { .. } => ErrorKind::Conflict,
+            FeedError::CursorMoved { .. } | FeedError::PublisherMoved { .. } => ErrorKind::Conflict,
             FeedError::Corrupt { .. } | FeedError::Closed => ErrorKind::Unavailable,
             FeedError::Backend(_) => ErrorKind::Internal,
         }
@@ -239,6 +261,76 @@ pub trait FeedStore: Send + Sync + 'static {
 
     /// Who read the feed, by reader name.
     async fn readers(&self, feed: &FeedId) -> Result<Vec<FeedReader>, FeedError>;
+
+    /// Moves the cursor of `publisher` of `feed` from `from` to `to`: the broker confirmed every
+    /// event up to `to`. A publisher without a cursor is at `FeedPosition::START`; its first
+    /// advance creates it. Moving to where it is (`to == from`) only stamps `updated_at`.
+    ///
+    /// # Errors
+    /// [`FeedError::UnknownFeed`]; [`FeedError::Invalid`] for a publisher name that breaks
+    /// [`validate_publisher_name`], `to < from`, or `to` past the feed's head;
+    /// [`FeedError::PublisherMoved`] when the cursor is not at `from` (nothing is written).
+    ///
+    /// # Durability
+    /// As a commit. Losing the last advance in a crash is harmless (the publisher publishes those
+    /// events again: at least once), but a cursor never moves back once read.
+    ///
+    /// # Cancel safety
+    /// Dropping the future after it was first polled may still move the cursor; the next advance
+    /// from the old `from` then fails with [`FeedError::PublisherMoved`] and the publisher
+    /// reloads.
+    async fn advance_publisher(
+        &self,
+        feed: &FeedId,
+        publisher: &str,
+        from: FeedPosition,
+        to: FeedPosition,
+    ) -> Result<PublisherCursor, FeedError>;
+
+    /// The cursors of the feed's publishers, by name (none until a first advance).
+    async fn publishers(&self, feed: &FeedId) -> Result<Vec<PublisherCursor>, FeedError>;
+}
+
+/// Checks a publisher's name: 1 ..= `limits::PUBLISHER_NAME_BYTES_MAX` bytes of `[a-z0-9_-]`.
+pub fn validate_publisher_name(name: &str) -> Result<&str, FeedError> {
+    let max = headwater_core::limits::PUBLISHER_NAME_BYTES_MAX;
+    if name.is_empty() || name.len() > max {
+        return Err(FeedError::Invalid(format!(
+            "a publisher name is 1 to {max} bytes, not {}",
+            name.len()
+        )));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    {
+        return Err(FeedError::Invalid(format!(
+            "a publisher name is made of a-z, 0-9, '_' and '-': {name:?}"
+        )));
+    }
+    Ok(name)
+}
+
+/// Checks an advance of a publisher's cursor against the feed's head, before the compare-and-set.
+pub fn validate_publisher_advance(
+    feed: &FeedId,
+    publisher: &str,
+    from: FeedPosition,
+    to: FeedPosition,
+    head: FeedPosition,
+) -> Result<(), FeedError> {
+    validate_publisher_name(publisher)?;
+    if to < from {
+        return Err(FeedError::Invalid(format!(
+            "feed {feed}: publisher {publisher}'s cursor cannot move back from {from} to {to}"
+        )));
+    }
+    if to > head {
+        return Err(FeedError::Invalid(format!(
+            "feed {feed}: publisher {publisher}'s cursor cannot move to {to}, past the head {head}"
+        )));
+    }
+    Ok(())
 }
 
 /// Checks a feed read's page limit.

@@ -10,8 +10,9 @@ use headwater_core::{FeedId, FeedPosition, FeedStatus, Position, Sequence, Subje
 use tokio::sync::watch;
 
 use crate::feed::{
-    FeedCommit, FeedError, FeedEvent, FeedReader, FeedState, FeedStore, ProjectorBatch, ReaderSeen,
-    SubjectHead, validate_batch, validate_feed_limit, validate_subject_limit,
+    FeedCommit, FeedError, FeedEvent, FeedReader, FeedState, FeedStore, ProjectorBatch,
+    PublisherCursor, ReaderSeen, SubjectHead, validate_batch, validate_feed_limit,
+    validate_publisher_advance, validate_subject_limit,
 };
 use crate::memory::now;
 
@@ -38,6 +39,7 @@ struct Feed {
     /// Per subject, the indexes of its events; index `s - 1` has sequence `s`.
     subjects: BTreeMap<Subject, Vec<usize>>,
     readers: BTreeMap<String, FeedReader>,
+    publishers: BTreeMap<String, PublisherCursor>,
 }
 
 impl MemoryFeedStore {
@@ -101,6 +103,7 @@ impl FeedStore for MemoryFeedStore {
             events: Vec::new(),
             subjects: BTreeMap::new(),
             readers: BTreeMap::new(),
+            publishers: BTreeMap::new(),
         });
         let registered = entry.state.clone();
         state.watch(feed);
@@ -258,6 +261,47 @@ impl FeedStore for MemoryFeedStore {
     async fn readers(&self, feed: &FeedId) -> Result<Vec<FeedReader>, FeedError> {
         let state = self.state();
         Ok(state.feed(feed)?.readers.values().cloned().collect())
+    }
+
+    async fn advance_publisher(
+        &self,
+        feed: &FeedId,
+        publisher: &str,
+        from: FeedPosition,
+        to: FeedPosition,
+    ) -> Result<PublisherCursor, FeedError> {
+        let mut state = self.state();
+        let entry = state
+            .feeds
+            .get_mut(feed)
+            .ok_or_else(|| FeedError::UnknownFeed(feed.clone()))?;
+        validate_publisher_advance(feed, publisher, from, to, entry.state.head)?;
+        let actual = entry
+            .publishers
+            .get(publisher)
+            .map_or(FeedPosition::START, |p| p.position);
+        if actual != from {
+            return Err(FeedError::PublisherMoved {
+                feed: feed.clone(),
+                publisher: publisher.to_owned(),
+                expected: from,
+                actual,
+            });
+        }
+        let cursor = PublisherCursor {
+            publisher: publisher.to_owned(),
+            position: to,
+            updated_at: now(),
+        };
+        entry
+            .publishers
+            .insert(publisher.to_owned(), cursor.clone());
+        Ok(cursor)
+    }
+
+    async fn publishers(&self, feed: &FeedId) -> Result<Vec<PublisherCursor>, FeedError> {
+        let state = self.state();
+        Ok(state.feed(feed)?.publishers.values().cloned().collect())
     }
 }
 

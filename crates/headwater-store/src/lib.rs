@@ -13,15 +13,18 @@ pub mod conformance;
 mod error;
 mod feed;
 mod feed_memory;
+mod leader;
 mod memory;
 mod store;
 
 pub use error::{AppendError, ReadError};
 pub use feed::{
     COMMIT_EVENTS_MAX, FeedCommit, FeedError, FeedEvent, FeedReader, FeedState, FeedStore,
-    ProjectedEvent, ProjectorBatch, ReaderSeen, SubjectHead, validate_batch, validate_feed_limit,
+    ProjectedEvent, ProjectorBatch, PublisherCursor, ReaderSeen, SubjectHead, validate_batch,
+    validate_feed_limit, validate_publisher_advance, validate_publisher_name,
     validate_subject_limit, wait_for_feed_position,
 };
 pub use feed_memory::MemoryFeedStore;
+pub use leader::{AlwaysLead, Leadership, Lease, LeaseHolder};
 pub use memory::MemoryStore;
 pub use store::{AppendOutcome, EventStore, read_all_pages, validate_limit, wait_for_position};

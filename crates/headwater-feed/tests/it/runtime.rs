@@ -13,7 +13,7 @@ use headwater_feed::{
 };
 use headwater_store::{
     EventStore, FeedCommit, FeedError, FeedEvent, FeedReader, FeedState, FeedStore,
-    MemoryFeedStore, MemoryStore, ProjectorBatch, ReaderSeen, SubjectHead,
+    MemoryFeedStore, MemoryStore, ProjectorBatch, PublisherCursor, ReaderSeen, SubjectHead,
 };
 use tokio::sync::watch;
 
@@ -159,6 +159,20 @@ impl FeedStore for Flaky {
     }
     async fn readers(&self, feed: &FeedId) -> Result<Vec<FeedReader>, FeedError> {
         self.inner.readers(feed).await
+    }
+    async fn advance_publisher(
+        &self,
+        feed: &FeedId,
+        publisher: &str,
+        from: FeedPosition,
+        to: FeedPosition,
+    ) -> Result<PublisherCursor, FeedError> {
+        self.inner
+            .advance_publisher(feed, publisher, from, to)
+            .await
+    }
+    async fn publishers(&self, feed: &FeedId) -> Result<Vec<PublisherCursor>, FeedError> {
+        self.inner.publishers(feed).await
     }
 }
 

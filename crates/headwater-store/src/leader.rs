@@ -1,4 +1,4 @@
-//! The hook that makes a projector run on one replica at a time.
+//! The hook that makes a follower (a projector, a publisher) run on one replica at a time.
 
 use std::fmt;
 use std::future::Future;
@@ -10,32 +10,12 @@ use tokio::sync::watch;
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Decides which replica runs a follower. With one process (the embedded store) that is always
-/// this one: [`AlwaysLead`]. With PostgreSQL several replicas share the store; plug in
-/// `headwater_postgres::LeaderElection` with a small adapter (see `docs/design/feeds.md`):
-///
-/// ```text
-/// struct Postgres(PostgresStore);
-///
-/// #[async_trait::async_trait]
-/// impl Leadership for Postgres {
-///     async fn lead(&self, follower: &str) -> Result<Lease, BoxError> {
-///         let leadership = self.0.leader_election(follower).acquire().await?;
-///         let (lease, holder) = Lease::new();
-///         tokio::spawn(async move {
-///             tokio::select! {
-///                 () = leadership.lost() => {}
-///                 () = holder.released() => {}
-///             }
-///             holder.lose();
-///             drop(leadership); // ends the session: the lock is free for another replica
-///         });
-///         Ok(lease)
-///     }
-/// }
-/// ```
+/// this one: [`AlwaysLead`]. With PostgreSQL several replicas share the store and
+/// `headwater_postgres::PostgresStore` implements it with session advisory locks.
 ///
 /// Correctness never rests on this alone: a projector commits with a compare-and-set on the
-/// feed's cursor, so even two projectors of one feed at once write each batch once.
+/// feed's cursor, so even two projectors of one feed at once write each batch once; two publishers
+/// at once publish some events twice (at least once) and their cursor moves by compare-and-set.
 #[async_trait]
 pub trait Leadership: Send + Sync + 'static {
     /// Waits until this replica may run `follower` (`projector/accounts.v2`).
