@@ -159,7 +159,12 @@ pub(crate) struct Format {
     pub(crate) file: &'static str,
     pub(crate) application_id: i32,
     pub(crate) version: i32,
+    /// The whole schema of `version`, for a new file.
     pub(crate) schema: &'static str,
+    /// The steps from the older versions this build still opens: `upgrades[i]` turns a file of
+    /// version `version - upgrades.len() + i` into the next version. Applied by the writer at
+    /// open ([`upgrade_of`]); a file older than the first step is refused.
+    pub(crate) upgrades: &'static [&'static str],
 }
 
 /// The event log's file.
@@ -168,11 +173,12 @@ pub(crate) const LOG_FORMAT: Format = Format {
     application_id: APPLICATION_ID,
     version: FORMAT_VERSION,
     schema: CREATE_SCHEMA,
+    upgrades: &[],
 };
 
 /// Refuses a file that is not a Headwater store of a known version. Reads only the header.
 fn check_format(conn: &Connection, path: &Path) -> Result<(), OpenError> {
-    check_format_of(conn, path, &LOG_FORMAT)
+    check_format_of(conn, path, &LOG_FORMAT).map(|_| ())
 }
 
 /// Refuses a file that is not a database of `format`. Reads only the header.
@@ -180,7 +186,7 @@ pub(crate) fn check_format_of(
     conn: &Connection,
     path: &Path,
     format: &Format,
-) -> Result<(), OpenError> {
+) -> Result<i32, OpenError> {
     let application_id: i32 = conn
         .pragma_query_value(None, "application_id", |row| row.get(0))
         .map_err(sqlite_error(path))?;
@@ -190,7 +196,7 @@ pub(crate) fn check_format_of(
     if application_id == 0 {
         // Either a blank database (created and not initialised yet) or somebody else's.
         return if is_blank(conn, path)? {
-            Ok(())
+            Ok(format.version)
         } else {
             Err(OpenError::NotAStore {
                 path: path.to_owned(),
@@ -211,11 +217,44 @@ pub(crate) fn check_format_of(
             supported: i64::from(format.version),
         });
     }
-    if version < i64::from(format.version) {
+    let oldest = i64::from(format.version) - format.upgrades.len() as i64;
+    if version < oldest {
         return Err(OpenError::NotAStore {
             path: path.to_owned(),
             reason: format!("unknown format version {version}"),
         });
+    }
+    // Between `oldest` and `format.version`: fits.
+    Ok(version as i32)
+}
+
+/// Brings a file of version `found` (checked by [`check_format_of`]) to `format.version`, one
+/// step a transaction (the step's statements and its `user_version` together), on the writer's
+/// connection (`synchronous=FULL`). A crash between steps leaves a file of an intermediate
+/// version, which the next open upgrades on from there.
+pub(crate) fn upgrade_of(
+    conn: &Connection,
+    path: &Path,
+    format: &Format,
+    found: i32,
+) -> Result<(), OpenError> {
+    let oldest = format.version - format.upgrades.len() as i32;
+    for version in found..format.version {
+        let Ok(step) = usize::try_from(version - oldest) else {
+            continue;
+        };
+        let sql = format!(
+            "BEGIN IMMEDIATE;
+             {}
+             PRAGMA user_version = {};
+             COMMIT;",
+            format.upgrades[step],
+            version + 1
+        );
+        if let Err(e) = conn.execute_batch(&sql) {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(sqlite_error(path)(e));
+        }
     }
     Ok(())
 }

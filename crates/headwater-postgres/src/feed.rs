@@ -21,8 +21,9 @@ use headwater_core::{
     Sequence, Subject, Timestamp,
 };
 use headwater_store::{
-    FeedCommit, FeedError, FeedEvent, FeedReader, FeedState, FeedStore, ProjectorBatch, ReaderSeen,
-    SubjectHead, validate_batch, validate_feed_limit, validate_subject_limit,
+    FeedCommit, FeedError, FeedEvent, FeedReader, FeedState, FeedStore, ProjectorBatch,
+    PublisherCursor, ReaderSeen, SubjectHead, validate_batch, validate_feed_limit,
+    validate_publisher_advance, validate_publisher_name, validate_subject_limit,
 };
 use tokio::sync::{Notify, watch};
 use tokio_postgres::Row;
@@ -139,13 +140,15 @@ fn feed_id(name: &str, version: i64) -> Option<FeedId> {
 /// operator who deletes a feed's rows by hand must restart the service's replicas.
 ///
 /// # Durability
-/// A commit returns `Ok` after its transaction committed with `synchronous_commit = on` (set for
-/// the transaction whatever the server's default): PostgreSQL flushed its WAL. `register`,
+/// A commit (and a publisher's advance) returns `Ok` after its transaction committed with
+/// `synchronous_commit = on` (set for the transaction whatever the server's default): PostgreSQL
+/// flushed its WAL. `register`,
 /// `set_status` and `record_readers` are single autocommitted statements, durable as the
 /// server's `synchronous_commit` says.
 ///
 /// # Cancel safety
-/// Reads are cancel safe. A write (`register`, `set_status`, `commit`, `record_readers`) dropped
+/// Reads are cancel safe. A write (`register`, `set_status`, `commit`, `record_readers`,
+/// `advance_publisher`) dropped
 /// after its first poll may still be applied: its statements are on their way to the server.
 #[derive(Clone, Debug)]
 pub struct PgFeedStore {
@@ -631,4 +634,115 @@ impl FeedStore for PgFeedStore {
             })
             .collect()
     }
+
+    /// One statement in one flight (`BEGIN`, the compare-and-set upsert of
+    /// `FeedSql::advance_publisher`, `COMMIT`); a refused advance whose snapshot saw the cursor
+    /// at `from` (a concurrent advance won) reads the cursor again for its error.
+    ///
+    /// # Durability
+    /// On `Ok`, the transaction committed with `synchronous_commit = on`. `updated_at` is the
+    /// server's clock (`now()`), as the feeds' other times are.
+    ///
+    /// # Cancel safety
+    /// The whole transaction is sent on the first poll: dropping the future then does not stop
+    /// it. The next advance from the same `from` tells (`PublisherMoved`).
+    async fn advance_publisher(
+        &self,
+        feed: &FeedId,
+        publisher: &str,
+        from: FeedPosition,
+        to: FeedPosition,
+    ) -> Result<PublisherCursor, FeedError> {
+        // The head is checked in the statement; this is the rest of the validation (as the
+        // other stores do, an unknown feed is told before an invalid advance).
+        if let Err(invalid) = validate_publisher_advance(feed, publisher, from, to, to.max(from)) {
+            self.id(feed).await?;
+            return Err(invalid);
+        }
+        let inner = &self.store.inner;
+        let sql = &inner.target.sql.feeds;
+        let name = feed.name.as_str();
+        let version = i64::from(feed.version.get());
+        let (from_i, to_i) = (to_i64(from.get()), to_i64(to.get()));
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&sql.advance_publisher)
+            .await
+            .map_err(backend)?;
+        let params: [&(dyn ToSql + Sync); 5] = [&name, &version, &publisher, &from_i, &to_i];
+        let (began, advanced, ended) = tokio::join!(
+            client.batch_execute(&inner.feed_begin),
+            client.query(&statement, &params),
+            client.batch_execute("COMMIT"),
+        );
+        began.map_err(backend)?;
+        let rows = advanced.map_err(backend)?;
+        ended.map_err(backend)?;
+        let row = rows
+            .first()
+            .ok_or_else(|| FeedError::UnknownFeed(feed.clone()))?;
+        let position = |value: i64| {
+            to_u64(value)
+                .map(FeedPosition)
+                .ok_or_else(|| corrupt(feed, format!("publisher {publisher} at {value}")))
+        };
+        let head = position(row.try_get(0).map_err(backend)?)?;
+        let seen: Option<i64> = row.try_get(1).map_err(backend)?;
+        let moved: Option<i64> = row.try_get(2).map_err(backend)?;
+        let updated_at: Option<SystemTime> = row.try_get(3).map_err(backend)?;
+        if let (Some(moved), Some(updated_at)) = (moved, updated_at) {
+            return Ok(PublisherCursor {
+                publisher: publisher.to_owned(),
+                position: position(moved)?,
+                updated_at: timestamp(updated_at),
+            });
+        }
+        validate_publisher_advance(feed, publisher, from, to, head)?;
+        let mut actual = seen
+            .map(position)
+            .transpose()?
+            .unwrap_or(FeedPosition::START);
+        if actual == from {
+            // The snapshot was older than the advance that won: read the cursor it left.
+            let id: i32 = row_id(&self.query(&sql.feed_id, &[&name, &version]).await?, feed)?;
+            let rows = self.query(&sql.publisher, &[&id, &publisher]).await?;
+            if let Some(row) = rows.first() {
+                actual = position(row.try_get(0).map_err(backend)?)?;
+            }
+        }
+        Err(FeedError::PublisherMoved {
+            feed: feed.clone(),
+            publisher: publisher.to_owned(),
+            expected: from,
+            actual,
+        })
+    }
+
+    async fn publishers(&self, feed: &FeedId) -> Result<Vec<PublisherCursor>, FeedError> {
+        let id = self.id(feed).await?;
+        let sql = &self.store.inner.target.sql.feeds;
+        let rows = self.query(&sql.publishers, &[&id]).await?;
+        rows.iter()
+            .map(|row| {
+                let publisher: String = row.try_get(0).map_err(backend)?;
+                let position: i64 = row.try_get(1).map_err(backend)?;
+                let updated_at: SystemTime = row.try_get(2).map_err(backend)?;
+                let bad = || corrupt(feed, format!("publisher {publisher:?} at {position}"));
+                validate_publisher_name(&publisher).map_err(|_| bad())?;
+                Ok(PublisherCursor {
+                    position: FeedPosition(to_u64(position).ok_or_else(bad)?),
+                    publisher,
+                    updated_at: timestamp(updated_at),
+                })
+            })
+            .collect()
+    }
+}
+
+/// The feed's id from a `feed_id` row set.
+fn row_id(rows: &[Row], feed: &FeedId) -> Result<i32, FeedError> {
+    rows.first()
+        .ok_or_else(|| FeedError::UnknownFeed(feed.clone()))?
+        .try_get(0)
+        .map_err(backend)
 }

@@ -56,7 +56,7 @@ pub use crate::tools::{
 };
 
 /// The version of the tables this build reads and writes (its last migration).
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 /// The schema a store uses unless told otherwise.
 pub const SCHEMA_DEFAULT: &str = "headwater";
 /// The longest schema name, in bytes (PostgreSQL's identifiers stop at 63).

@@ -65,7 +65,25 @@ CREATE TABLE {schema}.leader_terms (
         description: "integration feeds: feeds, feed_events, feed_subjects, feed_readers, feed_commit",
         sql: FEEDS,
     },
+    Migration {
+        version: 4,
+        description: "feed_publishers: each feed's publishers' cursors",
+        sql: FEED_PUBLISHERS,
+    },
 ];
+
+/// Each publisher's cursor of each feed: the last feed position its broker confirmed, moved by
+/// compare-and-set (`FeedSql::advance_publisher`). Publisher names use the `"C"` collation, as
+/// subjects and readers do: listed in byte order. No foreign key, as for the other feed tables.
+const FEED_PUBLISHERS: &str = r#"
+CREATE TABLE {schema}.feed_publishers (
+    feed        integer     NOT NULL,
+    publisher   text        COLLATE "C" NOT NULL,
+    position    bigint      NOT NULL CHECK (position >= 0),
+    updated_at  timestamptz NOT NULL,
+    CONSTRAINT feed_publishers_pkey PRIMARY KEY (feed, publisher)
+);
+"#;
 
 /// The feed tables (`docs/design/postgres.md`, "Feeds") and `feed_commit`, the one statement of
 /// a projector's commit.
@@ -407,6 +425,9 @@ pub(crate) struct FeedSql {
     pub(crate) read_subject: String,
     pub(crate) record_readers: String,
     pub(crate) readers: String,
+    pub(crate) advance_publisher: String,
+    pub(crate) publisher: String,
+    pub(crate) publishers: String,
     /// Every feed's head, for the listener's poll.
     pub(crate) heads: String,
     /// The `NOTIFY` channel of feed heads (`<schema>.feeds`).
@@ -481,6 +502,37 @@ impl FeedSql {
             readers: format!(
                 "SELECT reader, first_read_at, last_read_at, reads FROM {q}.feed_readers
                   WHERE feed = $1 ORDER BY reader"
+            ),
+            // (name, version, publisher, from, to) → one row (the feed's head, the cursor in
+            // the statement's snapshot, and the moved cursor's position and time, NULL when it
+            // did not move), or none for an unknown feed. The compare-and-set is the upsert's
+            // `WHERE`: it sees the row's latest version (a concurrent advance committed first
+            // makes it false). A cursor is created only from START. `to <= head` is checked in
+            // the same statement; `to >= from` and the name by the client.
+            advance_publisher: format!(
+                "WITH f AS (SELECT id, head FROM {q}.feeds WHERE name = $1::text AND version = $2::bigint),
+                      cur AS (SELECT p.position FROM {q}.feed_publishers p, f
+                               WHERE p.feed = f.id AND p.publisher = $3::text),
+                      moved AS (
+                        INSERT INTO {q}.feed_publishers AS p (feed, publisher, position, updated_at)
+                        SELECT f.id, $3::text, $5::bigint, now() FROM f
+                         WHERE $5::bigint <= f.head
+                           AND ($4::bigint = 0 OR EXISTS (SELECT 1 FROM cur))
+                        ON CONFLICT (feed, publisher) DO UPDATE
+                           SET position = EXCLUDED.position, updated_at = EXCLUDED.updated_at
+                         WHERE p.position = $4::bigint
+                        RETURNING p.position, p.updated_at)
+                 SELECT f.head, (SELECT position FROM cur), m.position, m.updated_at
+                   FROM f LEFT JOIN moved m ON true"
+            ),
+            // (feed, publisher): the cursor now, for a refused advance whose snapshot saw the
+            // cursor at its `from` (a concurrent advance won).
+            publisher: format!(
+                "SELECT position FROM {q}.feed_publishers WHERE feed = $1 AND publisher = $2"
+            ),
+            publishers: format!(
+                "SELECT publisher, position, updated_at FROM {q}.feed_publishers
+                  WHERE feed = $1 ORDER BY publisher"
             ),
             heads: format!("SELECT name, version, head FROM {q}.feeds"),
             channel: format!("{schema}.feeds"),

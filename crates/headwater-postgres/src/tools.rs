@@ -8,7 +8,8 @@
 //! streams' heads and the log head agreeing with the events, names and types that parse; and for
 //! the feeds: each feed's positions without holes and its head on its last event, each
 //! subject's sequences without holes and in position order, the subject listing agreeing with
-//! the events, every cursor at most the log head and at least its events' source positions.
+//! the events, every cursor at most the log head and at least its events' source positions,
+//! every publisher's cursor of a registered feed and at most its head.
 //! Every check runs in the server and sends back only what it finds, at most
 //! [`PROBLEMS_RECORDED_MAX`] of each kind, so memory stays bounded whatever the store's size.
 
@@ -197,6 +198,13 @@ pub enum Problem {
         source: Position,
         cursor: i64,
     },
+    /// A publisher's cursor is past its feed's head (`None`: the feed has no row in `feeds`).
+    PublisherAhead {
+        feed: String,
+        publisher: String,
+        position: i64,
+        head: Option<i64>,
+    },
 }
 
 impl fmt::Display for Problem {
@@ -310,6 +318,24 @@ impl fmt::Display for Problem {
             } => write!(
                 f,
                 "feed {feed}: an event made of position {source}, after the cursor {cursor}"
+            ),
+            Problem::PublisherAhead {
+                feed,
+                publisher,
+                position,
+                head: Some(head),
+            } => write!(
+                f,
+                "feed {feed}: publisher {publisher}'s cursor {position} is past the head {head}"
+            ),
+            Problem::PublisherAhead {
+                feed,
+                publisher,
+                position,
+                head: None,
+            } => write!(
+                f,
+                "feed {feed}: publisher {publisher} has a cursor ({position}) but the feed has no row"
             ),
         }
     }
@@ -641,7 +667,15 @@ pub async fn verify(
         total,
     });
     let (feeds_checked, feed_events_checked) = if version >= FEEDS_SCHEMA_VERSION {
-        verify_feeds(&client, schema, progress, &mut problems, &mut found).await?
+        verify_feeds(
+            &client,
+            schema,
+            version,
+            progress,
+            &mut problems,
+            &mut found,
+        )
+        .await?
     } else {
         (0, 0)
     };
@@ -658,6 +692,8 @@ pub async fn verify(
 
 /// The schema version that added the feed tables.
 const FEEDS_SCHEMA_VERSION: i32 = 3;
+/// The schema version that added `feed_publishers`.
+const PUBLISHERS_SCHEMA_VERSION: i32 = 4;
 
 /// Counts the rows a check finds (`FROM … WHERE …` in `from`) and fetches the first
 /// [`PROBLEMS_RECORDED_MAX`] of them (`select`, ordered by `order`).
@@ -689,6 +725,7 @@ async fn check(
 async fn verify_feeds(
     client: &Client,
     schema: &str,
+    version: i32,
     progress: &mut (dyn FnMut(VerifyProgress) + Send),
     problems: &mut Vec<Problem>,
     found: &mut u64,
@@ -882,10 +919,54 @@ async fn verify_feeds(
             });
         }
     }
+    if version >= PUBLISHERS_SCHEMA_VERSION {
+        verify_publishers(client, &q, problems, found).await?;
+    }
     progress(VerifyProgress {
         stage: VerifyStage::Feeds,
         done: total,
         total,
     });
     Ok((feeds, total))
+}
+
+/// The publishers' cursors: each of a registered feed and at most its head, each name valid.
+async fn verify_publishers(
+    client: &Client,
+    q: &str,
+    problems: &mut Vec<Problem>,
+    found: &mut u64,
+) -> Result<(), ConnectError> {
+    let ahead = format!(
+        "FROM {q}.feed_publishers p LEFT JOIN {q}.feeds f ON f.id = p.feed
+         WHERE f.id IS NULL OR p.position > f.head"
+    );
+    for r in check(
+        client,
+        &ahead,
+        "coalesce(f.name || '.v' || f.version, '#' || p.feed), p.publisher, p.position, f.head",
+        "1, 2",
+        found,
+    )
+    .await?
+    {
+        problems.push(Problem::PublisherAhead {
+            feed: r.get(0),
+            publisher: r.get(1),
+            position: r.get(2),
+            head: r.get(3),
+        });
+    }
+    let bad_names = format!(
+        "FROM {q}.feed_publishers WHERE octet_length(publisher) NOT BETWEEN 1 AND {max}
+                                     OR publisher !~ '^[a-z0-9_-]*$'",
+        max = headwater_core::limits::PUBLISHER_NAME_BYTES_MAX
+    );
+    for r in check(client, &bad_names, "publisher", "1", found).await? {
+        problems.push(Problem::InvalidName {
+            what: "publisher name",
+            name: r.get(0),
+        });
+    }
+    Ok(())
 }

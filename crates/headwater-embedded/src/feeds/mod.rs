@@ -18,8 +18,9 @@ use std::thread::JoinHandle;
 use async_trait::async_trait;
 use headwater_core::{FeedId, FeedPosition, FeedStatus, Position, Sequence, Subject};
 use headwater_store::{
-    FeedCommit, FeedError, FeedEvent, FeedReader, FeedState, FeedStore, ProjectorBatch, ReaderSeen,
-    SubjectHead, validate_batch, validate_feed_limit, validate_subject_limit,
+    FeedCommit, FeedError, FeedEvent, FeedReader, FeedState, FeedStore, ProjectorBatch,
+    PublisherCursor, ReaderSeen, SubjectHead, validate_batch, validate_feed_limit,
+    validate_subject_limit,
 };
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -27,12 +28,14 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::checkpoint::Checkpointer;
 use crate::open::{
     check_format_of, configure_writer, connect, connect_read_only, create_database_of, is_blank,
-    sqlite_error, sync_dir,
+    sqlite_error, sync_dir, upgrade_of,
 };
 use crate::reader::Readers;
 use crate::{EmbeddedStore, OpenError, Options};
 
-use self::schema::{FEEDS_FILE, FEEDS_FORMAT, FeedRow, SELECT_FEEDS, decode_feed};
+use self::schema::{
+    FEEDS_FILE, FEEDS_FORMAT, FeedRow, PUBLISHERS_FORMAT_VERSION, SELECT_FEEDS, decode_feed,
+};
 use self::writer::{FeedWriter, Request};
 
 pub use self::schema::{FEED_POSITION_MAX, FEEDS_MAX};
@@ -118,6 +121,9 @@ pub(crate) struct FeedInner {
     writer: Option<JoinHandle<()>>,
     /// The log's head watch (`None` read-only): a commit waits for it to reach its batch.
     log_head: Option<watch::Receiver<Position>>,
+    /// Whether the file has the `publishers` table: always once opened for writing (the open
+    /// upgrades it); a read-only view of a file of format 1 has none, and no publishers.
+    has_publishers: bool,
 }
 
 /// How long a commit waits for the log's head watch to reach its batch's cursor before it refuses
@@ -172,7 +178,7 @@ pub(crate) fn open(
         &path,
         options.page_cache_bytes.max(FEEDS_PAGE_CACHE_BYTES_MIN),
     )?;
-    check_format_of(&conn, &path, &FEEDS_FORMAT)?;
+    let found = check_format_of(&conn, &path, &FEEDS_FORMAT)?;
     if is_blank(&conn, &path)? {
         return Err(OpenError::Corrupt {
             path,
@@ -181,6 +187,7 @@ pub(crate) fn open(
         });
     }
     configure_writer(&conn, &path, options)?;
+    upgrade_of(&conn, &path, &FEEDS_FORMAT, found)?;
     sync_dir(dir).map_err(|source| OpenError::Io {
         what: "syncing the directory",
         path: dir.to_owned(),
@@ -243,6 +250,7 @@ pub(crate) fn open(
         shared,
         writer: Some(thread),
         log_head: Some(log_head),
+        has_publishers: true,
     })
 }
 
@@ -300,7 +308,7 @@ impl EmbeddedFeedStore {
         })?;
         let options = Options::default();
         let conn = connect_read_only(&path, options.reader_page_cache_bytes)?;
-        check_format_of(&conn, &path, &FEEDS_FORMAT)?;
+        let found = check_format_of(&conn, &path, &FEEDS_FORMAT)?;
         let shared = Arc::new(Shared::default());
         for row in load_feeds(&conn, &path)? {
             shared.known(&row.state.feed, row.id);
@@ -316,6 +324,7 @@ impl EmbeddedFeedStore {
                 shared,
                 writer: None,
                 log_head: None,
+                has_publishers: found >= PUBLISHERS_FORMAT_VERSION,
             }),
             _store: None,
         })
@@ -468,5 +477,40 @@ impl FeedStore for EmbeddedFeedStore {
         let id = self.id(feed).await?;
         let feed = feed.clone();
         self.read(move |conn| read::readers(conn, &feed, id)).await
+    }
+
+    /// # Durability
+    /// `Ok` means the cursor's row is in the feeds file's WAL and the WAL was fsynced
+    /// (`synchronous=FULL`), as a commit's.
+    ///
+    /// # Cancel safety
+    /// Dropping the future after its first poll may still move the cursor.
+    async fn advance_publisher(
+        &self,
+        feed: &FeedId,
+        publisher: &str,
+        from: FeedPosition,
+        to: FeedPosition,
+    ) -> Result<PublisherCursor, FeedError> {
+        let feed = feed.clone();
+        let publisher = publisher.to_owned();
+        self.write(|reply| Request::AdvancePublisher {
+            feed,
+            publisher,
+            from,
+            to,
+            reply,
+        })
+        .await
+    }
+
+    async fn publishers(&self, feed: &FeedId) -> Result<Vec<PublisherCursor>, FeedError> {
+        let id = self.id(feed).await?;
+        if !self.inner.has_publishers {
+            return Ok(Vec::new());
+        }
+        let feed = feed.clone();
+        self.read(move |conn| read::publishers(conn, &feed, id))
+            .await
     }
 }

@@ -2,13 +2,13 @@
 
 use headwater_core::limits::READ_PAGE_BYTES_MAX;
 use headwater_core::{FeedId, FeedPosition, Sequence, Subject};
-use headwater_store::{FeedError, FeedEvent, FeedReader, FeedState, SubjectHead};
+use headwater_store::{FeedError, FeedEvent, FeedReader, FeedState, PublisherCursor, SubjectHead};
 use rusqlite::{Connection, ErrorCode, OptionalExtension};
 
 use super::schema::{
-    FEED_POSITION_MAX, FeedRow, SELECT_FEED_AFTER, SELECT_FEEDS, SELECT_SUBJECT_AFTER,
-    SELECT_SUBJECTS_AFTER, corrupt, decode_event, decode_feed, decode_reader, decode_subject,
-    event_key, subject_crc,
+    FEED_POSITION_MAX, FeedRow, SELECT_FEED_AFTER, SELECT_FEEDS, SELECT_PUBLISHERS,
+    SELECT_SUBJECT_AFTER, SELECT_SUBJECTS_AFTER, corrupt, decode_event, decode_feed,
+    decode_publisher, decode_reader, decode_subject, event_key, subject_crc,
 };
 
 /// Maps a SQLite error met reading `feed`: damage is [`FeedError::Corrupt`].
@@ -241,6 +241,22 @@ pub(super) fn readers(
     let mut out = Vec::new();
     while let Some(row) = rows.next().map_err(sqlite(feed))? {
         out.push(decode_reader(row, id).map_err(|detail| corrupt(feed, detail))?);
+    }
+    Ok(out)
+}
+
+pub(super) fn publishers(
+    conn: &Connection,
+    feed: &FeedId,
+    id: i64,
+) -> Result<Vec<PublisherCursor>, FeedError> {
+    let mut statement = conn
+        .prepare_cached(SELECT_PUBLISHERS)
+        .map_err(sqlite(feed))?;
+    let mut rows = statement.query([id]).map_err(sqlite(feed))?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().map_err(sqlite(feed))? {
+        out.push(decode_publisher(row, id).map_err(|detail| corrupt(feed, detail))?);
     }
     Ok(out)
 }

@@ -6,7 +6,9 @@ use headwater_core::{
     EventId, EventType, FeedId, FeedName, FeedPosition, FeedStatus, FeedVersion, Position,
     Sequence, Subject, Timestamp,
 };
-use headwater_store::{FeedError, FeedEvent, FeedReader, FeedState};
+use headwater_store::{
+    FeedError, FeedEvent, FeedReader, FeedState, PublisherCursor, validate_publisher_name,
+};
 use rusqlite::types::ValueRef;
 use uuid::Uuid;
 
@@ -18,8 +20,11 @@ pub(crate) const FEEDS_FILE: &str = "feeds.sqlite3";
 
 /// `PRAGMA application_id` of a feeds file: the ASCII bytes `HWFD`.
 pub(crate) const FEEDS_APPLICATION_ID: i32 = 0x4857_4644;
-/// `PRAGMA user_version` of the format described here.
-pub(crate) const FEEDS_FORMAT_VERSION: i32 = 1;
+/// `PRAGMA user_version` of the format described here. Version 1 had no `publishers` table
+/// ([`FEEDS_UPGRADES`]).
+pub(crate) const FEEDS_FORMAT_VERSION: i32 = 2;
+/// The first version with the `publishers` table.
+pub(crate) const PUBLISHERS_FORMAT_VERSION: i32 = 2;
 
 /// A feed event's row id is `feed id << POSITION_BITS | position`: the events of one feed are
 /// one contiguous run of the table's B-tree, in position order, with no second index.
@@ -76,13 +81,34 @@ CREATE TABLE readers (
     crc           INTEGER NOT NULL,
     PRIMARY KEY (feed_id, reader)
 ) WITHOUT ROWID;
+CREATE TABLE publishers (
+    feed_id    INTEGER NOT NULL,
+    publisher  TEXT    NOT NULL,
+    position   INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    crc        INTEGER NOT NULL,
+    PRIMARY KEY (feed_id, publisher)
+) WITHOUT ROWID;
 ";
+
+/// The steps from older versions (see `Format::upgrades`): 1 → 2 adds `publishers`.
+pub(crate) const FEEDS_UPGRADES: &[&str] = &["
+CREATE TABLE publishers (
+    feed_id    INTEGER NOT NULL,
+    publisher  TEXT    NOT NULL,
+    position   INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    crc        INTEGER NOT NULL,
+    PRIMARY KEY (feed_id, publisher)
+) WITHOUT ROWID;
+"];
 
 pub(crate) const FEEDS_FORMAT: Format = Format {
     file: FEEDS_FILE,
     application_id: FEEDS_APPLICATION_ID,
     version: FEEDS_FORMAT_VERSION,
     schema: FEEDS_SCHEMA,
+    upgrades: FEEDS_UPGRADES,
 };
 
 /// The columns of a feed event read, in the order [`decode_event`] expects.
@@ -184,6 +210,20 @@ pub(crate) fn reader_crc(feed_id: i64, reader: &[u8], first: i64, last: i64, rea
     crc.int(reads);
     crc.finish()
 }
+
+/// A `publishers` row's checksum: `feed_id`, `publisher`, `position`, `updated_at`.
+pub(crate) fn publisher_crc(feed_id: i64, publisher: &[u8], position: i64, updated_at: i64) -> u32 {
+    let mut crc = Crc::default();
+    crc.int(feed_id);
+    crc.bytes(publisher);
+    crc.int(position);
+    crc.int(updated_at);
+    crc.finish()
+}
+
+/// A feed's publishers' cursors, by name: `?1` feed id. Decoded by [`decode_publisher`].
+pub(crate) const SELECT_PUBLISHERS: &str = "SELECT publisher, position, updated_at, crc \
+     FROM publishers WHERE feed_id = ?1 ORDER BY publisher";
 
 /// Every field of a `feed_events` row, in the order its checksum covers them.
 #[derive(Clone, Copy, Debug)]
@@ -340,6 +380,30 @@ pub(crate) fn decode_reader(row: &rusqlite::Row<'_>, feed_id: i64) -> Result<Fee
         first_read_at: Timestamp::from_unix_micros(unsigned(first, "first_read_at")?),
         last_read_at: Timestamp::from_unix_micros(unsigned(last, "last_read_at")?),
         reads: unsigned(reads, "reads")?,
+    })
+}
+
+/// Decodes a row of [`SELECT_PUBLISHERS`] of feed `feed_id`, checking its checksum first.
+pub(crate) fn decode_publisher(
+    row: &rusqlite::Row<'_>,
+    feed_id: i64,
+) -> Result<PublisherCursor, Damage> {
+    let publisher = bytes(row, 0)?;
+    let position = int(row, 1)?;
+    let updated_at = int(row, 2)?;
+    checked(
+        int(row, 3)?,
+        publisher_crc(feed_id, publisher, position, updated_at),
+        "a publisher row",
+    )?;
+    let name = std::str::from_utf8(publisher)
+        .ok()
+        .filter(|name| validate_publisher_name(name).is_ok())
+        .ok_or_else(|| "a publisher row: checksum matches but the name is invalid".to_owned())?;
+    Ok(PublisherCursor {
+        publisher: name.to_owned(),
+        position: FeedPosition(unsigned(position, "a publisher's position")?),
+        updated_at: Timestamp::from_unix_micros(unsigned(updated_at, "a publisher's updated_at")?),
     })
 }
 

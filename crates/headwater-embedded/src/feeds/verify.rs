@@ -1,5 +1,6 @@
 //! `verify`'s checks of the feeds file: SQLite's integrity check, every feed row, every feed
-//! event in position order, every subject with its events in sequence order, every reader row.
+//! event in position order, every subject with its events in sequence order, every reader row,
+//! every publisher's cursor.
 //! Each is a scan in index order keeping one row of state (plus one entry per feed).
 
 use std::collections::HashMap;
@@ -8,8 +9,8 @@ use headwater_core::Position;
 use rusqlite::Connection;
 
 use super::schema::{
-    SELECT_FEEDS, decode_event, decode_feed, decode_subject, event_fields, int, reader_crc,
-    split_key,
+    SELECT_FEEDS, decode_event, decode_feed, decode_publisher, decode_subject, event_fields, int,
+    reader_crc, split_key,
 };
 use crate::verify::{Findings, Problem, StageError, damage};
 
@@ -185,7 +186,61 @@ pub(crate) fn check_feeds(
             });
         }
     }
+    check_publishers(conn, &feeds, findings)?;
     Ok((feeds.len() as u64, events))
+}
+
+/// Every publisher row (a file of format 1 has none): its checksum and name, its feed, its
+/// cursor at most the feed's head.
+fn check_publishers(
+    conn: &Connection,
+    feeds: &HashMap<i64, Feed>,
+    findings: &mut Findings,
+) -> Result<(), StageError> {
+    let tables: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = 'publishers'",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(damage)?;
+    if tables == 0 {
+        return Ok(());
+    }
+    let mut statement = conn
+        .prepare(
+            "SELECT publisher, position, updated_at, crc, feed_id FROM publishers \
+             ORDER BY feed_id, publisher",
+        )
+        .map_err(damage)?;
+    let mut rows = statement.query([]).map_err(damage)?;
+    while let Some(row) = rows.next().map_err(damage)? {
+        let feed_id = int(row, 4).unwrap_or(0);
+        let Some(feed) = feeds.get(&feed_id) else {
+            findings.push(Problem::FeedDamage {
+                feed: format!("feed row {feed_id}"),
+                detail: "a publisher's cursor belongs to a feed row that does not exist".to_owned(),
+            });
+            continue;
+        };
+        match decode_publisher(row, feed_id) {
+            Err(detail) => findings.push(Problem::FeedDamage {
+                feed: feed.name.clone(),
+                detail,
+            }),
+            Ok(cursor) if cursor.position.get() > feed.head => {
+                findings.push(Problem::FeedDamage {
+                    feed: feed.name.clone(),
+                    detail: format!(
+                        "publisher {}'s cursor {} is past the feed's head {}",
+                        cursor.publisher, cursor.position, feed.head
+                    ),
+                });
+            }
+            Ok(_) => {}
+        }
+    }
+    Ok(())
 }
 
 /// Every subject row (checksum, feed) and its events in sequence order: sequences contiguous

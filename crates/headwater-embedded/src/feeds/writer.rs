@@ -10,14 +10,17 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use headwater_core::{FeedId, FeedPosition, FeedStatus, Position, Subject, Timestamp};
-use headwater_store::{FeedCommit, FeedError, FeedState, ProjectorBatch, ReaderSeen};
+use headwater_store::{
+    FeedCommit, FeedError, FeedState, ProjectorBatch, PublisherCursor, ReaderSeen,
+    validate_publisher_advance,
+};
 use rusqlite::{Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::Shared;
 use super::schema::{
     FEED_POSITION_MAX, FEEDS_MAX, FeedEventFields, FeedRow, INSERT_FEED_EVENT,
-    INSERT_SUBJECT_EVENT, SELECT_SUBJECT_HEAD, event_key, reader_crc, subject_crc,
+    INSERT_SUBJECT_EVENT, SELECT_SUBJECT_HEAD, event_key, publisher_crc, reader_crc, subject_crc,
 };
 use crate::checkpoint::Checkpointer;
 
@@ -44,6 +47,13 @@ pub(crate) enum Request {
     RecordReaders {
         seen: Vec<ReaderSeen>,
         reply: oneshot::Sender<Result<(), FeedError>>,
+    },
+    AdvancePublisher {
+        feed: FeedId,
+        publisher: String,
+        from: FeedPosition,
+        to: FeedPosition,
+        reply: oneshot::Sender<Result<PublisherCursor, FeedError>>,
     },
 }
 
@@ -138,6 +148,15 @@ impl FeedWriter {
                 }
                 Request::RecordReaders { seen, reply } => {
                     let _ = reply.send(self.record_readers(seen));
+                }
+                Request::AdvancePublisher {
+                    feed,
+                    publisher,
+                    from,
+                    to,
+                    reply,
+                } => {
+                    let _ = reply.send(self.advance_publisher(&feed, &publisher, from, to));
                 }
             }
         }
@@ -548,5 +567,87 @@ impl FeedWriter {
             })
             .map_err(sql)?;
         Ok(())
+    }
+
+    /// Moves a publisher's cursor by compare-and-set. The writer is the feeds file's only writer,
+    /// so the cursor read here (its checksum checked) is the one the transaction replaces.
+    fn advance_publisher(
+        &mut self,
+        feed: &FeedId,
+        publisher: &str,
+        from: FeedPosition,
+        to: FeedPosition,
+    ) -> Result<PublisherCursor, FeedError> {
+        let row = self
+            .feeds
+            .get(feed)
+            .ok_or_else(|| FeedError::UnknownFeed(feed.clone()))?;
+        let feed_id = row.id;
+        validate_publisher_advance(feed, publisher, from, to, row.state.head)?;
+        self.check_poisoned()?;
+        let stored: Option<(i64, i64, i64)> = self
+            .conn
+            .prepare_cached(
+                "SELECT position, updated_at, crc FROM publishers \
+                 WHERE feed_id = ?1 AND publisher = ?2",
+            )
+            .and_then(|mut s| {
+                s.query_row((feed_id, publisher), |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .optional()
+            })
+            .map_err(sql)?;
+        let actual = match stored {
+            None => FeedPosition::START,
+            Some((position, updated_at, crc)) => {
+                let computed = publisher_crc(feed_id, publisher.as_bytes(), position, updated_at);
+                let position = u64::try_from(position).ok();
+                match position {
+                    Some(position) if crc == i64::from(computed) => FeedPosition(position),
+                    _ => {
+                        return Err(FeedError::Corrupt {
+                            feed: feed.clone(),
+                            detail: format!("the row of publisher {publisher:?} is damaged"),
+                        });
+                    }
+                }
+            }
+        };
+        if actual != from {
+            return Err(FeedError::PublisherMoved {
+                feed: feed.clone(),
+                publisher: publisher.to_owned(),
+                expected: from,
+                actual,
+            });
+        }
+        let cursor = PublisherCursor {
+            publisher: publisher.to_owned(),
+            position: to,
+            updated_at: now(),
+        };
+        let position = int(to.get());
+        let updated_at = int(cursor.updated_at.unix_micros());
+        let crc = publisher_crc(feed_id, publisher.as_bytes(), position, updated_at);
+        self.transaction(|w| {
+            w.conn
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO publishers (feed_id, publisher, position, \
+                     updated_at, crc) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .and_then(|mut s| {
+                    s.execute(rusqlite::params![
+                        feed_id,
+                        publisher,
+                        position,
+                        updated_at,
+                        i64::from(crc)
+                    ])
+                })
+                .map_err(sql)?;
+            Ok(())
+        })?;
+        Ok(cursor)
     }
 }

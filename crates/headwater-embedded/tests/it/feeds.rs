@@ -477,3 +477,153 @@ async fn a_failed_feed_commit_writes_nothing_and_poisons_until_reopen() {
     let subjects = feeds.subjects(&feed(), None, 10).await.unwrap();
     assert_eq!(subjects.len(), 3);
 }
+
+/// Turns the feeds file in `dir` (closed) into one the previous build made: format 1, without
+/// the `publishers` table.
+fn downgrade_to_format_1(dir: &std::path::Path) {
+    let conn = rusqlite::Connection::open(dir.join("feeds.sqlite3")).unwrap();
+    conn.execute_batch(
+        "BEGIN; DROP TABLE publishers; PRAGMA user_version = 1; COMMIT;
+         PRAGMA wal_checkpoint(TRUNCATE);",
+    )
+    .unwrap();
+}
+
+fn format_version(dir: &std::path::Path) -> i64 {
+    let conn = rusqlite::Connection::open(dir.join("feeds.sqlite3")).unwrap();
+    conn.pragma_query_value(None, "user_version", |row| row.get(0))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feeds_file_of_format_1_is_upgraded_and_keeps_its_feeds() {
+    let dir = tempfile::tempdir().unwrap();
+    feed_with_marker(dir.path(), "x").await;
+    let (events, states) = {
+        let feeds = open_feeds(dir.path()).await;
+        (
+            feeds
+                .read_feed(&feed(), FeedPosition::START, 100)
+                .await
+                .unwrap(),
+            feeds.feeds().await.unwrap(),
+        )
+    };
+    assert_eq!(format_version(dir.path()), 2);
+    downgrade_to_format_1(dir.path());
+    assert_eq!(format_version(dir.path()), 1);
+
+    // Operator tools read it as it is: no publishers, nothing to complain about.
+    let view = EmbeddedFeedStore::open_read_only(dir.path()).unwrap();
+    assert!(view.publishers(&feed()).await.unwrap().is_empty());
+    drop(view);
+    let report = verify(dir.path(), &mut |_| {}).unwrap();
+    assert!(report.problems.is_empty(), "{report:#?}");
+    assert_eq!(
+        format_version(dir.path()),
+        1,
+        "read-only tools upgrade nothing"
+    );
+
+    // The service's open upgrades it; the feeds are as they were, and publishers work.
+    {
+        let feeds = open_feeds(dir.path()).await;
+        assert_eq!(feeds.feeds().await.unwrap(), states);
+        assert_eq!(
+            feeds
+                .read_feed(&feed(), FeedPosition::START, 100)
+                .await
+                .unwrap(),
+            events
+        );
+        assert!(feeds.publishers(&feed()).await.unwrap().is_empty());
+        feeds
+            .advance_publisher(&feed(), "rabbitmq", FeedPosition::START, FeedPosition(4))
+            .await
+            .unwrap();
+    }
+    assert_eq!(format_version(dir.path()), 2);
+    let feeds = open_feeds(dir.path()).await;
+    let cursors = feeds.publishers(&feed()).await.unwrap();
+    assert_eq!(cursors.len(), 1);
+    assert_eq!(cursors[0].position, FeedPosition(4));
+    let report = verify(dir.path(), &mut |_| {}).unwrap();
+    assert!(report.problems.is_empty(), "{report:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_publisher_row_is_reported_not_served() {
+    let dir = tempfile::tempdir().unwrap();
+    feed_with_marker(dir.path(), "x").await;
+    {
+        let feeds = open_feeds(dir.path()).await;
+        for publisher in ["nats", "rabbitmq"] {
+            feeds
+                .advance_publisher(&feed(), publisher, FeedPosition::START, FeedPosition(4))
+                .await
+                .unwrap();
+        }
+    }
+    let clean = verify(dir.path(), &mut |_| {}).unwrap();
+    assert!(clean.problems.is_empty(), "{clean:#?}");
+    {
+        // A cursor moved by hand, without its checksum.
+        let conn = rusqlite::Connection::open(dir.path().join("feeds.sqlite3")).unwrap();
+        conn.execute(
+            "UPDATE publishers SET position = 9 WHERE publisher = 'rabbitmq'",
+            [],
+        )
+        .unwrap();
+    }
+    let report = verify(dir.path(), &mut |_| {}).unwrap();
+    assert!(
+        report.problems.iter().any(|p| matches!(
+            p,
+            Problem::FeedDamage { detail, .. } if detail.contains("publisher") && detail.contains("checksum")
+        )),
+        "{report:#?}"
+    );
+    let feeds = open_feeds(dir.path()).await;
+    assert_corrupt(feeds.publishers(&feed()).await, "publishers");
+    let error = feeds
+        .advance_publisher(&feed(), "rabbitmq", FeedPosition(4), FeedPosition(5))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, FeedError::Corrupt { .. }), "{error:?}");
+    // The other publisher's row is sound and moves.
+    feeds
+        .advance_publisher(&feed(), "nats", FeedPosition(4), FeedPosition(5))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_finds_a_publisher_of_no_feed() {
+    let dir = tempfile::tempdir().unwrap();
+    feed_with_marker(dir.path(), "x").await;
+    {
+        let feeds = open_feeds(dir.path()).await;
+        feeds
+            .advance_publisher(&feed(), "nats", FeedPosition::START, FeedPosition(10))
+            .await
+            .unwrap();
+    }
+    {
+        let conn = rusqlite::Connection::open(dir.path().join("feeds.sqlite3")).unwrap();
+        conn.execute(
+            "INSERT INTO publishers (feed_id, publisher, position, updated_at, crc) \
+             SELECT feed_id + 1, publisher, position, updated_at, crc FROM publishers",
+            [],
+        )
+        .unwrap();
+    }
+    let report = verify(dir.path(), &mut |_| {}).unwrap();
+    assert_eq!(report.problems.len(), 1, "{report:#?}");
+    assert!(
+        report.problems.iter().any(|p| matches!(
+            p,
+            Problem::FeedDamage { detail, .. } if detail.contains("does not exist")
+        )),
+        "{report:#?}"
+    );
+}

@@ -471,6 +471,53 @@ async fn two_replicas_from_one_cursor_one_wins() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_publishers_of_one_name_from_one_cursor_one_wins() {
+    let fresh = Fresh::new();
+    let a = pg(&fresh).await;
+    let b = pg(&fresh).await;
+    let f = feed("accounts.v1");
+    a.register(&f).await.unwrap();
+    let events: Vec<ProjectedEvent> = (1..=100)
+        .map(|i| projected(i, 0, "a", b"{}".to_vec()))
+        .collect();
+    a.commit(
+        &f,
+        ProjectorBatch {
+            from: Position(0),
+            to: Position(100),
+            events,
+        },
+    )
+    .await
+    .unwrap();
+    let mut cursor = 0;
+    // Both race from the same cursor, to different places; the first round creates the row.
+    for round in 0..30 {
+        let (to_a, to_b) = (FeedPosition(cursor + 1), FeedPosition(cursor + 2));
+        let from = FeedPosition(cursor);
+        let (ra, rb) = tokio::join!(
+            a.advance_publisher(&f, "rabbitmq", from, to_a),
+            b.advance_publisher(&f, "rabbitmq", from, to_b),
+        );
+        let won = match (ra, rb) {
+            (Ok(c), Err(FeedError::PublisherMoved { actual, .. }))
+            | (Err(FeedError::PublisherMoved { actual, .. }), Ok(c)) => {
+                assert_eq!(
+                    actual, c.position,
+                    "round {round}: the loser sees the winner's cursor"
+                );
+                c.position
+            }
+            other => panic!("round {round}: not exactly one winner: {other:?}"),
+        };
+        cursor = won.get();
+        let listed = b.publishers(&f).await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].position, won);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_replicas_commit_wakes_a_watch() {
     let fresh = Fresh::new();
     let writer = pg(&fresh).await;

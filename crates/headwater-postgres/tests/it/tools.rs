@@ -160,6 +160,15 @@ async fn verify_checks_the_feeds() {
         )
         .await
         .unwrap();
+    feeds
+        .advance_publisher(
+            &feed("accounts.v1"),
+            "rabbitmq",
+            FeedPosition(0),
+            FeedPosition(8),
+        )
+        .await
+        .unwrap();
     drop((feeds, store));
 
     let mut stages = Vec::new();
@@ -182,7 +191,11 @@ async fn verify_checks_the_feeds() {
              UPDATE {q}.feeds SET cursor = 99 WHERE version = 2;
              UPDATE {q}.feed_events SET source_position = 50 WHERE position = 8;
              INSERT INTO {q}.feed_subjects (feed, subject)
-                 SELECT id, 'bad subject' FROM {q}.feeds WHERE version = 1;"
+                 SELECT id, 'bad subject' FROM {q}.feeds WHERE version = 1;
+             INSERT INTO {q}.feed_publishers (feed, publisher, position, updated_at)
+                 SELECT id, 'NATS', 9, now() FROM {q}.feeds WHERE version = 2;
+             INSERT INTO {q}.feed_publishers (feed, publisher, position, updated_at)
+                 VALUES (12345, 'ghost', 1, now());"
         ))
         .await
         .unwrap();
@@ -222,6 +235,20 @@ async fn verify_checks_the_feeds() {
     assert!(has(&|p| matches!(
         p,
         Problem::InvalidName { what: "subject", name } if name == "bad subject"
+    )));
+    assert!(has(&|p| matches!(
+        p,
+        Problem::PublisherAhead { feed, publisher, position: 9, head: Some(0) }
+            if feed == "accounts.v2" && publisher == "NATS"
+    )));
+    assert!(has(&|p| matches!(
+        p,
+        Problem::PublisherAhead { feed, publisher, position: 1, head: None }
+            if feed == "#12345" && publisher == "ghost"
+    )));
+    assert!(has(&|p| matches!(
+        p,
+        Problem::InvalidName { what: "publisher name", name } if name == "NATS"
     )));
     assert_eq!(report.problems_found, report.problems.len() as u64);
     for problem in &report.problems {

@@ -23,7 +23,8 @@ use headwater_core::{
 
 use crate::feed::{
     COMMIT_EVENTS_MAX, FeedCommit, FeedError, FeedEvent, FeedReader, FeedState, FeedStore,
-    ProjectedEvent, ProjectorBatch, ReaderSeen, SubjectHead, wait_for_feed_position,
+    ProjectedEvent, ProjectorBatch, PublisherCursor, ReaderSeen, SubjectHead,
+    wait_for_feed_position,
 };
 
 pub use super::feed_model::random_feed_operations_match_the_model;
@@ -62,6 +63,9 @@ macro_rules! feed_conformance_suite {
             watch_head_wakes_on_commit,
             readers_accumulate,
             reopen_keeps_every_feed,
+            publisher_cursors_move_by_compare_and_set,
+            invalid_publisher_advances_write_nothing,
+            publishers_are_independent_and_listed_by_name,
         );
 
         #[test]
@@ -818,6 +822,14 @@ pub async fn unknown_feeds_are_errors<H: FeedHarness>(harness: &H) {
         "read_subject",
     );
     assert_unknown(store.readers(&feed).await, &feed, "readers");
+    assert_unknown(
+        store
+            .advance_publisher(&feed, "rabbitmq", FeedPosition::START, FeedPosition::START)
+            .await,
+        &feed,
+        "advance_publisher",
+    );
+    assert_unknown(store.publishers(&feed).await, &feed, "publishers");
     let error = store.readers(&feed).await.unwrap_err();
     assert_eq!(error.kind(), headwater_core::ErrorKind::BadRequest);
     // Nothing was created by asking.
@@ -948,7 +960,7 @@ pub async fn readers_accumulate<H: FeedHarness>(harness: &H) {
 pub async fn reopen_keeps_every_feed<H: FeedHarness>(harness: &H) {
     let v1 = feed_id("accounts.v1");
     let v2 = feed_id("accounts.v2");
-    let (states, feed_v1, feed_v2, subjects_v1, readers_v1) = {
+    let (states, feed_v1, feed_v2, subjects_v1, readers_v1, publishers_v1) = {
         let store = harness.open().await;
         store.register(&v1).await.unwrap();
         store.register(&v2).await.unwrap();
@@ -969,12 +981,21 @@ pub async fn reopen_keeps_every_feed<H: FeedHarness>(harness: &H) {
             }])
             .await
             .unwrap();
+        store
+            .advance_publisher(&v1, "rabbitmq", FeedPosition::START, FeedPosition(2))
+            .await
+            .unwrap();
+        store
+            .advance_publisher(&v1, "nats", FeedPosition::START, FeedPosition(3))
+            .await
+            .unwrap();
         (
             store.feeds().await.unwrap(),
             assert_feed_invariants(&store, &v1).await,
             assert_feed_invariants(&store, &v2).await,
             all_subjects(&store, &v1).await,
             store.readers(&v1).await.unwrap(),
+            store.publishers(&v1).await.unwrap(),
         )
     };
     let store = harness.open().await;
@@ -987,6 +1008,22 @@ pub async fn reopen_keeps_every_feed<H: FeedHarness>(harness: &H) {
     assert_eq!(assert_feed_invariants(&store, &v2).await, feed_v2);
     assert_eq!(all_subjects(&store, &v1).await, subjects_v1);
     assert_eq!(store.readers(&v1).await.unwrap(), readers_v1);
+    assert_eq!(publishers_v1.len(), 2);
+    assert_eq!(store.publishers(&v1).await.unwrap(), publishers_v1);
+    assert!(store.publishers(&v2).await.unwrap().is_empty());
+    // The reopened cursors go on from where they were.
+    assert_publisher_moved(
+        store
+            .advance_publisher(&v1, "rabbitmq", FeedPosition::START, FeedPosition(3))
+            .await,
+        "rabbitmq",
+        FeedPosition::START,
+        FeedPosition(2),
+    );
+    store
+        .advance_publisher(&v1, "rabbitmq", FeedPosition(2), FeedPosition(3))
+        .await
+        .unwrap();
     assert_eq!(*store.watch_head(&v1).borrow(), FeedPosition(3));
     // Numbering goes on where it stopped.
     let commit = store
@@ -1006,4 +1043,244 @@ pub async fn reopen_keeps_every_feed<H: FeedHarness>(harness: &H) {
         store.register(&v1).await.unwrap().status,
         FeedStatus::Retired
     );
+}
+
+#[track_caller]
+fn assert_publisher_moved<T: std::fmt::Debug>(
+    result: Result<T, FeedError>,
+    publisher: &str,
+    expected: FeedPosition,
+    actual: FeedPosition,
+) {
+    match result {
+        Err(
+            ref error @ FeedError::PublisherMoved {
+                publisher: ref p,
+                expected: e,
+                actual: a,
+                ..
+            },
+        ) if p == publisher && e == expected && a == actual => {
+            assert_eq!(error.kind(), headwater_core::ErrorKind::Conflict);
+        }
+        other => panic!(
+            "expected PublisherMoved of {publisher} (expected {expected}, actual {actual}), got {other:?}"
+        ),
+    }
+}
+
+/// A feed `accounts.v1` with `events` events (its head), in a fresh store.
+async fn feed_with_events<H: FeedHarness>(harness: &H, events: u64) -> (H::Store, FeedId) {
+    let store = harness.open().await;
+    let feed = feed_id("accounts.v1");
+    store.register(&feed).await.unwrap();
+    let events: Vec<(&str, u64)> = (1..=events).map(|p| ("a", p)).collect();
+    let to = events.last().map_or(0, |e| e.1);
+    store.commit(&feed, batch(0, to, &events)).await.unwrap();
+    (store, feed)
+}
+
+pub async fn publisher_cursors_move_by_compare_and_set<H: FeedHarness>(harness: &H) {
+    let (store, feed) = feed_with_events(harness, 3).await;
+    assert!(store.publishers(&feed).await.unwrap().is_empty());
+
+    // The first advance, from START, creates the cursor.
+    let before = crate::memory::now();
+    let first = store
+        .advance_publisher(&feed, "rabbitmq", FeedPosition::START, FeedPosition(1))
+        .await
+        .unwrap();
+    assert_eq!(first.publisher, "rabbitmq");
+    assert_eq!(first.position, FeedPosition(1));
+    // The store's clock (PostgreSQL's may be a little behind this process's).
+    assert!(
+        first.updated_at.unix_micros() + 60_000_000 >= before.unix_micros(),
+        "{first:?} is stamped long before {before:?}"
+    );
+    assert_eq!(store.publishers(&feed).await.unwrap(), std::slice::from_ref(&first));
+
+    // An advance moves it.
+    let second = store
+        .advance_publisher(&feed, "rabbitmq", FeedPosition(1), FeedPosition(3))
+        .await
+        .unwrap();
+    assert_eq!(second.position, FeedPosition(3));
+    assert!(second.updated_at >= first.updated_at);
+    assert_eq!(store.publishers(&feed).await.unwrap(), std::slice::from_ref(&second));
+
+    // A stale `from` is refused with the actual cursor, and writes nothing.
+    assert_publisher_moved(
+        store
+            .advance_publisher(&feed, "rabbitmq", FeedPosition(1), FeedPosition(2))
+            .await,
+        "rabbitmq",
+        FeedPosition(1),
+        FeedPosition(3),
+    );
+    assert_publisher_moved(
+        store
+            .advance_publisher(&feed, "rabbitmq", FeedPosition::START, FeedPosition(3))
+            .await,
+        "rabbitmq",
+        FeedPosition::START,
+        FeedPosition(3),
+    );
+    // A publisher without a cursor is at START.
+    assert_publisher_moved(
+        store
+            .advance_publisher(&feed, "nats", FeedPosition(1), FeedPosition(2))
+            .await,
+        "nats",
+        FeedPosition(1),
+        FeedPosition::START,
+    );
+    assert_eq!(store.publishers(&feed).await.unwrap(), std::slice::from_ref(&second));
+
+    // An advance to where it is only stamps it.
+    let stamped = store
+        .advance_publisher(&feed, "rabbitmq", FeedPosition(3), FeedPosition(3))
+        .await
+        .unwrap();
+    assert_eq!(stamped.position, FeedPosition(3));
+    assert!(stamped.updated_at >= second.updated_at);
+    assert_eq!(store.publishers(&feed).await.unwrap(), std::slice::from_ref(&stamped));
+
+    // The cursor follows the feed's head as it grows.
+    store
+        .commit(&feed, batch(3, 5, &[("b", 4), ("a", 5)]))
+        .await
+        .unwrap();
+    let last = store
+        .advance_publisher(&feed, "rabbitmq", FeedPosition(3), FeedPosition(5))
+        .await
+        .unwrap();
+    assert_eq!(last.position, FeedPosition(5));
+    assert_eq!(store.publishers(&feed).await.unwrap(), [last]);
+}
+
+pub async fn invalid_publisher_advances_write_nothing<H: FeedHarness>(harness: &H) {
+    let (store, feed) = feed_with_events(harness, 3).await;
+    let kept = store
+        .advance_publisher(&feed, "rabbitmq", FeedPosition::START, FeedPosition(2))
+        .await
+        .unwrap();
+    let unchanged = [kept.clone()];
+
+    assert_invalid(
+        store
+            .advance_publisher(&feed, "rabbitmq", FeedPosition(2), FeedPosition(1))
+            .await,
+        "to < from",
+    );
+    assert_invalid(
+        store
+            .advance_publisher(&feed, "rabbitmq", FeedPosition(2), FeedPosition(4))
+            .await,
+        "to past the head",
+    );
+    // Past the head is refused before the cursor is compared (and creates nothing).
+    assert_invalid(
+        store
+            .advance_publisher(&feed, "nats", FeedPosition::START, FeedPosition(4))
+            .await,
+        "a new publisher past the head",
+    );
+    let max = headwater_core::limits::PUBLISHER_NAME_BYTES_MAX;
+    let too_long = "a".repeat(max + 1);
+    for name in [
+        "",
+        too_long.as_str(),
+        "RabbitMQ",
+        "rabbit/mq",
+        "rabbit mq",
+        "rabbit.mq",
+        "nats\0",
+        "é",
+    ] {
+        assert_invalid(
+            store
+                .advance_publisher(&feed, name, FeedPosition::START, FeedPosition(1))
+                .await,
+            &format!("publisher name {name:?}"),
+        );
+    }
+    assert_eq!(store.publishers(&feed).await.unwrap(), unchanged);
+
+    // The longest name and every character allowed are fine.
+    let longest = "a".repeat(max);
+    for name in [longest.as_str(), "rabbitmq-2_eu", "0"] {
+        let cursor = store
+            .advance_publisher(&feed, name, FeedPosition::START, FeedPosition(3))
+            .await
+            .unwrap();
+        assert_eq!(cursor.publisher, name);
+    }
+    assert_eq!(store.publishers(&feed).await.unwrap().len(), 4);
+    let rabbitmq = store
+        .publishers(&feed)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|p| p.publisher == "rabbitmq");
+    assert_eq!(rabbitmq, Some(kept));
+}
+
+pub async fn publishers_are_independent_and_listed_by_name<H: FeedHarness>(harness: &H) {
+    let (store, v1) = feed_with_events(harness, 4).await;
+    let v2 = feed_id("accounts.v2");
+    store.register(&v2).await.unwrap();
+
+    // On an empty feed the first advance (START to START) creates the cursor at START.
+    let empty = store
+        .advance_publisher(&v2, "nats", FeedPosition::START, FeedPosition::START)
+        .await
+        .unwrap();
+    assert_eq!(empty.position, FeedPosition::START);
+    assert_eq!(store.publishers(&v2).await.unwrap(), std::slice::from_ref(&empty));
+
+    let advance = |publisher: &'static str, from: u64, to: u64| {
+        let store = store.clone();
+        let feed = v1.clone();
+        async move {
+            store
+                .advance_publisher(&feed, publisher, FeedPosition(from), FeedPosition(to))
+                .await
+                .unwrap()
+        }
+    };
+    advance("rabbitmq", 0, 1).await;
+    advance("nats", 0, 4).await;
+    advance("audit", 0, 2).await;
+    advance("rabbitmq", 1, 3).await;
+    // One publisher's cursor is not another's `from`.
+    assert_publisher_moved(
+        store
+            .advance_publisher(&v1, "audit", FeedPosition(3), FeedPosition(4))
+            .await,
+        "audit",
+        FeedPosition(3),
+        FeedPosition(2),
+    );
+    let listed = store.publishers(&v1).await.unwrap();
+    let cursors: Vec<(&str, FeedPosition)> = listed
+        .iter()
+        .map(|p: &PublisherCursor| (p.publisher.as_str(), p.position))
+        .collect();
+    assert_eq!(
+        cursors,
+        [
+            ("audit", FeedPosition(2)),
+            ("nats", FeedPosition(4)),
+            ("rabbitmq", FeedPosition(3)),
+        ]
+    );
+    // The other feed's publisher of the same name is its own.
+    assert_eq!(store.publishers(&v2).await.unwrap(), [empty]);
+    store.commit(&v2, batch(0, 1, &[("x", 1)])).await.unwrap();
+    let moved = store
+        .advance_publisher(&v2, "nats", FeedPosition::START, FeedPosition(1))
+        .await
+        .unwrap();
+    assert_eq!(store.publishers(&v2).await.unwrap(), [moved]);
+    assert_eq!(store.publishers(&v1).await.unwrap(), listed);
 }

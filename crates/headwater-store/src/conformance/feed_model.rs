@@ -1,6 +1,7 @@
 //! A property test of any feed store against a trivial model: random schedules of registrations,
-//! status changes, commits (valid, stale, invalid), reads of every kind and reopens; after each
-//! step the backend must answer exactly as the model says.
+//! status changes, commits (valid, stale, invalid), publishers' advances (valid, stale, invalid),
+//! reads of every kind and reopens; after each step the backend must answer exactly as the model
+//! says.
 
 use std::collections::BTreeMap;
 
@@ -13,6 +14,7 @@ use crate::feed::{FeedError, FeedStore, ProjectorBatch};
 
 const FEEDS: [&str; 3] = ["accounts.v1", "accounts.v2", "ledger.v1"];
 const SUBJECTS: [&str; 6] = ["a", "A", "a-b", "a.b", "Z~", "B"];
+const PUBLISHERS: [&str; 2] = ["rabbitmq", "nats"];
 
 /// One step of a random schedule.
 #[derive(Clone, Debug)]
@@ -50,6 +52,15 @@ enum Op {
         after: u8,
         limit: u8,
     },
+    /// Advance a publisher's cursor from where it is (or a stale position) by `advance`
+    /// positions (or back by one), maybe past the head.
+    AdvancePublisher {
+        feed: u8,
+        publisher: u8,
+        stale: bool,
+        back: bool,
+        advance: u8,
+    },
     /// Drop every handle and open the store again.
     Reopen,
 }
@@ -79,6 +90,20 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(feed, after, limit)| Op::Subjects { feed, after, limit }),
         2 => (feed(), subject(), 0u8..8, 0u8..6)
             .prop_map(|(feed, subject, after, limit)| Op::ReadSubject { feed, subject, after, limit }),
+        3 => (
+            feed(),
+            0u8..PUBLISHERS.len() as u8,
+            prop::bool::weighted(0.1),
+            prop::bool::weighted(0.05),
+            0u8..5,
+        )
+            .prop_map(|(feed, publisher, stale, back, advance)| Op::AdvancePublisher {
+                feed,
+                publisher,
+                stale,
+                back,
+                advance,
+            }),
         1 => Just(Op::Reopen),
     ]
 }
@@ -90,6 +115,8 @@ struct ModelFeed {
     live: bool,
     cursor: u64,
     events: Vec<(Subject, EventId)>,
+    /// Each publisher's cursor, once it has one.
+    publishers: BTreeMap<&'static str, u64>,
 }
 
 impl ModelFeed {
@@ -126,6 +153,10 @@ enum Answer<T> {
         expected: Position,
         actual: Position,
     },
+    PublisherMoved {
+        expected: FeedPosition,
+        actual: FeedPosition,
+    },
 }
 
 fn answer<T>(result: Result<T, FeedError>) -> Result<Answer<T>, TestCaseError> {
@@ -136,6 +167,9 @@ fn answer<T>(result: Result<T, FeedError>) -> Result<Answer<T>, TestCaseError> {
         Err(FeedError::CursorMoved {
             expected, actual, ..
         }) => Ok(Answer::CursorMoved { expected, actual }),
+        Err(FeedError::PublisherMoved {
+            expected, actual, ..
+        }) => Ok(Answer::PublisherMoved { expected, actual }),
         Err(other) => Err(TestCaseError::fail(format!("the store failed: {other}"))),
     }
 }
@@ -162,6 +196,7 @@ async fn run_schedule<H: FeedHarness>(harness: &H, ops: &[Op]) -> Result<(), Tes
                     live: false,
                     cursor: 0,
                     events: Vec::new(),
+                    publishers: BTreeMap::new(),
                 });
                 let state = store
                     .register(feed)
@@ -188,6 +223,9 @@ async fn run_schedule<H: FeedHarness>(harness: &H, ops: &[Op]) -> Result<(), Tes
                     Answer::Unknown => Answer::Unknown,
                     Answer::CursorMoved { expected, actual } => {
                         Answer::CursorMoved { expected, actual }
+                    }
+                    Answer::PublisherMoved { .. } => {
+                        return Err(TestCaseError::fail("a feed write said PublisherMoved"));
                     }
                 };
                 prop_assert_eq!(got, want, "step {}: {:?}", step, op);
@@ -249,6 +287,9 @@ async fn run_schedule<H: FeedHarness>(harness: &H, ops: &[Op]) -> Result<(), Tes
                     Answer::CursorMoved { expected, actual } => {
                         Answer::CursorMoved { expected, actual }
                     }
+                    Answer::PublisherMoved { .. } => {
+                        return Err(TestCaseError::fail("a feed write said PublisherMoved"));
+                    }
                 };
                 prop_assert_eq!(got, want, "step {}: {:?}", step, op);
             }
@@ -267,8 +308,8 @@ async fn run_schedule<H: FeedHarness>(harness: &H, ops: &[Op]) -> Result<(), Tes
                     ),
                     Answer::Invalid => Answer::Invalid,
                     Answer::Unknown => Answer::Unknown,
-                    Answer::CursorMoved { .. } => {
-                        return Err(TestCaseError::fail("a read said CursorMoved"));
+                    Answer::CursorMoved { .. } | Answer::PublisherMoved { .. } => {
+                        return Err(TestCaseError::fail("a read said it moved"));
                     }
                 };
                 let want = match model.get(feed) {
@@ -311,8 +352,8 @@ async fn run_schedule<H: FeedHarness>(harness: &H, ops: &[Op]) -> Result<(), Tes
                     ),
                     Answer::Invalid => Answer::Invalid,
                     Answer::Unknown => Answer::Unknown,
-                    Answer::CursorMoved { .. } => {
-                        return Err(TestCaseError::fail("a read said CursorMoved"));
+                    Answer::CursorMoved { .. } | Answer::PublisherMoved { .. } => {
+                        return Err(TestCaseError::fail("a read said it moved"));
                     }
                 };
                 let want = match model.get(feed) {
@@ -358,8 +399,8 @@ async fn run_schedule<H: FeedHarness>(harness: &H, ops: &[Op]) -> Result<(), Tes
                     ),
                     Answer::Invalid => Answer::Invalid,
                     Answer::Unknown => Answer::Unknown,
-                    Answer::CursorMoved { .. } => {
-                        return Err(TestCaseError::fail("a read said CursorMoved"));
+                    Answer::CursorMoved { .. } | Answer::PublisherMoved { .. } => {
+                        return Err(TestCaseError::fail("a read said it moved"));
                     }
                 };
                 let want = match model.get(feed) {
@@ -373,6 +414,54 @@ async fn run_schedule<H: FeedHarness>(harness: &H, ops: &[Op]) -> Result<(), Tes
                             .take(usize::from(*limit))
                             .collect(),
                     ),
+                };
+                prop_assert_eq!(got, want, "step {}: {:?}", step, op);
+            }
+            Op::AdvancePublisher {
+                feed,
+                publisher,
+                stale,
+                back,
+                advance,
+            } => {
+                let feed = &feeds[usize::from(*feed)];
+                let publisher = PUBLISHERS[usize::from(*publisher)];
+                let cursor = model
+                    .get(feed)
+                    .and_then(|f| f.publishers.get(publisher).copied())
+                    .unwrap_or(0);
+                let from = if *stale { cursor + 1 } else { cursor };
+                let to = if *back {
+                    from.saturating_sub(1)
+                } else {
+                    from + u64::from(*advance)
+                };
+                let want = match model.get_mut(feed) {
+                    None => Answer::Unknown,
+                    Some(entry) if to < from || to > entry.events.len() as u64 => Answer::Invalid,
+                    Some(_) if cursor != from => Answer::PublisherMoved {
+                        expected: FeedPosition(from),
+                        actual: FeedPosition(cursor),
+                    },
+                    Some(entry) => {
+                        entry.publishers.insert(publisher, to);
+                        Answer::Ok((publisher.to_owned(), FeedPosition(to)))
+                    }
+                };
+                let got = match answer(
+                    store
+                        .advance_publisher(feed, publisher, FeedPosition(from), FeedPosition(to))
+                        .await,
+                )? {
+                    Answer::Ok(cursor) => Answer::Ok((cursor.publisher, cursor.position)),
+                    Answer::Invalid => Answer::Invalid,
+                    Answer::Unknown => Answer::Unknown,
+                    Answer::PublisherMoved { expected, actual } => {
+                        Answer::PublisherMoved { expected, actual }
+                    }
+                    Answer::CursorMoved { .. } => {
+                        return Err(TestCaseError::fail("an advance said CursorMoved"));
+                    }
                 };
                 prop_assert_eq!(got, want, "step {}: {:?}", step, op);
             }
@@ -402,6 +491,28 @@ async fn run_schedule<H: FeedHarness>(harness: &H, ops: &[Op]) -> Result<(), Tes
             })
             .collect();
         prop_assert_eq!(got, want, "step {}: the feeds after {:?}", step, op);
+        for (feed, m) in &model {
+            let got: Vec<(String, FeedPosition)> = store
+                .publishers(feed)
+                .await
+                .map_err(|e| TestCaseError::fail(e.to_string()))?
+                .into_iter()
+                .map(|p| (p.publisher, p.position))
+                .collect();
+            let want: Vec<(String, FeedPosition)> = m
+                .publishers
+                .iter()
+                .map(|(p, c)| ((*p).to_owned(), FeedPosition(*c)))
+                .collect();
+            prop_assert_eq!(
+                got,
+                want,
+                "step {}: {}'s publishers after {:?}",
+                step,
+                feed,
+                op
+            );
+        }
     }
     Ok(())
 }
