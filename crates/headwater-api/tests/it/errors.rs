@@ -340,6 +340,21 @@ impl headwater_store::FeedStore for FailingStore {
     ) -> Result<Vec<headwater_store::FeedReader>, headwater_store::FeedError> {
         self.fail()
     }
+    async fn advance_publisher(
+        &self,
+        _: &headwater_core::FeedId,
+        _: &str,
+        _: headwater_core::FeedPosition,
+        _: headwater_core::FeedPosition,
+    ) -> Result<headwater_store::PublisherCursor, headwater_store::FeedError> {
+        self.fail()
+    }
+    async fn publishers(
+        &self,
+        _: &headwater_core::FeedId,
+    ) -> Result<Vec<headwater_store::PublisherCursor>, headwater_store::FeedError> {
+        self.fail()
+    }
 }
 
 #[tokio::test]

@@ -1097,7 +1097,10 @@ pub async fn publisher_cursors_move_by_compare_and_set<H: FeedHarness>(harness: 
         first.updated_at.unix_micros() + 60_000_000 >= before.unix_micros(),
         "{first:?} is stamped long before {before:?}"
     );
-    assert_eq!(store.publishers(&feed).await.unwrap(), std::slice::from_ref(&first));
+    assert_eq!(
+        store.publishers(&feed).await.unwrap(),
+        std::slice::from_ref(&first)
+    );
 
     // An advance moves it.
     let second = store
@@ -1106,7 +1109,10 @@ pub async fn publisher_cursors_move_by_compare_and_set<H: FeedHarness>(harness: 
         .unwrap();
     assert_eq!(second.position, FeedPosition(3));
     assert!(second.updated_at >= first.updated_at);
-    assert_eq!(store.publishers(&feed).await.unwrap(), std::slice::from_ref(&second));
+    assert_eq!(
+        store.publishers(&feed).await.unwrap(),
+        std::slice::from_ref(&second)
+    );
 
     // A stale `from` is refused with the actual cursor, and writes nothing.
     assert_publisher_moved(
@@ -1134,7 +1140,10 @@ pub async fn publisher_cursors_move_by_compare_and_set<H: FeedHarness>(harness: 
         FeedPosition(1),
         FeedPosition::START,
     );
-    assert_eq!(store.publishers(&feed).await.unwrap(), std::slice::from_ref(&second));
+    assert_eq!(
+        store.publishers(&feed).await.unwrap(),
+        std::slice::from_ref(&second)
+    );
 
     // An advance to where it is only stamps it.
     let stamped = store
@@ -1143,7 +1152,10 @@ pub async fn publisher_cursors_move_by_compare_and_set<H: FeedHarness>(harness: 
         .unwrap();
     assert_eq!(stamped.position, FeedPosition(3));
     assert!(stamped.updated_at >= second.updated_at);
-    assert_eq!(store.publishers(&feed).await.unwrap(), std::slice::from_ref(&stamped));
+    assert_eq!(
+        store.publishers(&feed).await.unwrap(),
+        std::slice::from_ref(&stamped)
+    );
 
     // The cursor follows the feed's head as it grows.
     store
@@ -1236,7 +1248,10 @@ pub async fn publishers_are_independent_and_listed_by_name<H: FeedHarness>(harne
         .await
         .unwrap();
     assert_eq!(empty.position, FeedPosition::START);
-    assert_eq!(store.publishers(&v2).await.unwrap(), std::slice::from_ref(&empty));
+    assert_eq!(
+        store.publishers(&v2).await.unwrap(),
+        std::slice::from_ref(&empty)
+    );
 
     let advance = |publisher: &'static str, from: u64, to: u64| {
         let store = store.clone();
