@@ -147,6 +147,11 @@ impl BrokerProcess {
         self.port
     }
 
+    /// RabbitMQ: the port of the node's own epmd (which outlives the node until the drop).
+    pub fn epmd_port(&self) -> Option<u16> {
+        (self.kind == BrokerKind::RabbitMq).then_some(self.epmd_port)
+    }
+
     /// The broker's data directory (mnesia or the JetStream store) and logs.
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -315,15 +320,38 @@ impl Drop for BrokerProcess {
             let _ = child.wait();
         }
         if self.kind == BrokerKind::RabbitMq && self.starts > 0 {
-            // The node's epmd (started by the VM on ERL_EPMD_PORT, detached) outlives it.
+            self.kill_epmd();
+        }
+    }
+}
+
+impl BrokerProcess {
+    /// Ends the node's epmd (started by the VM on ERL_EPMD_PORT, detached: it outlives the
+    /// node). epmd refuses `-kill` while a node is registered, which a node killed an instant ago
+    /// may still be: asked again until it answers `Killed` or is gone, for a bounded time.
+    fn kill_epmd(&self) {
+        let deadline = Instant::now() + Duration::from_secs(STOP_SECS_MAX);
+        loop {
             let mut epmd = Command::new("epmd");
             self.rabbitmq_env(&mut epmd);
-            let _ = epmd
+            let Ok(output) = epmd
                 .args(["-port", &self.epmd_port.to_string(), "-kill"])
                 .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
+                .output()
+            else {
+                return;
+            };
+            let said = String::from_utf8_lossy(&output.stdout);
+            // Otherwise `Killed`, or no epmd answers on that port (`Cannot connect to local
+            // epmd`, on stderr).
+            if !said.contains("not allowed") {
+                return;
+            }
+            if Instant::now() >= deadline {
+                eprintln!("the epmd on port {} refuses to end: {said}", self.epmd_port);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(POLL_MILLIS));
         }
     }
 }

@@ -11,8 +11,7 @@ fn answers(port: u16) -> bool {
     TcpStream::connect_timeout(&address, Duration::from_secs(2)).is_ok()
 }
 
-/// `drop_running`: the last start is ended by the drop (a RabbitMQ boot costs seconds: once).
-fn lifecycle(kind: BrokerKind, drop_running: bool) {
+fn lifecycle(kind: BrokerKind) {
     let mut broker = BrokerProcess::unstarted(kind);
     let port = broker.port();
     assert!(!answers(port), "nothing listens before the start");
@@ -35,20 +34,22 @@ fn lifecycle(kind: BrokerKind, drop_running: bool) {
     broker.stop();
     eprintln!("{kind:?} stop {:?}", t.elapsed());
     assert!(!answers(port), "stopped");
-    if drop_running {
-        broker.start_again();
-        assert!(broker.is_running());
-    }
+    broker.start_again();
+    assert!(broker.is_running());
+    let epmd_port = broker.epmd_port();
     drop(broker);
     assert!(!answers(port), "dropped");
+    if let Some(epmd) = epmd_port {
+        assert!(!answers(epmd), "the node's epmd outlived it");
+    }
 }
 
 #[test]
 fn nats_starts_stops_dies_and_starts_again() {
-    lifecycle(BrokerKind::Nats, true);
+    lifecycle(BrokerKind::Nats);
 }
 
 #[test]
 fn rabbitmq_starts_stops_dies_and_starts_again() {
-    lifecycle(BrokerKind::RabbitMq, false);
+    lifecycle(BrokerKind::RabbitMq);
 }
