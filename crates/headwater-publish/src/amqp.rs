@@ -13,7 +13,7 @@ use lapin::{ErrorKind, ExchangeKind};
 use tokio::sync::Mutex;
 use tokio::time::{Instant, timeout_at};
 
-use crate::{Broker, BrokerError, CONFIRM_TIMEOUT_DEFAULT, Outcome, Refusal, check_batch};
+use crate::{Broker, BrokerError, CONFIRM_TIMEOUT_DEFAULT, Outcome, Pending, Refusal, check_batch};
 
 /// AMQP `delivery_mode` of a persistent message.
 const DELIVERY_MODE_PERSISTENT: u8 = 2;
@@ -58,21 +58,35 @@ impl AmqpBroker {
     ///
     /// Cancel safe: nothing is kept from a connection cut short.
     pub async fn connect(url: &str) -> Result<AmqpBroker, BrokerError> {
-        if !url.starts_with("amqp://") {
-            return Err(BrokerError::Url(
-                "an AMQP URL starts with amqp:// (TLS is not built in)".into(),
-            ));
-        }
-        let broker = AmqpBroker {
-            url: url.to_owned(),
-            confirm_timeout: CONFIRM_TIMEOUT_DEFAULT,
-            state: Mutex::new(State::default()),
-        };
+        let broker = AmqpBroker::lazy(url)?;
         {
             let mut state = broker.state.lock().await;
             broker.channel(&mut state).await?;
         }
         Ok(broker)
+    }
+
+    /// A broker at `url` that connects on first use (and again after each lost connection): a
+    /// service starts whether RabbitMQ is up or not.
+    ///
+    /// # Errors
+    ///
+    /// [`BrokerError::Url`] for a URL that is not a valid `amqp://` URL.
+    pub fn lazy(url: &str) -> Result<AmqpBroker, BrokerError> {
+        if !url.starts_with("amqp://") {
+            return Err(BrokerError::Url(
+                "an AMQP URL starts with amqp:// (TLS is not built in)".into(),
+            ));
+        }
+        // Checked now, so that a typo is reported at startup, not at the first publish. The
+        // parser's message never repeats the URL (it may hold a password).
+        url.parse::<lapin::uri::AMQPUri>()
+            .map_err(|e| BrokerError::Url(format!("not a valid AMQP URL: {e}")))?;
+        Ok(AmqpBroker {
+            url: url.to_owned(),
+            confirm_timeout: CONFIRM_TIMEOUT_DEFAULT,
+            state: Mutex::new(State::default()),
+        })
     }
 
     /// How long a publish waits for the confirmations of its batch (default
@@ -167,12 +181,16 @@ impl Broker for AmqpBroker {
         Ok(())
     }
 
-    async fn publish(
+    fn kind(&self) -> &'static str {
+        "rabbitmq"
+    }
+
+    async fn send(
         &self,
         feed: &FeedId,
         source: &str,
         events: &[FeedEvent],
-    ) -> Result<Vec<Outcome>, BrokerError> {
+    ) -> Result<Pending, BrokerError> {
         check_batch(events)?;
         let exchange = crate::exchange_name(feed);
         // One batch at a time on the channel: the messages of a batch go out in feed order.
@@ -218,32 +236,47 @@ impl Broker for AmqpBroker {
             }
         }
         drop(state);
-        for (index, confirm) in confirms {
-            let outcome = match timeout_at(deadline, confirm).await {
-                Err(_) => Outcome::Refused(Refusal::TimedOut(self.confirm_timeout)),
-                Ok(Err(e)) => Outcome::Refused(refusal(&e)),
-                Ok(Ok(Confirmation::Ack(None))) => Outcome::Confirmed { duplicate: false },
-                Ok(Ok(Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)))) => {
-                    Outcome::Refused(Refusal::Returned {
-                        code: returned.reply_code,
-                        text: returned.reply_text.to_string(),
-                    })
-                }
-                Ok(Ok(Confirmation::Nack(None))) => Outcome::Refused(Refusal::Nacked),
-                Ok(Ok(Confirmation::NotRequested)) => {
-                    Outcome::Refused(Refusal::Failed("the channel is not in confirm mode".into()))
-                }
-            };
-            outcomes[index] = Some(outcome);
-        }
-        let outcomes: Vec<Outcome> = outcomes
-            .into_iter()
-            .map(|o| o.unwrap_or(Outcome::Refused(Refusal::NotSent)))
-            .collect();
-        let refused = outcomes.iter().filter(|o| !o.is_confirmed()).count();
-        if refused > 0 {
-            tracing::debug!(feed = %feed, events = events.len(), refused, "publish to RabbitMQ: some refused");
-        }
-        Ok(outcomes)
+        let confirm_timeout = self.confirm_timeout;
+        let feed = feed.clone();
+        Ok(Pending::new(async move {
+            confirmed(feed, deadline, confirm_timeout, outcomes, confirms).await
+        }))
     }
+}
+
+/// Waits for the confirmations of one send.
+async fn confirmed(
+    feed: FeedId,
+    deadline: Instant,
+    confirm_timeout: Duration,
+    mut outcomes: Vec<Option<Outcome>>,
+    confirms: Vec<(usize, lapin::PublisherConfirm)>,
+) -> Vec<Outcome> {
+    for (index, confirm) in confirms {
+        let outcome = match timeout_at(deadline, confirm).await {
+            Err(_) => Outcome::Refused(Refusal::TimedOut(confirm_timeout)),
+            Ok(Err(e)) => Outcome::Refused(refusal(&e)),
+            Ok(Ok(Confirmation::Ack(None))) => Outcome::Confirmed { duplicate: false },
+            Ok(Ok(Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)))) => {
+                Outcome::Refused(Refusal::Returned {
+                    code: returned.reply_code,
+                    text: returned.reply_text.to_string(),
+                })
+            }
+            Ok(Ok(Confirmation::Nack(None))) => Outcome::Refused(Refusal::Nacked),
+            Ok(Ok(Confirmation::NotRequested)) => {
+                Outcome::Refused(Refusal::Failed("the channel is not in confirm mode".into()))
+            }
+        };
+        outcomes[index] = Some(outcome);
+    }
+    let outcomes: Vec<Outcome> = outcomes
+        .into_iter()
+        .map(|o| o.unwrap_or(Outcome::Refused(Refusal::NotSent)))
+        .collect();
+    let refused = outcomes.iter().filter(|o| !o.is_confirmed()).count();
+    if refused > 0 {
+        tracing::debug!(feed = %feed, events = outcomes.len(), refused, "publish to RabbitMQ: some refused");
+    }
+    outcomes
 }

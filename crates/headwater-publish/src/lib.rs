@@ -22,8 +22,15 @@
 //! on this; nothing here keeps a cursor or retries.
 
 mod amqp;
+#[cfg(feature = "clap")]
+mod args;
+mod metrics;
 mod nats;
+mod publisher;
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -31,7 +38,14 @@ use headwater_core::FeedId;
 use headwater_store::FeedEvent;
 
 pub use amqp::AmqpBroker;
+#[cfg(feature = "clap")]
+pub use args::BrokerArgs;
 pub use nats::NatsBroker;
+pub use publisher::{
+    BACKOFF_MAX_DEFAULT, BACKOFF_MIN_DEFAULT, BATCH_EVENTS_DEFAULT, IN_FLIGHT_BYTES_DEFAULT,
+    IN_FLIGHT_EVENTS_DEFAULT, IN_FLIGHT_EVENTS_MAX, PublisherOptions, PublisherState,
+    PublisherStatus, Publishers, PublishersBuilder, SHUTDOWN_GRACE_DEFAULT, StartError,
+};
 
 /// The most events one [`Broker::publish`] takes: all of them are in flight at once.
 pub const PUBLISH_BATCH_EVENTS_MAX: usize = 4096;
@@ -61,13 +75,14 @@ pub trait Broker: Send + Sync {
     /// and declaring again completes it.
     async fn declare(&self, feed: &FeedId) -> Result<(), BrokerError>;
 
-    /// Publishes `events` (of `feed`, in feed order) as CloudEvents with the given `source`, all
-    /// in flight at once, and waits for the broker's answer to each; sending and waiting together
-    /// take at most the broker's confirm timeout. Returns one [`Outcome`] per event, in the order
-    /// of `events`.
+    /// Sends `events` (of `feed`, in feed order) as CloudEvents with the given `source`, and
+    /// returns once every message is handed to the connection, in order; the [`Pending`] it
+    /// returns resolves to the broker's answer to each event ([`Outcome`], in the order of
+    /// `events`) within the broker's confirm timeout, counted from the start of the send.
     ///
-    /// Messages are sent in the order given; once an event is refused before it is sent (its data
-    /// is not JSON, the channel is gone), the events after it are not sent
+    /// Several sends may be pending at once (a pipeline): the messages of one send go out after
+    /// those of the sends that returned before it. Once an event is refused before it is sent
+    /// (its data is not JSON, the channel is gone), the events after it are not sent
     /// ([`Refusal::NotSent`]), so that a retry from the first unconfirmed event keeps each
     /// subject's first deliveries in order.
     ///
@@ -81,12 +96,73 @@ pub trait Broker: Send + Sync {
     /// Not cancel safe in the sense that the messages already sent may or may not be on the
     /// broker; nothing is lost either way as long as the caller counts only outcomes it received
     /// (at least once: publishing again is harmless).
+    async fn send(
+        &self,
+        feed: &FeedId,
+        source: &str,
+        events: &[FeedEvent],
+    ) -> Result<Pending, BrokerError>;
+
+    /// [`Broker::send`], then waits for the outcomes.
+    ///
+    /// # Errors
+    ///
+    /// As [`Broker::send`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Broker::send`].
     async fn publish(
         &self,
         feed: &FeedId,
         source: &str,
         events: &[FeedEvent],
-    ) -> Result<Vec<Outcome>, BrokerError>;
+    ) -> Result<Vec<Outcome>, BrokerError> {
+        Ok(self.send(feed, source, events).await?.outcomes().await)
+    }
+
+    /// What kind of broker this is (`rabbitmq`, `nats`): the default name of a publisher's
+    /// cursor.
+    fn kind(&self) -> &'static str;
+}
+
+/// The broker's answers to one [`Broker::send`], to come.
+#[must_use = "the outcomes are what moves a publisher's cursor"]
+pub struct Pending(Pin<Box<dyn Future<Output = Vec<Outcome>> + Send + 'static>>);
+
+impl Pending {
+    /// Wraps the future of a send's outcomes (one per event, in order).
+    pub fn new(outcomes: impl Future<Output = Vec<Outcome>> + Send + 'static) -> Pending {
+        Pending(Box::pin(outcomes))
+    }
+
+    /// Outcomes known already: every event refused, or every event confirmed.
+    pub fn ready(outcomes: Vec<Outcome>) -> Pending {
+        Pending::new(std::future::ready(outcomes))
+    }
+
+    /// Waits for the outcomes.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping it forgets the answers; the messages stay sent.
+    pub async fn outcomes(self) -> Vec<Outcome> {
+        self.0.await
+    }
+}
+
+impl Future for Pending {
+    type Output = Vec<Outcome>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Vec<Outcome>> {
+        self.0.as_mut().poll(cx)
+    }
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pending")
+    }
 }
 
 /// The broker's answer to one published event.
@@ -167,8 +243,17 @@ pub fn stream_name(feed: &FeedId) -> String {
 }
 
 /// The NATS subject of an event of a feed: `headwater.accounts.v2.{subject}`.
+///
+/// A feed subject may contain dots (`eu.acc-42`), which NATS reads as token separators; one that
+/// would make an empty token (`.a`, `a..b`, `a.`) has each empty token written as `~`, which
+/// NATS accepts. Only routing sees this: the message body carries the subject as it is.
 pub fn nats_subject(feed: &FeedId, subject: &str) -> String {
-    format!("{}.{subject}", exchange_name(feed))
+    let mut out = exchange_name(feed);
+    for token in subject.split('.') {
+        out.push('.');
+        out.push_str(if token.is_empty() { "~" } else { token });
+    }
+    out
 }
 
 /// The subjects of a feed's JetStream stream: `headwater.accounts.v2.>`.
@@ -199,6 +284,14 @@ mod tests {
         assert_eq!(
             nats_subject(&feed, "acc-42"),
             "headwater.bank_accounts.v12.acc-42"
+        );
+        assert_eq!(
+            nats_subject(&feed, "eu.acc-42"),
+            "headwater.bank_accounts.v12.eu.acc-42"
+        );
+        assert_eq!(
+            nats_subject(&feed, ".a..b."),
+            "headwater.bank_accounts.v12.~.a.~.b.~"
         );
     }
 }

@@ -10,7 +10,8 @@ use tokio::sync::Mutex;
 use tokio::time::{Instant, timeout_at};
 
 use crate::{
-    Broker, BrokerError, CONFIRM_TIMEOUT_DEFAULT, NATS_MSG_ID_HEADER, Outcome, Refusal, check_batch,
+    Broker, BrokerError, CONFIRM_TIMEOUT_DEFAULT, NATS_MSG_ID_HEADER, Outcome, Pending, Refusal,
+    check_batch,
 };
 
 /// A NATS server with JetStream, reached at a `nats://` URL.
@@ -52,13 +53,45 @@ impl NatsBroker {
         let client = async_nats::connect(url)
             .await
             .map_err(|e| BrokerError::Connect(e.to_string()))?;
+        Ok(NatsBroker::with_client(client))
+    }
+
+    /// A server at `url` that the client connects to in the background, and again after each
+    /// lost connection: a service starts whether NATS is up or not. Publishes made while it is
+    /// away time out ([`Refusal::TimedOut`]).
+    ///
+    /// # Errors
+    ///
+    /// [`BrokerError::Url`] for a URL that is not a valid `nats://` URL.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn lazy(url: &str) -> Result<NatsBroker, BrokerError> {
+        if !url.starts_with("nats://") {
+            return Err(BrokerError::Url(
+                "a NATS URL starts with nats:// (TLS is not built in)".into(),
+            ));
+        }
+        let address: async_nats::ServerAddr = url
+            .parse()
+            .map_err(|e| BrokerError::Url(format!("not a valid NATS URL: {e}")))?;
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect(address)
+            .await
+            .map_err(|e| BrokerError::Connect(e.to_string()))?;
+        Ok(NatsBroker::with_client(client))
+    }
+
+    fn with_client(client: async_nats::Client) -> NatsBroker {
         let mut jetstream = jetstream::new(client);
         jetstream.set_timeout(CONFIRM_TIMEOUT_DEFAULT);
-        Ok(NatsBroker {
+        NatsBroker {
             jetstream,
             confirm_timeout: CONFIRM_TIMEOUT_DEFAULT,
             publishing: Mutex::new(()),
-        })
+        }
     }
 
     /// How long a publish waits for the acks of its batch (default
@@ -115,12 +148,16 @@ impl Broker for NatsBroker {
         Ok(())
     }
 
-    async fn publish(
+    fn kind(&self) -> &'static str {
+        "nats"
+    }
+
+    async fn send(
         &self,
         feed: &FeedId,
         source: &str,
         events: &[FeedEvent],
-    ) -> Result<Vec<Outcome>, BrokerError> {
+    ) -> Result<Pending, BrokerError> {
         check_batch(events)?;
         let publishing = self.publishing.lock().await;
         // Sending is bounded too: a disconnected client's buffer fills up.
@@ -156,27 +193,42 @@ impl Broker for NatsBroker {
             }
         }
         drop(publishing);
-        for (index, ack) in acks {
-            let outcome = match timeout_at(deadline, ack.into_future()).await {
-                Err(_) => Outcome::Refused(Refusal::TimedOut(self.confirm_timeout)),
-                Ok(Err(e)) if e.kind() == PublishErrorKind::TimedOut => {
-                    Outcome::Refused(Refusal::TimedOut(self.confirm_timeout))
-                }
-                Ok(Err(e)) => Outcome::Refused(refusal(&e)),
-                Ok(Ok(ack)) => Outcome::Confirmed {
-                    duplicate: ack.duplicate,
-                },
-            };
-            outcomes[index] = Some(outcome);
-        }
-        let outcomes: Vec<Outcome> = outcomes
-            .into_iter()
-            .map(|o| o.unwrap_or(Outcome::Refused(Refusal::NotSent)))
-            .collect();
-        let refused = outcomes.iter().filter(|o| !o.is_confirmed()).count();
-        if refused > 0 {
-            tracing::debug!(feed = %feed, events = events.len(), refused, "publish to JetStream: some refused");
-        }
-        Ok(outcomes)
+        let confirm_timeout = self.confirm_timeout;
+        let feed = feed.clone();
+        Ok(Pending::new(async move {
+            acked(feed, deadline, confirm_timeout, outcomes, acks).await
+        }))
     }
+}
+
+/// Waits for the acks of one send.
+async fn acked(
+    feed: FeedId,
+    deadline: Instant,
+    confirm_timeout: Duration,
+    mut outcomes: Vec<Option<Outcome>>,
+    acks: Vec<(usize, jetstream::context::PublishAckFuture)>,
+) -> Vec<Outcome> {
+    for (index, ack) in acks {
+        let outcome = match timeout_at(deadline, ack.into_future()).await {
+            Err(_) => Outcome::Refused(Refusal::TimedOut(confirm_timeout)),
+            Ok(Err(e)) if e.kind() == PublishErrorKind::TimedOut => {
+                Outcome::Refused(Refusal::TimedOut(confirm_timeout))
+            }
+            Ok(Err(e)) => Outcome::Refused(refusal(&e)),
+            Ok(Ok(ack)) => Outcome::Confirmed {
+                duplicate: ack.duplicate,
+            },
+        };
+        outcomes[index] = Some(outcome);
+    }
+    let outcomes: Vec<Outcome> = outcomes
+        .into_iter()
+        .map(|o| o.unwrap_or(Outcome::Refused(Refusal::NotSent)))
+        .collect();
+    let refused = outcomes.iter().filter(|o| !o.is_confirmed()).count();
+    if refused > 0 {
+        tracing::debug!(feed = %feed, events = outcomes.len(), refused, "publish to JetStream: some refused");
+    }
+    outcomes
 }

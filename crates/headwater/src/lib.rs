@@ -62,6 +62,20 @@ pub mod feed {
     pub use headwater_store::{FeedError, FeedEvent, FeedState, FeedStore, MemoryFeedStore};
 }
 
+/// Publishing the feeds to a broker, at least once (G6): RabbitMQ or NATS JetStream, a durable
+/// cursor per feed over what the broker confirmed (see `headwater-publish`).
+pub mod publish {
+    pub use headwater_publish::{
+        AmqpBroker, BACKOFF_MAX_DEFAULT, BACKOFF_MIN_DEFAULT, BATCH_EVENTS_DEFAULT, Broker,
+        BrokerArgs, BrokerError, CONFIRM_TIMEOUT_DEFAULT, IN_FLIGHT_BYTES_DEFAULT,
+        IN_FLIGHT_EVENTS_DEFAULT, IN_FLIGHT_EVENTS_MAX, NatsBroker, Outcome,
+        PUBLISH_BATCH_EVENTS_MAX, Pending, PublisherOptions, PublisherState, PublisherStatus,
+        Publishers, PublishersBuilder, Refusal, SHUTDOWN_GRACE_DEFAULT, StartError, exchange_name,
+        nats_subject, stream_name, stream_subjects,
+    };
+    pub use headwater_store::PublisherCursor;
+}
+
 /// The feed API: a producer's integration feeds over HTTP (CloudEvents, long polling, bearer
 /// tokens), on a feed store.
 pub mod api {
