@@ -526,14 +526,19 @@ impl<F: FeedStore + ?Sized> Follower<F> {
         let mut draining: Option<Instant> = None;
         // False once the store dropped the head's sender (it is closing): tick instead.
         let mut head_open = true;
+        // Slow start: one event in flight, doubled by each batch confirmed whole, up to the
+        // configured window. After a refusal (a message returned because no queue was bound
+        // yet, a broker just back) the first message is alone in flight, so nothing sent after
+        // it can be delivered before it.
+        let mut window_max = 1u64;
         loop {
             // Fill the window.
             let mut unknown_feed = false;
             while draining.is_none()
-                && window.events < self.options.in_flight_events_max as u64
+                && window.events < window_max
                 && window.bytes < self.options.in_flight_bytes_max
             {
-                let room = self.options.in_flight_events_max as u64 - window.events;
+                let room = window_max - window.events;
                 let limit = room.min(self.options.batch_events_max as u64);
                 let events = match self.feeds.read_feed(&self.feed, sent, limit).await {
                     Ok(events) => events,
@@ -588,7 +593,7 @@ impl<F: FeedStore + ?Sized> Follower<F> {
                 continue;
             };
             let room = draining.is_none()
-                && window.events < self.options.in_flight_events_max as u64
+                && window.events < window_max
                 && window.bytes < self.options.in_flight_bytes_max;
             let drain_deadline = draining.unwrap_or_else(Instant::now);
             let outcomes = tokio::select! {
@@ -625,6 +630,9 @@ impl<F: FeedStore + ?Sized> Follower<F> {
                 refused = self.settle(&mut window, outcomes, &mut confirmed_to);
             }
             self.set_in_flight(window.events);
+            if refused.is_none() {
+                window_max = (window_max * 2).min(self.options.in_flight_events_max as u64);
+            }
             if confirmed_to > cursor {
                 match self
                     .feeds
