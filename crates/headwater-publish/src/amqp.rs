@@ -22,9 +22,12 @@ const REPLY_NOT_FOUND: u16 = 404;
 
 /// A RabbitMQ broker, reached at an `amqp://` URL.
 ///
-/// Holds one connection and one publishing channel in confirm mode, opened on first use and
-/// opened again when the broker closed them (a channel error, a lost connection): each call
-/// starts from a working channel or fails with [`BrokerError::Connect`].
+/// Holds one connection and one publishing channel in confirm mode, opened by
+/// [`AmqpBroker::connect`] or [`Broker::declare`]. A channel or connection the broker closed (a
+/// channel error, a lost connection) is not resumed by a send — the confirmations pending on it
+/// are lost, and later events sent on a new channel would be delivered before the lost ones —
+/// sends fail with [`BrokerError::Connect`] until `declare` opens them anew (the follower declares
+/// at the start of each run, and publishes again from its cursor, in order).
 pub struct AmqpBroker {
     url: String,
     confirm_timeout: Duration,
@@ -154,6 +157,8 @@ impl Broker for AmqpBroker {
         let exchange = crate::exchange_name(feed);
         let channel = {
             let mut state = self.state.lock().await;
+            // The publishing channel, opened anew if it was lost.
+            self.channel(&mut state).await?;
             // A channel of its own: a refused declaration closes it, not the publishing one.
             self.connection(&mut state)
                 .await?
@@ -194,8 +199,20 @@ impl Broker for AmqpBroker {
         check_batch(events)?;
         let exchange = crate::exchange_name(feed);
         // One batch at a time on the channel: the messages of a batch go out in feed order.
-        let mut state = self.state.lock().await;
-        let channel = self.channel(&mut state).await?;
+        let state = self.state.lock().await;
+        // Never a new channel or connection here: the sends pending on a lost one are lost with
+        // it, and sending later events on a new one would deliver them first. `declare` opens
+        // them anew.
+        let channel = match &state.channel {
+            Some(channel) if channel.status().connected() => channel.clone(),
+            _ => {
+                return Err(BrokerError::Connect(
+                    "no open channel to RabbitMQ (a lost channel is not resumed: declare opens \
+                     one anew)"
+                        .into(),
+                ));
+            }
+        };
         // Sending is bounded too: a blocked connection (a RabbitMQ memory alarm) holds writes.
         let deadline = Instant::now() + self.confirm_timeout;
         let mut outcomes: Vec<Option<Outcome>> = vec![None; events.len()];

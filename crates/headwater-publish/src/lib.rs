@@ -60,8 +60,9 @@ pub const NATS_MSG_ID_HEADER: &str = "Nats-Msg-Id";
 /// A broker a feed is published to.
 #[async_trait]
 pub trait Broker: Send + Sync {
-    /// Declares what the feed's messages need on the broker (an exchange, a stream). Idempotent:
-    /// declaring what exists is a no-op.
+    /// Connects (anew, if the connection or channel was lost) and declares what the feed's
+    /// messages need on the broker (an exchange, a stream). Idempotent: declaring what exists is a
+    /// no-op.
     ///
     /// # Errors
     ///
@@ -81,7 +82,10 @@ pub trait Broker: Send + Sync {
     /// `events`) within the broker's confirm timeout, counted from the start of the send.
     ///
     /// Several sends may be pending at once (a pipeline): the messages of one send go out after
-    /// those of the sends that returned before it. Once an event is refused before it is sent
+    /// those of the sends that returned before it. A send never opens a connection or channel:
+    /// once the one it uses is lost (and with it the answers pending on it), sends fail with
+    /// [`BrokerError::Connect`] until [`Broker::declare`] opens a new one — so events sent after a
+    /// loss can never be delivered before those lost with it. Once an event is refused before it is sent
     /// (its data is not JSON, the channel is gone), the events after it are not sent
     /// ([`Refusal::NotSent`]), so that a retry from the first unconfirmed event keeps each
     /// subject's first deliveries in order.

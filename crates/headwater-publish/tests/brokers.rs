@@ -254,6 +254,8 @@ async fn nats_publishes_acked_messages_in_order() {
 
     let stream = broker
         .jetstream()
+        .await
+        .unwrap()
         .get_stream(stream_name(&feed))
         .await
         .unwrap();
@@ -274,6 +276,8 @@ async fn nats_publishes_acked_messages_in_order() {
     }
     broker
         .jetstream()
+        .await
+        .unwrap()
         .delete_stream(stream_name(&feed))
         .await
         .unwrap();
@@ -293,12 +297,16 @@ async fn nats_deduplicates_by_event_id() {
     all_confirmed(&broker.publish(&feed, SOURCE, &events).await.unwrap(), true);
     let stream = broker
         .jetstream()
+        .await
+        .unwrap()
         .get_stream(stream_name(&feed))
         .await
         .unwrap();
     assert_eq!(stream.get_info().await.unwrap().state.messages, 50);
     broker
         .jetstream()
+        .await
+        .unwrap()
         .delete_stream(stream_name(&feed))
         .await
         .unwrap();
@@ -323,6 +331,8 @@ async fn nats_undeclared_stream_is_refused() {
     );
     broker
         .jetstream()
+        .await
+        .unwrap()
         .delete_stream(stream_name(&feed))
         .await
         .unwrap();

@@ -268,6 +268,8 @@ async fn nats_publishes_a_growing_feed_once_each() {
 
     let stream = broker
         .jetstream()
+        .await
+        .unwrap()
         .get_stream(stream_name(&feed))
         .await
         .unwrap();
@@ -280,6 +282,8 @@ async fn nats_publishes_a_growing_feed_once_each() {
     received.check(&store, &feed).await;
     broker
         .jetstream()
+        .await
+        .unwrap()
         .delete_stream(stream_name(&feed))
         .await
         .unwrap();
