@@ -1,6 +1,7 @@
 //! The feed API: a producer's integration feeds over HTTP, as SPEC.md's "The feed API" specifies.
 //!
-//! - `GET /feeds` — the feeds the token may read: name, version, status, head, and `readers`;
+//! - `GET /feeds` — the feeds the token may read: name, version, status, head, `readers`, and
+//!   `publishers` (each publisher's cursor and lag);
 //! - `GET /feeds/{name}/v{version}?after&limit&timeout_ms` — a page of CloudEvents after a feed
 //!   position, long polling up to `timeout_ms` when there is none;
 //! - `GET /feeds/{name}/v{version}/subjects?after&limit` — the head sequence of every subject;

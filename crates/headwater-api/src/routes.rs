@@ -290,7 +290,29 @@ async fn list_feeds(
             .readers(&feed.feed)
             .await
             .map_err(ApiError::store)?;
-        listing.push((feed, readers));
+        let mut publishers = Vec::new();
+        for cursor in app
+            .store
+            .publishers(&feed.feed)
+            .await
+            .map_err(ApiError::store)?
+        {
+            let lag = headwater_store::publisher_lag(
+                app.store.as_ref(),
+                &feed.feed,
+                feed.head,
+                cursor.position,
+                crate::readers::now(),
+            )
+            .await
+            .map_err(ApiError::store)?;
+            publishers.push((cursor, lag));
+        }
+        listing.push(wire::FeedListing {
+            state: feed,
+            readers,
+            publishers,
+        });
     }
     Ok(json_response(
         "application/json",

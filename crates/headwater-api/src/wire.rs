@@ -2,7 +2,9 @@
 //! (`application/cloudevents-batch+json`), feed listings and subject heads.
 
 use headwater_core::{FeedId, Timestamp};
-use headwater_store::{FeedEvent, FeedReader, FeedState, SubjectHead};
+use headwater_store::{
+    FeedEvent, FeedReader, FeedState, PublisherCursor, PublisherLag, SubjectHead,
+};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
@@ -116,6 +118,7 @@ struct FeedEntry<'a> {
     status: &'static str,
     head: u64,
     readers: Vec<ReaderEntry<'a>>,
+    publishers: Vec<PublisherEntry<'a>>,
 }
 
 #[derive(Serialize)]
@@ -125,22 +128,52 @@ struct ReaderEntry<'a> {
     reads: u64,
 }
 
-/// `GET /feeds`: SPEC's fields (`name`, `version`, `status`, `head`) and `readers`, who read the
-/// feed and when last.
-pub(crate) fn feeds_listing(feeds: &[(FeedState, Vec<FeedReader>)]) -> Vec<u8> {
+#[derive(Serialize)]
+struct PublisherEntry<'a> {
+    publisher: &'a str,
+    cursor: u64,
+    lag: u64,
+    lag_seconds: f64,
+    updated_at: String,
+}
+
+/// One feed of the `GET /feeds` listing, with who reads it and who publishes it.
+pub(crate) struct FeedListing {
+    pub(crate) state: FeedState,
+    pub(crate) readers: Vec<FeedReader>,
+    pub(crate) publishers: Vec<(PublisherCursor, PublisherLag)>,
+}
+
+/// `GET /feeds`: SPEC's fields (`name`, `version`, `status`, `head`), `readers`, who read the
+/// feed and when last, and `publishers`, each publisher's cursor (the last position its broker
+/// confirmed), its lag in positions and in seconds (since the `time` of the first event it has
+/// not published; 0 when caught up) and when it last moved.
+pub(crate) fn feeds_listing(feeds: &[FeedListing]) -> Vec<u8> {
     let entries: Vec<FeedEntry<'_>> = feeds
         .iter()
-        .map(|(state, readers)| FeedEntry {
-            name: state.feed.name.as_str(),
-            version: state.feed.version.get(),
-            status: state.status.as_str(),
-            head: state.head.get(),
-            readers: readers
+        .map(|feed| FeedEntry {
+            name: feed.state.feed.name.as_str(),
+            version: feed.state.feed.version.get(),
+            status: feed.state.status.as_str(),
+            head: feed.state.head.get(),
+            readers: feed
+                .readers
                 .iter()
                 .map(|r| ReaderEntry {
                     reader: &r.reader,
                     last_read_at: rfc3339(r.last_read_at),
                     reads: r.reads,
+                })
+                .collect(),
+            publishers: feed
+                .publishers
+                .iter()
+                .map(|(cursor, lag)| PublisherEntry {
+                    publisher: &cursor.publisher,
+                    cursor: cursor.position.get(),
+                    lag: lag.positions,
+                    lag_seconds: lag.behind.as_secs_f64(),
+                    updated_at: rfc3339(cursor.updated_at),
                 })
                 .collect(),
         })

@@ -13,6 +13,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 
+use crate::feed_tools::{PublisherLine, render_publishers};
 use crate::text::count;
 
 /// The environment variable that holds the bearer token when `--token` is not given.
@@ -107,6 +108,18 @@ struct FeedEntry {
     head: u64,
     #[serde(default)]
     readers: Vec<ReaderEntry>,
+    /// Absent from a feed API older than publishers.
+    #[serde(default)]
+    publishers: Vec<PublisherEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+struct PublisherEntry {
+    publisher: String,
+    cursor: u64,
+    lag: u64,
+    lag_seconds: f64,
+    updated_at: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -137,7 +150,16 @@ pub(crate) async fn feeds(client: &FeedApiClient, as_json: bool) -> anyhow::Resu
         return Ok(out);
     }
     out.push_str("\n| feed | status | head | readers |\n| --- | --- | ---: | --- |\n");
+    let mut publishers = Vec::new();
     for feed in feeds {
+        publishers.extend(feed.publishers.iter().map(|p| PublisherLine {
+            feed: format!("{}.v{}", feed.name, feed.version),
+            publisher: p.publisher.clone(),
+            cursor: p.cursor,
+            lag: p.lag,
+            lag_seconds: p.lag_seconds,
+            updated_at: p.updated_at.clone(),
+        }));
         let readers = if feed.readers.is_empty() {
             "none".to_owned()
         } else {
@@ -163,6 +185,7 @@ pub(crate) async fn feeds(client: &FeedApiClient, as_json: bool) -> anyhow::Resu
             count(feed.head)
         );
     }
+    out.push_str(&render_publishers(&publishers));
     Ok(out)
 }
 

@@ -10,7 +10,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 use headwater_core::{FeedId, FeedPosition, FeedStatus, Position, Sequence, Subject};
-use headwater_store::{FeedEvent, FeedReader, FeedState, FeedStore};
+use headwater_store::{
+    FeedEvent, FeedReader, FeedState, FeedStore, PublisherCursor, PublisherLag, publisher_lag,
+};
 use serde_json::json;
 
 use crate::store_arg::StoreArgs;
@@ -123,14 +125,14 @@ pub(crate) fn feeds(args: &FeedsArgs) -> anyhow::Result<ExitCode> {
     rt.block_on(async {
         let opened = open(&args.store).await?;
         let mut log_head = (opened.log_head)()?;
-        let mut report = report(opened.feeds.as_ref()).await?;
+        let mut report = report(opened.feeds.as_ref(), now()).await?;
         let backfilling = report
             .iter()
             .any(|row| row.state.status == FeedStatus::Backfilling);
         if backfilling && args.sample_secs > 0.0 {
             let first = std::time::Instant::now();
             tokio::time::sleep(Duration::from_secs_f64(args.sample_secs)).await;
-            let later = self::report(opened.feeds.as_ref()).await?;
+            let later = self::report(opened.feeds.as_ref(), now()).await?;
             log_head = (opened.log_head)()?;
             report = with_rates(&report, later, first.elapsed());
         }
@@ -267,6 +269,8 @@ async fn open(args: &StoreArgs) -> anyhow::Result<Opened> {
 pub(crate) struct FeedRow {
     pub(crate) state: FeedState,
     pub(crate) readers: Vec<FeedReader>,
+    /// Each publisher's cursor, and how far behind the feed it is when the report was made.
+    pub(crate) publishers: Vec<(PublisherCursor, PublisherLag)>,
     /// How fast the projector's cursor moved between two looks, in internal events per second
     /// (backfilling feeds, when sampled).
     pub(crate) rate: Option<f64>,
@@ -293,20 +297,104 @@ fn with_rates(earlier: &[FeedRow], later: Vec<FeedRow>, elapsed: Duration) -> Ve
         .collect()
 }
 
-pub(crate) async fn report(feeds: &dyn FeedStore) -> anyhow::Result<Vec<FeedRow>> {
+/// The feeds of `feeds`, with their readers and publishers; publishers' lags as of `now`.
+pub(crate) async fn report(
+    feeds: &dyn FeedStore,
+    now: headwater_core::Timestamp,
+) -> anyhow::Result<Vec<FeedRow>> {
     let mut rows = Vec::new();
     for state in feeds.feeds().await.context("cannot list the feeds")? {
         let readers = feeds
             .readers(&state.feed)
             .await
             .with_context(|| format!("cannot list the readers of {}", state.feed))?;
+        let mut publishers = Vec::new();
+        for cursor in feeds
+            .publishers(&state.feed)
+            .await
+            .with_context(|| format!("cannot list the publishers of {}", state.feed))?
+        {
+            let lag = publisher_lag(feeds, &state.feed, state.head, cursor.position, now)
+                .await
+                .with_context(|| {
+                    format!("cannot read {}'s lag in {}", cursor.publisher, state.feed)
+                })?;
+            publishers.push((cursor, lag));
+        }
         rows.push(FeedRow {
             state,
             readers,
+            publishers,
             rate: None,
         });
     }
     Ok(rows)
+}
+
+/// The current time, as the stores record it.
+pub(crate) fn now() -> headwater_core::Timestamp {
+    headwater_core::Timestamp::from_unix_micros(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+    )
+}
+
+/// One line of the publishers' table, from a store or from the feed API.
+#[derive(Debug)]
+pub(crate) struct PublisherLine {
+    pub(crate) feed: String,
+    pub(crate) publisher: String,
+    pub(crate) cursor: u64,
+    pub(crate) lag: u64,
+    pub(crate) lag_seconds: f64,
+    pub(crate) updated_at: String,
+}
+
+/// The publishers' table (each feed's publishers to brokers: cursor, lag in positions and in
+/// seconds, when the cursor last moved), or a line saying there is none.
+pub(crate) fn render_publishers(lines: &[PublisherLine]) -> String {
+    let mut out = String::new();
+    if lines.is_empty() {
+        let _ = writeln!(
+            out,
+            "
+publishers: none"
+        );
+        return out;
+    }
+    out.push_str(
+        "
+| feed | publisher | cursor | lag | lag (s) | last moved |\n| --- | --- | ---: | ---: | ---: | --- |\n",
+    );
+    for line in lines {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {:.1} | {} |",
+            line.feed,
+            line.publisher,
+            count(line.cursor),
+            count(line.lag),
+            line.lag_seconds,
+            line.updated_at
+        );
+    }
+    out
+}
+
+fn publisher_lines(rows: &[FeedRow]) -> Vec<PublisherLine> {
+    rows.iter()
+        .flat_map(|row| {
+            row.publishers.iter().map(|(cursor, lag)| PublisherLine {
+                feed: row.state.feed.to_string(),
+                publisher: cursor.publisher.clone(),
+                cursor: cursor.position.get(),
+                lag: lag.positions,
+                lag_seconds: lag.behind.as_secs_f64(),
+                updated_at: utc(cursor.updated_at),
+            })
+        })
+        .collect()
 }
 
 /// How far a feed's projector is through the log, in percent.
@@ -386,6 +474,7 @@ pub(crate) fn render_report(name: &str, log_head: Position, rows: &[FeedRow]) ->
     if !backfilling.is_empty() {
         let _ = writeln!(out, "\nbackfilling: {}", backfilling.join("; "));
     }
+    out.push_str(&render_publishers(&publisher_lines(rows)));
     out
 }
 
@@ -408,6 +497,13 @@ pub(crate) fn report_json(rows: &[FeedRow]) -> serde_json::Value {
                     "reads": r.reads,
                     "first_read_at": utc(r.first_read_at),
                     "last_read_at": utc(r.last_read_at),
+                })).collect::<Vec<_>>(),
+                "publishers": row.publishers.iter().map(|(p, lag)| json!({
+                    "publisher": p.publisher,
+                    "cursor": p.position.get(),
+                    "lag": lag.positions,
+                    "lag_seconds": lag.behind.as_secs_f64(),
+                    "updated_at": utc(p.updated_at),
                 })).collect::<Vec<_>>(),
             })
         })
@@ -569,7 +665,7 @@ mod tests {
             }])
             .await
             .unwrap();
-        let rows = report(&store).await.unwrap();
+        let rows = report(&store, now()).await.unwrap();
         let text = render_report("memory", Position(12), &rows);
         assert!(
             text.contains("| accounts.v1 | backfilling | 5 | 6 (50.0 %) | 6 | statements (3 reads"),
@@ -581,9 +677,51 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn report_shows_each_publishers_cursor_and_lag() {
+        let (store, feed) = store().await;
+        let rows = report(&store, now()).await.unwrap();
+        let text = render_report("memory", Position(6), &rows);
+        assert!(text.contains("publishers: none"), "{text}");
+        assert_eq!(report_json(&rows)["feeds"][0]["publishers"], json!([]));
+
+        store
+            .advance_publisher(&feed, "rabbitmq", FeedPosition(0), FeedPosition(2))
+            .await
+            .unwrap();
+        store
+            .advance_publisher(&feed, "nats", FeedPosition(0), FeedPosition(5))
+            .await
+            .unwrap();
+        // 90 s after the events' time (all of them have the same).
+        let at = Timestamp::from_unix_micros(1_795_780_524_123_456 + 90_000_000);
+        let rows = report(&store, at).await.unwrap();
+        let text = render_report("memory", Position(6), &rows);
+        assert!(
+            text.contains("| feed | publisher | cursor | lag | lag (s) | last moved |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| accounts.v1 | nats | 5 | 0 | 0.0 | "),
+            "{text}"
+        );
+        assert!(
+            text.contains("| accounts.v1 | rabbitmq | 2 | 3 | 90.0 | "),
+            "{text}"
+        );
+        let json = report_json(&rows);
+        let publishers = &json["feeds"][0]["publishers"];
+        assert_eq!(publishers[1]["publisher"], "rabbitmq");
+        assert_eq!(publishers[1]["cursor"], 2);
+        assert_eq!(publishers[1]["lag"], 3);
+        assert_eq!(publishers[1]["lag_seconds"], 90.0);
+        assert_eq!(publishers[0]["lag_seconds"], 0.0);
+        assert!(publishers[0]["updated_at"].is_string());
+    }
+
+    #[tokio::test]
     async fn a_sampled_backfill_shows_its_rate_and_time_left() {
         let (store, feed) = store().await;
-        let earlier = report(&store).await.unwrap();
+        let earlier = report(&store, now()).await.unwrap();
         store
             .commit(
                 &feed,
@@ -595,7 +733,7 @@ mod tests {
             )
             .await
             .unwrap();
-        let later = report(&store).await.unwrap();
+        let later = report(&store, now()).await.unwrap();
         let rows = with_rates(&earlier, later, Duration::from_secs(2));
         assert_eq!(rows[0].rate, Some(500.0));
         let text = render_report("memory", Position(2_006), &rows);
@@ -603,7 +741,11 @@ mod tests {
             text.contains("backfilling: accounts.v1: 50.1 % at 500 events/s, about 2 s left"),
             "{text}"
         );
-        let still = with_rates(&rows, report(&store).await.unwrap(), Duration::from_secs(1));
+        let still = with_rates(
+            &rows,
+            report(&store, now()).await.unwrap(),
+            Duration::from_secs(1),
+        );
         let text = render_report("memory", Position(2_006), &still);
         assert!(text.contains("not moving"), "{text}");
     }

@@ -129,6 +129,16 @@ pub struct PublisherCursor {
     pub updated_at: Timestamp,
 }
 
+/// How far one publisher is behind its feed: [`publisher_lag`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PublisherLag {
+    /// `head − cursor`: the feed's events its broker has not confirmed yet.
+    pub positions: u64,
+    /// How long ago the oldest of them happened: `now −` the `time` of the event at `cursor + 1`
+    /// (zero when caught up, or when that time is after `now`).
+    pub behind: Duration,
+}
+
 /// Why a feed store operation failed. In every case nothing was written.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -409,4 +419,30 @@ pub async fn wait_for_feed_position<S: FeedStore + ?Sized>(
         Ok(Err(_)) | Err(_) => None,
     };
     reached.unwrap_or_else(|| *watch.borrow())
+}
+
+/// How far a publisher whose cursor is at `cursor` is behind `feed`, whose head is `head`, at
+/// `now`: one read of the event at `cursor + 1` when it is behind, none when it is caught up.
+///
+/// # Cancel safety
+/// Cancel safe (a read).
+pub async fn publisher_lag<S: FeedStore + ?Sized>(
+    store: &S,
+    feed: &FeedId,
+    head: FeedPosition,
+    cursor: FeedPosition,
+    now: Timestamp,
+) -> Result<PublisherLag, FeedError> {
+    let positions = head.get().saturating_sub(cursor.get());
+    if positions == 0 {
+        return Ok(PublisherLag {
+            positions,
+            behind: Duration::ZERO,
+        });
+    }
+    let next = store.read_feed(feed, cursor, 1).await?;
+    let behind = next.first().map_or(Duration::ZERO, |event| {
+        Duration::from_micros(now.unix_micros().saturating_sub(event.time.unix_micros()))
+    });
+    Ok(PublisherLag { positions, behind })
 }

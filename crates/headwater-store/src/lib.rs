@@ -20,9 +20,9 @@ mod store;
 pub use error::{AppendError, ReadError};
 pub use feed::{
     COMMIT_EVENTS_MAX, FeedCommit, FeedError, FeedEvent, FeedReader, FeedState, FeedStore,
-    ProjectedEvent, ProjectorBatch, PublisherCursor, ReaderSeen, SubjectHead, validate_batch,
-    validate_feed_limit, validate_publisher_advance, validate_publisher_name,
-    validate_subject_limit, wait_for_feed_position,
+    ProjectedEvent, ProjectorBatch, PublisherCursor, PublisherLag, ReaderSeen, SubjectHead,
+    publisher_lag, validate_batch, validate_feed_limit, validate_publisher_advance,
+    validate_publisher_name, validate_subject_limit, wait_for_feed_position,
 };
 pub use feed_memory::MemoryFeedStore;
 pub use leader::{AlwaysLead, Leadership, Lease, LeaseHolder};

@@ -34,6 +34,76 @@ async fn feeds_lists_name_version_status_head() {
 }
 
 #[tokio::test]
+async fn feeds_lists_each_publishers_cursor_and_lag() {
+    use headwater_core::{EventId, EventType, FeedPosition, Position, Subject, Timestamp};
+    use headwater_store::{ProjectedEvent, ProjectorBatch};
+
+    let fx = fixture(5).await;
+    let v2 = feed("accounts.v2");
+    // Two more events that happened long ago (the fixture's are in the future).
+    let old = |p: u64| ProjectedEvent {
+        id: EventId::new_random(),
+        event_type: EventType::new("accounts.deposited").unwrap(),
+        subject: Subject::new("s9").unwrap(),
+        time: Timestamp::from_unix_micros(1_000_000 * p),
+        data: b"{}".to_vec(),
+        source_position: Position(p),
+    };
+    fx.store
+        .commit(
+            &v2,
+            ProjectorBatch {
+                from: Position(5),
+                to: Position(7),
+                events: vec![old(6), old(7)],
+            },
+        )
+        .await
+        .unwrap();
+    let rabbitmq = fx
+        .store
+        .advance_publisher(&v2, "rabbitmq", FeedPosition(0), FeedPosition(5))
+        .await
+        .unwrap();
+    fx.store
+        .advance_publisher(&v2, "nats", FeedPosition(0), FeedPosition(7))
+        .await
+        .unwrap();
+
+    let feeds = get(&fx.router, "/feeds", Some(ALL)).await.json();
+    assert_eq!(feeds[0]["publishers"], json!([]), "accounts.v1 has none");
+    let publishers = feeds[1]["publishers"].as_array().unwrap();
+    assert_eq!(publishers.len(), 2, "{feeds}");
+    // By name; caught up: no lag.
+    assert_eq!(publishers[0]["publisher"], "nats");
+    assert_eq!(publishers[0]["cursor"], 7);
+    assert_eq!(publishers[0]["lag"], 0);
+    assert_eq!(publishers[0]["lag_seconds"], 0.0);
+    // Two behind, the first of them from 6 s after the epoch.
+    let behind = &publishers[1];
+    assert_eq!(behind["publisher"], "rabbitmq");
+    assert_eq!(behind["cursor"], 5);
+    assert_eq!(behind["lag"], 2);
+    let seconds = behind["lag_seconds"].as_f64().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (now - 6.0 - seconds).abs() < 60.0,
+        "{seconds} s behind, {now} s now"
+    );
+    assert_eq!(
+        behind["updated_at"],
+        headwater_api::rfc3339(rabbitmq.updated_at)
+    );
+    // A token sees the publishers of the feeds it may read only.
+    let feeds = get(&fx.router, "/feeds", Some(V2_ONLY)).await.json();
+    assert_eq!(feeds.as_array().unwrap().len(), 1);
+    assert_eq!(feeds[0]["publishers"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
 async fn a_feed_page_is_a_cloudevents_batch() {
     let fx = fixture(5).await;
     let answer = get(&fx.router, "/feeds/accounts/v2?after=1&limit=2", Some(ALL)).await;

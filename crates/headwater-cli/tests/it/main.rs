@@ -904,9 +904,9 @@ fn a_or_b(i: u64) -> &'static str {
 }
 
 /// A store with a log of 5 events and one feed `accounts.v1` projected from its first 4, two
-/// subjects, and one reader recorded.
+/// subjects, one reader recorded, and its publisher `rabbitmq` at position 2.
 fn store_with_a_feed(dir: &Path) {
-    use headwater_core::{FeedId, Timestamp};
+    use headwater_core::{FeedId, FeedPosition, Timestamp};
     use headwater_store::{FeedStore, ReaderSeen};
 
     small_store(dir);
@@ -918,6 +918,10 @@ fn store_with_a_feed(dir: &Path) {
         feeds.register(&feed).await.unwrap();
         let batch = deposits(4, 4, a_or_b);
         feeds.commit(&feed, batch).await.unwrap();
+        feeds
+            .advance_publisher(&feed, "rabbitmq", FeedPosition(0), FeedPosition(2))
+            .await
+            .unwrap();
         feeds
             .record_readers(vec![ReaderSeen {
                 feed,
@@ -944,6 +948,11 @@ fn feeds_shows_status_progress_and_readers() {
             && stdout.contains("statements (7 reads"),
         "{stdout}"
     );
+    assert!(
+        stdout.contains("| feed | publisher | cursor | lag | lag (s) | last moved |")
+            && stdout.contains("| accounts.v1 | rabbitmq | 2 | 2 | "),
+        "{stdout}"
+    );
 
     let out = headwater(&["feeds", path, "--json"]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
@@ -960,6 +969,19 @@ fn feeds_shows_status_progress_and_readers() {
         "{json}"
     );
     assert_eq!(feed["readers"][0]["reader"], "statements");
+    let publisher = &feed["publishers"][0];
+    assert_eq!(
+        (
+            &publisher["publisher"],
+            &publisher["cursor"],
+            &publisher["lag"]
+        ),
+        (&"rabbitmq".into(), &2.into(), &2.into()),
+        "{json}"
+    );
+    // Its next event's time is 2026-11-27 09:55:24 UTC: long enough ago.
+    assert!(publisher["lag_seconds"].as_f64().unwrap() > 0.0, "{json}");
+    assert!(publisher["updated_at"].is_string(), "{json}");
 }
 
 #[test]
@@ -1056,7 +1078,7 @@ fn retire_checks_readers_and_successor_and_refuses_a_store_in_use() {
 
 #[test]
 fn feeds_tail_and_retire_work_on_a_postgres_store() {
-    use headwater_core::{FeedId, FeedStatus, Timestamp};
+    use headwater_core::{FeedId, FeedPosition, FeedStatus, Timestamp};
     use headwater_store::{FeedStore, ReaderSeen};
 
     let pg = small_pg_store();
@@ -1078,6 +1100,11 @@ fn feeds_tail_and_retire_work_on_a_postgres_store() {
                 feeds.commit(&feed, batch).await.unwrap();
                 feeds.set_status(&feed, FeedStatus::Live).await.unwrap();
             }
+            let v2 = FeedId::parse("accounts.v2").unwrap();
+            feeds
+                .advance_publisher(&v2, "nats", FeedPosition(0), FeedPosition(3))
+                .await
+                .unwrap();
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
@@ -1109,6 +1136,21 @@ fn feeds_tail_and_retire_work_on_a_postgres_store() {
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["feeds"].as_array().map(Vec::len), Some(2), "{json}");
     assert_eq!(json["feeds"][0]["readers"][0]["reader"], "statements");
+    assert_eq!(
+        json["feeds"][0]["publishers"],
+        serde_json::json!([]),
+        "{json}"
+    );
+    let publisher = &json["feeds"][1]["publishers"][0];
+    assert_eq!(publisher["publisher"], "nats", "{json}");
+    assert_eq!(publisher["cursor"], 3, "{json}");
+    assert_eq!(publisher["lag"], 0, "{json}");
+    assert_eq!(publisher["lag_seconds"], 0.0, "{json}");
+    let out = run(&["feeds"]);
+    assert!(
+        text(&out.stdout).contains("| accounts.v2 | nats | 3 | 0 | 0.0 | "),
+        "{out:?}"
+    );
 
     let out = run(&["tail", "--feed", "accounts.v2", "--json"]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
@@ -1130,13 +1172,13 @@ fn feeds_tail_and_retire_work_on_a_postgres_store() {
 }
 
 /// A feed API on 127.0.0.1 over a memory feed store holding `accounts.v1` (5 events, subjects
-/// `a` and `b`), served from a thread of its own until the test ends.
+/// `a` and `b`; its publisher `rabbitmq` at position 3), served from a thread of its own until the test ends.
 fn feed_api_server() -> (
     String,
     std::sync::mpsc::Sender<()>,
     headwater_store::MemoryFeedStore,
 ) {
-    use headwater_core::FeedId;
+    use headwater_core::{FeedId, FeedPosition};
     use headwater_store::{FeedStore, MemoryFeedStore};
 
     let (address_tx, address_rx) = std::sync::mpsc::channel();
@@ -1151,6 +1193,10 @@ fn feed_api_server() -> (
             feeds.register(&feed).await.unwrap();
             let batch = deposits(5, 5, a_or_b);
             feeds.commit(&feed, batch).await.unwrap();
+            feeds
+                .advance_publisher(&feed, "rabbitmq", FeedPosition(0), FeedPosition(3))
+                .await
+                .unwrap();
             let mut registry = prometheus_client::registry::Registry::default();
             let tokens = headwater_api::Tokens::one_for_all("cli", "secret-token").unwrap();
             let config = headwater_api::ApiConfig::new("test", tokens).unwrap();
@@ -1179,6 +1225,24 @@ fn feeds_and_tail_read_a_running_feed_api_with_a_token() {
         text(&out.stdout).contains("| accounts.v1 | backfilling | 5 |"),
         "{out:?}"
     );
+    assert!(
+        text(&out.stdout).contains("| accounts.v1 | rabbitmq | 3 | 2 | "),
+        "{out:?}"
+    );
+    let out = headwater(&["feeds", &url, "--token", "secret-token", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let publisher = &json[0]["publishers"][0];
+    assert_eq!(
+        (
+            &publisher["publisher"],
+            &publisher["cursor"],
+            &publisher["lag"]
+        ),
+        (&"rabbitmq".into(), &3.into(), &2.into()),
+        "{json}"
+    );
+    assert!(publisher["lag_seconds"].as_f64().unwrap() > 0.0, "{json}");
 
     let out = headwater(&[
         "tail",
