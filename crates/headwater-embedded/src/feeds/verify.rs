@@ -363,3 +363,48 @@ fn skip_subject(rows: &mut rusqlite::Rows<'_>, subject_id: i64) -> Result<EventK
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use headwater_core::FeedId;
+    use headwater_store::FeedStore;
+
+    use super::super::schema::publisher_crc;
+    use crate::verify::Problem;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_publisher_past_its_feeds_head_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = crate::EmbeddedStore::open(dir.path()).unwrap();
+            let feeds = store.feeds().unwrap();
+            feeds
+                .register(&FeedId::parse("accounts.v1").unwrap())
+                .await
+                .unwrap();
+        }
+        let clean = crate::verify(dir.path(), &mut |_| {}).unwrap();
+        assert!(clean.problems.is_empty(), "{clean:#?}");
+        {
+            // A sound row (its checksum matches) whose cursor is past the empty feed's head.
+            let conn = rusqlite::Connection::open(dir.path().join("feeds.sqlite3")).unwrap();
+            let crc = publisher_crc(1, b"nats", 3, 42);
+            conn.execute(
+                "INSERT INTO publishers (feed_id, publisher, position, updated_at, crc) \
+                 VALUES (1, 'nats', 3, 42, ?1)",
+                [i64::from(crc)],
+            )
+            .unwrap();
+        }
+        let report = crate::verify(dir.path(), &mut |_| {}).unwrap();
+        assert_eq!(report.problems.len(), 1, "{report:#?}");
+        assert!(
+            report.problems.iter().any(|p| matches!(
+                p,
+                Problem::FeedDamage { feed, detail }
+                    if feed == "accounts.v1" && detail.contains("past the feed's head")
+            )),
+            "{report:#?}"
+        );
+    }
+}
