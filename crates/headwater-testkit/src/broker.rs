@@ -130,6 +130,29 @@ impl BrokerProcess {
         }
     }
 
+    /// RabbitMQ: definitions (exchanges, queues, bindings … in the JSON of
+    /// `rabbitmqctl export_definitions`) the node imports when it boots, before it accepts
+    /// connections — topology that exists before any client can publish. Call before the start.
+    pub fn rabbitmq_definitions(&mut self, json: &str) {
+        assert_eq!(
+            self.kind,
+            BrokerKind::RabbitMq,
+            "definitions are RabbitMQ's"
+        );
+        assert!(self.child.is_none(), "definitions are imported at boot");
+        let dir = self.dir.path();
+        let path = dir.join("definitions.json");
+        std::fs::write(&path, json).unwrap();
+        std::fs::write(
+            dir.join("rabbitmq.conf"),
+            format!(
+                "loopback_users = none\nload_definitions = {}\n",
+                path.display()
+            ),
+        )
+        .unwrap();
+    }
+
     pub fn kind(&self) -> BrokerKind {
         self.kind
     }
@@ -254,6 +277,17 @@ impl BrokerProcess {
             std::thread::sleep(Duration::from_millis(POLL_MILLIS));
         }
         self.wait_port_closed();
+    }
+
+    /// Freezes the broker (SIGSTOP to its process group): its connections stay open and take
+    /// what the kernel buffers, and nothing is answered — a broker that hangs. Then
+    /// [`kill`](BrokerProcess::kill) it (SIGKILL ends a stopped process too) to lose what it had
+    /// not processed.
+    pub fn freeze(&mut self) {
+        let Some(child) = &self.child else {
+            panic!("the broker is not running");
+        };
+        signal_group(child, "STOP");
     }
 
     /// Kills the broker's process group with SIGKILL and reaps it.

@@ -36,6 +36,7 @@ fn lifecycle(kind: BrokerKind) {
     assert!(!answers(port), "stopped");
     broker.start_again();
     assert!(broker.is_running());
+    broker.freeze();
     let epmd_port = broker.epmd_port();
     drop(broker);
     assert!(!answers(port), "dropped");
