@@ -9,6 +9,7 @@
 //! RabbitMQ takes seconds to boot: start at most one node per test.
 
 use std::fs::File;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -23,6 +24,8 @@ pub const RABBITMQ_START_SECS_MAX: u64 = 60;
 pub const NATS_START_SECS_MAX: u64 = 20;
 /// The longest a graceful stop may take before the process group is killed, in seconds.
 pub const STOP_SECS_MAX: u64 = 30;
+/// How long a readiness check waits for the broker's greeting.
+const GREETING_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often a wait checks again, in milliseconds.
 const POLL_MILLIS: u64 = 20;
 /// How much of the server's log a failure shows, in bytes.
@@ -233,8 +236,7 @@ impl BrokerProcess {
         let deadline = Instant::now() + limit;
         let address = SocketAddr::from(([127, 0, 0, 1], self.port));
         loop {
-            if TcpStream::connect_timeout(&address, Duration::from_millis(POLL_MILLIS * 10)).is_ok()
-            {
+            if greets(self.kind, address) {
                 return;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
@@ -402,6 +404,30 @@ fn which(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?)
         .map(|dir| dir.join(name))
         .find(|path| path.is_file())
+}
+
+/// Whether the broker at `address` answers as its protocol says it does, not just accepts a TCP
+/// connection (a RabbitMQ node may accept before it serves): RabbitMQ answers the AMQP 0-9-1
+/// protocol header with a method frame (`connection.start`), NATS greets with `INFO`.
+fn greets(kind: BrokerKind, address: SocketAddr) -> bool {
+    let Ok(mut socket) = TcpStream::connect_timeout(&address, GREETING_TIMEOUT) else {
+        return false;
+    };
+    if socket.set_read_timeout(Some(GREETING_TIMEOUT)).is_err() {
+        return false;
+    }
+    let expected: &[u8] = match kind {
+        BrokerKind::RabbitMq => {
+            if socket.write_all(b"AMQP\x00\x00\x09\x01").is_err() {
+                return false;
+            }
+            // A frame of type 1 (method) on channel 0.
+            &[1, 0, 0]
+        }
+        BrokerKind::Nats => b"INFO",
+    };
+    let mut greeting = vec![0; expected.len()];
+    socket.read_exact(&mut greeting).is_ok() && greeting == expected
 }
 
 /// Sends `signal` to the process group `child` leads (by its id, with `kill(1)`: no unsafe code

@@ -13,9 +13,9 @@ use crate::producer::{APPEND_SLOW_EVERY_MILLIS, Producer, metric, read_feed, uni
 use crate::{Checker, runtime, seeded};
 
 /// Published after each start of the broker before it goes down again, in events.
-const PUBLISHED_BEFORE_OUTAGE: u64 = 200;
+const PUBLISHED_BEFORE_OUTAGE_EVENTS: u64 = 200;
 /// Appended while the broker is down, in events.
-const APPENDED_WHILE_DOWN: u64 = 300;
+const APPENDED_WHILE_DOWN_EVENTS: u64 = 300;
 /// The longest each step may take, in seconds.
 const STEP_SECS_MAX: u64 = 60;
 
@@ -54,7 +54,7 @@ fn broker_restart(kind: BrokerKind) {
             "publishing",
             step,
             |_| {},
-            |s| s.published >= published_before + PUBLISHED_BEFORE_OUTAGE,
+            |s| s.published >= published_before + PUBLISHED_BEFORE_OUTAGE_EVENTS,
         );
         eprintln!("{}: {outage:?}", at());
         match outage {
@@ -76,7 +76,7 @@ fn broker_restart(kind: BrokerKind) {
                 states.insert(s.state.clone());
             },
             |s| {
-                s.log >= gone.log + APPENDED_WHILE_DOWN
+                s.log >= gone.log + APPENDED_WHILE_DOWN_EVENTS
                     && s.reconnects > gone.reconnects
                     && s.error.is_some()
             },

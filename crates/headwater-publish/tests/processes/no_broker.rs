@@ -11,7 +11,7 @@ use crate::producer::{APPEND_SLOW_EVERY_MILLIS, Producer, http_get, read_feed, u
 use crate::{Checker, checker, runtime, seeded};
 
 /// Projected before the broker starts, in events.
-const PROJECTED_BEFORE_BROKER: u64 = 300;
+const PROJECTED_BEFORE_BROKER_EVENTS: u64 = 300;
 /// The longest each step may take, in seconds.
 const STEP_SECS_MAX: u64 = 60;
 
@@ -45,21 +45,21 @@ fn no_broker_at_start(kind: BrokerKind) {
         "projecting without a broker",
         step,
         |_| {},
-        |s| s.feed >= PROJECTED_BEFORE_BROKER && s.error.is_some(),
+        |s| s.feed >= PROJECTED_BEFORE_BROKER_EVENTS && s.error.is_some(),
     );
     assert_eq!(before.published, 0, "{before:?}");
     // The feed API serves the feed meanwhile.
     let (code, body) = http_get(
         producer.api,
         &format!(
-            "/feeds/{}/v{}?after=0&limit={PROJECTED_BEFORE_BROKER}",
+            "/feeds/{}/v{}?after=0&limit={PROJECTED_BEFORE_BROKER_EVENTS}",
             feed.name.as_str(),
             feed.version.get()
         ),
     );
     assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
     let served: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
-    assert_eq!(served.len() as u64, PROJECTED_BEFORE_BROKER);
+    assert_eq!(served.len() as u64, PROJECTED_BEFORE_BROKER_EVENTS);
 
     producer.stop_appending();
     broker.start_again();

@@ -328,7 +328,10 @@ impl Producer {
         if let Some(millis) = append_every_millis {
             env.push((APPEND_ENV, millis.to_string()));
         }
-        let mut child = ChildProcess::spawn("producer::child_producer", &env);
+        // The child test's path in this binary: this module's path without the binary's name
+        // (`producer::child_producer`), wherever the module sits.
+        let module = module_path!().split_once("::").map_or("", |(_, path)| path);
+        let mut child = ChildProcess::spawn(&format!("{module}::child_producer"), &env);
         let ready = child.wait_for("READY", Duration::from_secs(START_TIMEOUT_SECS), |_| {});
         let api = ready
             .strip_prefix("READY api=")
