@@ -2,15 +2,15 @@
 //!
 //! For each broker given (`--amqp`, `--nats`):
 //!
-//! 1. **Raw rate**: the broker's own publish-with-confirm rate through the client library the
+//! 1. Raw rate: the broker's own publish-with-confirm rate through the client library the
 //!    publisher uses (lapin with publisher confirms, persistent and mandatory, to a durable topic
 //!    exchange with a durable queue bound; async-nats JetStream publishes with acks and
 //!    `Nats-Msg-Id`, to a file-backed stream), pipelined with the publisher's in-flight window:
 //!    the best a client can do. The message is the CloudEvent the publisher would send.
-//! 2. **Through the publisher**: a feed of the embedded feed store pre-filled with `events`
+//! 2. Through the publisher: a feed of the embedded feed store pre-filled with `events`
 //!    integration events (not timed), then `Publishers` started on it; events per second until
 //!    the publisher's cursor reaches the feed's head. Compared with the raw rate as a ratio.
-//! 3. **Append → broker latency**: one internal event appended at a time, at a steady rate,
+//! 3. Append → broker latency: one internal event appended at a time, at a steady rate,
 //!    to the embedded event store, with a projector and the publisher running and a consumer on
 //!    the broker (RabbitMQ: `basic.consume` on the queue, no ack; NATS: a pull consumer without
 //!    acks); the time from the start of the append to the consumer's arrival, p50 / p99.
@@ -32,6 +32,7 @@ use headwater_core::{
     StreamName, Subject, Timestamp,
 };
 use headwater_feed::Projectors;
+use headwater_publish::{PublisherOptions, Publishers};
 use headwater_store::{EventStore, FeedEvent, FeedStore};
 use serde::{Deserialize, Serialize};
 
@@ -44,11 +45,6 @@ use crate::text::group;
 const SOURCE: &str = "headwater-bench";
 /// Subjects the pre-filled feed spreads its events over: the feeds suite's streams.
 const FILL_SUBJECTS: u64 = 10_000;
-/// The publisher's window of events sent and not yet confirmed (its default); the raw figure
-/// uses the same.
-const IN_FLIGHT_EVENTS_DEFAULT: usize = 8_192;
-/// Events per `Broker::publish` of the publisher (its default).
-const BATCH_EVENTS_DEFAULT: usize = 512;
 /// Streams the latency appends rotate over (each a subject of the feed).
 const LATENCY_STREAMS: u64 = 100;
 /// Appends of the latency figure that may wait for the store at once (the appends are paced,
@@ -56,15 +52,9 @@ const LATENCY_STREAMS: u64 = 100;
 const LATENCY_APPENDS_IN_FLIGHT_MAX: usize = 256;
 /// How long the publisher may take to reach the head of the pre-filled feed, and the latency
 /// consumer to see the last event after the last append, before the benchmark gives up.
-#[expect(
-    dead_code,
-    reason = "the latency figure, wired in once the publisher is on main"
-)]
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(600);
-#[expect(
-    dead_code,
-    reason = "the latency figure, wired in once the publisher is on main"
-)]
+/// How long the publisher's cursor may stay still before the benchmark gives up on it.
+const PUBLISH_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 const ARRIVAL_TIMEOUT: Duration = Duration::from_secs(60);
 /// The slowest append → arrival the latency histogram tells apart, in microseconds (fixed
 /// bounds: a slower one counts as this, and is seen as such in the maximum).
@@ -80,7 +70,11 @@ pub(crate) struct PublishPlan {
     /// Events of the pre-filled feed, and messages of the raw figure.
     pub(crate) events: u64,
     pub(crate) subjects: u64,
+    /// The publisher's window of events sent and not yet confirmed (its default); the raw and
+    /// the broker-layer figures use the same.
     pub(crate) window: usize,
+    /// Events per `Broker::publish` of the publisher (its default).
+    pub(crate) batch: usize,
     pub(crate) latency_events: u64,
     /// Appends per second of the latency figure.
     pub(crate) latency_rate: u32,
@@ -88,12 +82,14 @@ pub(crate) struct PublishPlan {
 
 impl PublishPlan {
     pub(crate) fn from_plan(plan: &Plan) -> PublishPlan {
+        let publisher = PublisherOptions::default();
         PublishPlan {
             events: plan
                 .publish_events
                 .unwrap_or(if plan.quick { 5_000 } else { 200_000 }),
             subjects: FILL_SUBJECTS,
-            window: IN_FLIGHT_EVENTS_DEFAULT,
+            window: publisher.in_flight_events_max,
+            batch: publisher.batch_events_max,
             latency_events: if plan.quick { 100 } else { 3_000 },
             latency_rate: if plan.quick { 200 } else { 500 },
         }
@@ -120,11 +116,11 @@ pub(crate) struct BrokerFigures {
     /// That over raw, in this run.
     pub(crate) broker_layer_ratio: f64,
     /// Projecting the log into the pre-filled feed (not part of the publish figure).
-    pub(crate) fill_per_sec: Option<f64>,
-    pub(crate) publisher_per_sec: Option<f64>,
+    pub(crate) fill_per_sec: f64,
+    pub(crate) publisher_per_sec: f64,
     /// Through the publisher over raw, in this run.
-    pub(crate) ratio: Option<f64>,
-    pub(crate) latency: Option<Latency>,
+    pub(crate) ratio: f64,
+    pub(crate) latency: Latency,
 }
 
 /// Append → consumer arrival.
@@ -170,17 +166,17 @@ pub(crate) async fn measure<E: EventStore + 'static, F: FeedStore>(
     drop(filled);
     let latency = latency(target, live.events, live.feeds, &p).await?;
     let (fill_rate, broker_layer, published) = through;
-    let publisher_per_sec = published.map(|r| r.per_second());
+    let publisher_per_sec = published.per_second();
     Ok(BrokerFigures {
         broker: target.key(),
         label: target.label(),
         server,
         raw_per_sec: raw.per_second(),
-        fill_per_sec: Some(fill_rate),
+        fill_per_sec: fill_rate,
         broker_layer_per_sec: broker_layer.per_second(),
         broker_layer_ratio: broker_layer.per_second() / raw.per_second().max(f64::MIN_POSITIVE),
         publisher_per_sec,
-        ratio: publisher_per_sec.map(|ours| ours / raw.per_second().max(f64::MIN_POSITIVE)),
+        ratio: publisher_per_sec / raw.per_second().max(f64::MIN_POSITIVE),
         latency,
     })
 }
@@ -245,13 +241,13 @@ async fn fill<E: EventStore + 'static, F: FeedStore>(
 }
 
 /// The broker layer and the publisher through a pre-filled feed: `(fill rate, through
-/// `Broker::publish`, through the publisher)`; the last `None` until the publisher is built.
+/// `Broker::publish`, through the publisher)`.
 async fn through_publisher<E: EventStore + 'static, F: FeedStore>(
     target: &Target,
     events: &Arc<E>,
     feeds: &Arc<F>,
     p: &PublishPlan,
-) -> anyhow::Result<(f64, Raw, Option<Raw>)> {
+) -> anyhow::Result<(f64, Raw, Raw)> {
     let feed = unique_feed("bench_publish")?;
     let fill_rate = fill(events, feeds, &feed, p.events).await?;
     tracing::info!(
@@ -259,7 +255,94 @@ async fn through_publisher<E: EventStore + 'static, F: FeedStore>(
         "feed projected"
     );
     let broker_layer = through_broker(target, feeds.as_ref(), &feed, p).await?;
-    Ok((fill_rate, broker_layer, None))
+    let published = through_the_publisher(target, feeds, &feed, p).await?;
+    Ok((fill_rate, broker_layer, published))
+}
+
+/// `Publishers` started on the pre-filled feed (cursor at the start): the time until its cursor
+/// reaches the feed's head. Checks that the broker holds every event, and removes the queue or
+/// stream.
+async fn through_the_publisher<F: FeedStore>(
+    target: &Target,
+    feeds: &Arc<F>,
+    feed: &FeedId,
+    p: &PublishPlan,
+) -> anyhow::Result<Raw> {
+    target.prepare(feed).await?;
+    let broker = target.broker().await?;
+    let bar = super::progress_bar(
+        &format!("publish: {} through the publisher", target.key()),
+        p.events,
+        "events",
+    );
+    let started = Instant::now();
+    let publishers = Publishers::builder(broker, SOURCE)
+        .feed(feed.clone())
+        .options(PublisherOptions::default())
+        .start(Arc::clone(feeds))
+        .context("cannot start the publisher")?;
+    let reached = wait_published(&publishers, feed, FeedPosition(p.events), &bar).await;
+    let elapsed = started.elapsed();
+    publishers.shutdown().await;
+    bar.finish_and_clear();
+    reached?;
+    let held = target.remove(feed).await?;
+    if held < p.events {
+        bail!(
+            "the publisher's cursor reached {}, {}'s queue or stream held {held} events",
+            p.events,
+            target.label()
+        );
+    }
+    let raw = Raw {
+        messages: p.events,
+        elapsed,
+    };
+    tracing::info!(
+        broker = target.key(),
+        events_per_sec = format_args!("{}", group(raw.per_second())),
+        "through the publisher"
+    );
+    Ok(raw)
+}
+
+/// Polls the publisher of `feed` until its cursor reaches `head`; fails when it made no
+/// progress for [`PUBLISH_STALL_TIMEOUT`] (with its last error) or after [`PUBLISH_TIMEOUT`].
+async fn wait_published(
+    publishers: &Publishers,
+    feed: &FeedId,
+    head: FeedPosition,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut last = (FeedPosition::START, Instant::now());
+    loop {
+        let status = publishers.statuses().into_iter().find(|s| &s.feed == feed);
+        let cursor = status.as_ref().map_or(FeedPosition::START, |s| s.cursor);
+        bar.set_position(cursor.get());
+        if cursor >= head {
+            return Ok(());
+        }
+        if cursor > last.0 {
+            last = (cursor, Instant::now());
+        }
+        let error = || {
+            status
+                .as_ref()
+                .and_then(|s| s.last_error.clone())
+                .unwrap_or_else(|| "no error recorded".to_owned())
+        };
+        if last.1.elapsed() > PUBLISH_STALL_TIMEOUT {
+            bail!(
+                "the publisher of {feed} stayed at {cursor} for {PUBLISH_STALL_TIMEOUT:?}: {}",
+                error()
+            );
+        }
+        if started.elapsed() > PUBLISH_TIMEOUT {
+            bail!("the publisher of {feed} did not reach {head} within {PUBLISH_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 }
 
 /// The feed's events, read from the store beforehand (not timed), published through the
@@ -295,9 +378,9 @@ async fn through_broker<F: FeedStore>(
         p.events,
         "events",
     );
-    let batches_in_flight = (p.window / BATCH_EVENTS_DEFAULT).max(1);
+    let batches_in_flight = (p.window / p.batch).max(1);
     let started = Instant::now();
-    let mut publishes = futures_util::stream::iter(all.chunks(BATCH_EVENTS_DEFAULT))
+    let mut publishes = futures_util::stream::iter(all.chunks(p.batch))
         .map(|batch| {
             let broker = Arc::clone(&broker);
             async move { broker.publish(feed, SOURCE, batch).await }
@@ -333,15 +416,73 @@ async fn through_broker<F: FeedStore>(
     Ok(raw)
 }
 
-/// The latency figure; `None` until the publisher is built.
+/// The latency figure: a fresh feed on an empty log, its projector and publisher running, a
+/// consumer on the broker; appends paced at the plan's rate.
 async fn latency<E: EventStore + 'static, F: FeedStore>(
     target: &Target,
     events: Arc<E>,
     feeds: Arc<F>,
     p: &PublishPlan,
-) -> anyhow::Result<Option<Latency>> {
-    let _ = (target, events, feeds, p);
-    Ok(None)
+) -> anyhow::Result<Latency> {
+    let feed = unique_feed("bench_latency")?;
+    target.prepare(&feed).await?;
+    let arrivals = target.consume(&feed).await?;
+    // The publisher first: it waits for the feed until the projector registers it.
+    let publishers = Publishers::builder(target.broker().await?, SOURCE)
+        .feed(feed.clone())
+        .options(PublisherOptions::default())
+        .start(Arc::clone(&feeds))
+        .context("cannot start the publisher")?;
+    let projectors = match Projectors::builder()
+        .projection(BenchProjection::new(feed.clone()))
+        .start(Arc::clone(&events), Arc::clone(&feeds))
+        .await
+    {
+        Ok(projectors) => projectors,
+        Err(error) => {
+            publishers.shutdown().await;
+            return Err(error).with_context(|| format!("cannot start the projector of {feed}"));
+        }
+    };
+    let measured = async {
+        super::feeds::wait_live(
+            feeds.as_ref(),
+            &projectors,
+            &feed,
+            "publish: the latency feed turns live",
+            0,
+        )
+        .await?;
+        let epoch = Instant::now();
+        let appends_take =
+            Duration::from_secs_f64(p.latency_events as f64 / f64::from(p.latency_rate.max(1)));
+        let deadline = tokio::time::Instant::now() + appends_take + ARRIVAL_TIMEOUT;
+        let collector = tokio::spawn(collect(arrivals, epoch, p.latency_events, deadline));
+        let append_rate =
+            paced_appends(Arc::clone(&events), epoch, p.latency_events, p.latency_rate).await;
+        let histogram = collector.await.context("the latency consumer")??;
+        anyhow::Ok((append_rate?, histogram))
+    }
+    .await;
+    publishers.shutdown().await;
+    projectors.shutdown().await;
+    let removed = target.remove(&feed).await;
+    let (append_rate, histogram) = measured?;
+    removed?;
+    let latency = Latency {
+        events: p.latency_events,
+        append_rate,
+        p50_us: histogram.value_at_quantile(0.50),
+        p99_us: histogram.value_at_quantile(0.99),
+        max_us: histogram.max(),
+    };
+    tracing::info!(
+        broker = target.key(),
+        p50_ms = latency.p50_us as f64 / 1_000.0,
+        p99_ms = latency.p99_us as f64 / 1_000.0,
+        "append → broker latency"
+    );
+    Ok(latency)
 }
 
 /// What the latency consumer reads of each message: the append instant the event carries.
@@ -358,10 +499,6 @@ struct LatencyData {
 
 /// Reads arrivals until `total` distinct events arrived (duplicates count once); the latency of
 /// each from its append (its `sent_ns` after `epoch`) to its first arrival.
-#[expect(
-    dead_code,
-    reason = "the latency figure, wired in once the publisher is on main"
-)]
 async fn collect(
     mut arrivals: tokio::sync::mpsc::Receiver<super::publish_broker::Arrival>,
     epoch: Instant,
@@ -398,10 +535,6 @@ async fn collect(
 
 /// Appends `total` events, one per append, at `rate` per second (paced: each append starts on
 /// its tick, whatever earlier ones take), each carrying the instant its append started.
-#[expect(
-    dead_code,
-    reason = "the latency figure, wired in once the publisher is on main"
-)]
 async fn paced_appends<E: EventStore + 'static>(
     events: Arc<E>,
     epoch: Instant,
@@ -463,28 +596,29 @@ pub(crate) fn median(runs: &[PublishFigures]) -> Option<PublishFigures> {
                 .iter()
                 .filter_map(|r| r.brokers.iter().find(|x| x.broker == b.broker))
                 .collect();
-            let f = |get: &dyn Fn(&BrokerFigures) -> Option<f64>| {
-                med(each.iter().filter_map(|r| get(r)).collect())
+            let f = |get: fn(&BrokerFigures) -> f64| {
+                med(each.iter().map(|r| get(r)).collect()).unwrap_or(0.0)
             };
-            let latencies: Vec<&Latency> = each.iter().filter_map(|r| r.latency.as_ref()).collect();
-            let lat = |get: fn(&Latency) -> f64| med(latencies.iter().map(|l| get(l)).collect());
+            let lat = |get: fn(&Latency) -> f64| {
+                med(each.iter().map(|r| get(&r.latency)).collect()).unwrap_or(0.0)
+            };
             BrokerFigures {
                 broker: b.broker,
                 label: b.label,
                 server: b.server.clone(),
-                raw_per_sec: f(&|r| Some(r.raw_per_sec)).unwrap_or(0.0),
-                broker_layer_per_sec: f(&|r| Some(r.broker_layer_per_sec)).unwrap_or(0.0),
-                broker_layer_ratio: f(&|r| Some(r.broker_layer_ratio)).unwrap_or(0.0),
-                fill_per_sec: f(&|r| r.fill_per_sec),
-                publisher_per_sec: f(&|r| r.publisher_per_sec),
-                ratio: f(&|r| r.ratio),
-                latency: latencies.first().map(|l| Latency {
-                    events: l.events,
-                    append_rate: lat(|l| l.append_rate).unwrap_or(0.0),
-                    p50_us: lat(|l| l.p50_us as f64).unwrap_or(0.0) as u64,
-                    p99_us: lat(|l| l.p99_us as f64).unwrap_or(0.0) as u64,
-                    max_us: latencies.iter().map(|l| l.max_us).max().unwrap_or(0),
-                }),
+                raw_per_sec: f(|r| r.raw_per_sec),
+                broker_layer_per_sec: f(|r| r.broker_layer_per_sec),
+                broker_layer_ratio: f(|r| r.broker_layer_ratio),
+                fill_per_sec: f(|r| r.fill_per_sec),
+                publisher_per_sec: f(|r| r.publisher_per_sec),
+                ratio: f(|r| r.ratio),
+                latency: Latency {
+                    events: b.latency.events,
+                    append_rate: lat(|l| l.append_rate),
+                    p50_us: lat(|l| l.p50_us as f64) as u64,
+                    p99_us: lat(|l| l.p99_us as f64) as u64,
+                    max_us: each.iter().map(|r| r.latency.max_us).max().unwrap_or(0),
+                },
             }
         })
         .collect();
@@ -567,7 +701,6 @@ pub(crate) fn markdown(
         out,
         "\n| figure | measured | compared to, same run | runs |\n| --- | ---: | --- | --- |"
     );
-    let not_measured = "not measured (the publisher is not built yet)";
     for b in &m.brokers {
         let mine =
             |run: &PublishFigures| run.brokers.iter().find(|x| x.broker == b.broker).cloned();
@@ -588,73 +721,50 @@ pub(crate) fn markdown(
             "| {}: through `Broker::publish` (CloudEvent encoding, batches of {}), events read \
              beforehand | {} events/s | {:.0} % of the raw rate | {} |",
             b.label,
-            BATCH_EVENTS_DEFAULT,
+            p.batch,
             group(b.broker_layer_per_sec),
             b.broker_layer_ratio * 100.0,
             per_run(&|r| group(r.broker_layer_per_sec)),
         );
-        match (b.publisher_per_sec, b.ratio) {
-            (Some(ours), Some(ratio)) => {
-                let _ = writeln!(
-                    out,
-                    "| {}: through the publisher, {} events from the feed store | {} events/s | \
-                     {:.0} % of the raw rate | {} |",
-                    b.label,
-                    group(p.events as f64),
-                    group(ours),
-                    ratio * 100.0,
-                    per_run(&|r| r.publisher_per_sec.map_or("—".to_owned(), group)),
-                );
-            }
-            _ => {
-                let _ = writeln!(
-                    out,
-                    "| {}: through the publisher | {not_measured} | — | — |",
-                    b.label
-                );
-            }
-        }
-        match &b.latency {
-            Some(l) => {
-                let _ = writeln!(
-                    out,
-                    "| {}: append → consumer arrival, p50 / p99 (max) | {:.2} / {:.2} ms ({:.1} ms) \
-                     | {} appends/s achieved | {} |",
-                    b.label,
-                    l.p50_us as f64 / 1_000.0,
-                    l.p99_us as f64 / 1_000.0,
-                    l.max_us as f64 / 1_000.0,
-                    group(l.append_rate),
-                    per_run(&|r| r.latency.as_ref().map_or("—".to_owned(), |l| {
-                        format!(
-                            "{:.2} / {:.2}",
-                            l.p50_us as f64 / 1_000.0,
-                            l.p99_us as f64 / 1_000.0
-                        )
-                    })),
-                );
-            }
-            None => {
-                let _ = writeln!(
-                    out,
-                    "| {}: append → consumer arrival | {not_measured} | — | — |",
-                    b.label
-                );
-            }
-        }
+        let _ = writeln!(
+            out,
+            "| {}: through the publisher, {} events from the feed store | {} events/s | \
+             {:.0} % of the raw rate | {} |",
+            b.label,
+            group(p.events as f64),
+            group(b.publisher_per_sec),
+            b.ratio * 100.0,
+            per_run(&|r| group(r.publisher_per_sec)),
+        );
+        let l = &b.latency;
+        let _ = writeln!(
+            out,
+            "| {}: append → consumer arrival, p50 / p99 (max) | {:.2} / {:.2} ms ({:.1} \
+             ms) | {} appends/s achieved | {} |",
+            b.label,
+            l.p50_us as f64 / 1_000.0,
+            l.p99_us as f64 / 1_000.0,
+            l.max_us as f64 / 1_000.0,
+            group(l.append_rate),
+            per_run(&|r| {
+                format!(
+                    "{:.2} / {:.2}",
+                    r.latency.p50_us as f64 / 1_000.0,
+                    r.latency.p99_us as f64 / 1_000.0
+                )
+            }),
+        );
     }
     let fills: Vec<String> = runs
         .iter()
-        .flat_map(|r| r.brokers.iter().filter_map(|b| b.fill_per_sec).map(group))
+        .flat_map(|r| r.brokers.iter().map(|b| group(b.fill_per_sec)))
         .collect();
-    if !fills.is_empty() {
-        let _ = writeln!(
-            out,
-            "\nProjecting the log into the feed before publishing (not timed in the figures): {} \
-             events/s.",
-            fills.join(" / ")
-        );
-    }
+    let _ = writeln!(
+        out,
+        "\nProjecting the log into the feed before publishing (not timed in the figures): {} \
+         events/s.",
+        fills.join(" / ")
+    );
     out
 }
 

@@ -166,10 +166,6 @@ impl Target {
         Ok(())
     }
 
-    #[expect(
-        dead_code,
-        reason = "the latency figure, wired in once the publisher is on main"
-    )]
     /// A consumer of everything published to `feed` from now on; arrivals are timestamped as
     /// the client hands them over. Ends when the receiver is dropped.
     pub(crate) async fn consume(&self, feed: &FeedId) -> anyhow::Result<mpsc::Receiver<Arrival>> {
@@ -215,7 +211,7 @@ impl Target {
                 let consumer = stream
                     .create_consumer(consumer::pull::Config {
                         ack_policy: consumer::AckPolicy::None,
-                        deliver_policy: consumer::DeliverPolicy::New,
+                        deliver_policy: consumer::DeliverPolicy::All,
                         ..consumer::pull::Config::default()
                     })
                     .await

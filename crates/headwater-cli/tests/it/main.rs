@@ -472,10 +472,21 @@ fn quick_publish_bench_measures_each_broker() {
         .collect();
     assert_eq!(keys, ["rabbitmq", "nats"], "{results}");
     for broker in brokers {
-        for key in ["raw_per_sec", "broker_layer_per_sec"] {
+        for key in [
+            "raw_per_sec",
+            "broker_layer_per_sec",
+            "publisher_per_sec",
+            "ratio",
+            "fill_per_sec",
+        ] {
             let rate = broker[key].as_f64().unwrap_or_default();
             assert!(rate > 0.0, "{key} in {broker}");
         }
+        let latency = &broker["latency"];
+        assert_eq!(latency["events"].as_u64(), Some(100), "{broker}");
+        let p50 = latency["p50_us"].as_u64().unwrap_or_default();
+        let p99 = latency["p99_us"].as_u64().unwrap_or_default();
+        assert!(0 < p50 && p50 <= p99, "{broker}");
     }
     // Only the JSON file is left of the working directory.
     assert_eq!(std::fs::read_dir(parent.path()).unwrap().count(), 1);
