@@ -166,7 +166,13 @@ impl NatsBroker {
             .await
             .map_err(|e| BrokerError::Connect(e.to_string()))?;
         tracing::debug!("connected to NATS");
-        let mut jetstream = jetstream::new(client);
+        // async-nats holds at most 5,000 unacked publishes per context by default; one more
+        // waits for a permit that only awaiting an older ack gives back. The publisher sends its
+        // whole window before it awaits the oldest send, so the context must hold that window,
+        // and the acks of a window dropped after a refusal (the client waits for them a while).
+        let mut jetstream = jetstream::context::ContextBuilder::new()
+            .max_ack_inflight(ACKS_PENDING_MAX)
+            .build(client);
         jetstream.set_timeout(self.confirm_timeout);
         *session = Some(Session {
             jetstream: jetstream.clone(),
@@ -181,6 +187,9 @@ fn lost_connection() -> BrokerError {
         "not connected to NATS (a lost connection is not resumed: declare connects anew)".into(),
     )
 }
+
+/// The unacked publishes a JetStream context may hold: twice the publisher's largest window.
+const ACKS_PENDING_MAX: usize = 2 * crate::publisher::IN_FLIGHT_EVENTS_MAX;
 
 /// How long connecting to the server may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

@@ -283,6 +283,35 @@ async fn nats_publishes_acked_messages_in_order() {
         .unwrap();
 }
 
+/// More unacked publishes than async-nats lets a JetStream context hold by default (5,000),
+/// none awaited yet, as the publisher sends its window before it awaits the oldest send: every
+/// one goes out and is acked (a client at its limit would hold the next publish until the send
+/// times out).
+#[tokio::test]
+async fn nats_sends_a_window_beyond_the_clients_default_of_pending_acks() {
+    let feed = unique_feed();
+    let broker = NatsBroker::connect(&nats_url())
+        .await
+        .unwrap()
+        .with_confirm_timeout(Duration::from_secs(5));
+    broker.declare(&feed).await.unwrap();
+    let events = events(3 * 2_048);
+    let mut sends = Vec::new();
+    for batch in events.chunks(2_048) {
+        sends.push(broker.send(&feed, SOURCE, batch).await.unwrap());
+    }
+    for pending in sends {
+        all_confirmed(&pending.outcomes().await, false);
+    }
+    broker
+        .jetstream()
+        .await
+        .unwrap()
+        .delete_stream(stream_name(&feed))
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn nats_deduplicates_by_event_id() {
     let feed = unique_feed();
