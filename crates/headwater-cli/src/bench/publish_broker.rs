@@ -408,7 +408,11 @@ async fn raw_nats(
     let client = async_nats::connect(url)
         .await
         .context("cannot connect to NATS (--nats)")?;
-    let js = jetstream::new(client);
+    // The client holds at most 5,000 unacked publishes by default (then a publish waits for a
+    // permit, which only awaiting an older ack gives back): room for the whole window.
+    let js = jetstream::context::ContextBuilder::new()
+        .max_ack_inflight(window.max(1))
+        .build(client);
     let name = stream_name(feed);
     // As the publisher declares a feed's stream.
     js.create_stream(stream::Config {
