@@ -17,16 +17,23 @@
 //! a leader's writes must be fenced: with expected versions (G2) on the streams it writes, or by
 //! a conditional update of its cursor. Then a deposed leader's late write fails visibly instead
 //! of being applied twice.
+//!
+//! [`crate::PostgresStore`] implements [`headwater_store::Leadership`] with this election, so a
+//! service hands its store to the projectors and publishers (`.leadership(store.clone())`): each
+//! follower's `lead` acquires its election and returns a [`Lease`] that is lost when the
+//! leadership is, and whose release ends the leadership (its session, so its lock).
 
 use std::time::Duration;
 
+use async_trait::async_trait;
+use headwater_store::{Lease, LeaseHolder};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
-use crate::Target;
 use crate::reader::to_u64;
 use crate::schema::lock_key;
+use crate::{PostgresStore, Target};
 
 /// How often a leader checks that it still holds its lock, by default, in milliseconds.
 pub const HEALTH_CHECK_INTERVAL_MILLIS_DEFAULT: u64 = 500;
@@ -232,4 +239,40 @@ impl Drop for Leadership {
         // Dropping the task's client closes the session, which releases the lock.
         self.check.abort();
     }
+}
+
+/// The follower runs while this replica holds `follower`'s election ([`LeaderElection`], with the
+/// timing of the store's [`crate::Options`]): [`headwater_store::Leadership::lead`] waits for
+/// it, and the [`Lease`] it returns is lost as soon as the leadership is (a failed health
+/// check, a broken connection, a terminated session). Dropping the lease ends the leadership: its
+/// session closes and another replica may lead.
+#[async_trait]
+impl headwater_store::Leadership for PostgresStore {
+    /// # Cancel safety
+    /// Cancel safe: a dropped wait closes the connection of its try, which frees the lock if it
+    /// was taken.
+    async fn lead(
+        &self,
+        follower: &str,
+    ) -> Result<Lease, Box<dyn std::error::Error + Send + Sync + 'static>> {
+        let leadership = self.leader_election(follower).acquire().await?;
+        let (lease, holder) = Lease::new();
+        tokio::spawn(hold(leadership, holder));
+        Ok(lease)
+    }
+}
+
+/// Keeps `leadership` until it is lost (then the lease is) or the lease is released (then the
+/// leadership is dropped: its session ends, freeing the lock).
+async fn hold(leadership: Leadership, holder: LeaseHolder) {
+    tokio::select! {
+        () = leadership.lost() => {
+            tracing::warn!(follower = %leadership.name(), term = leadership.term(), "lost the leadership");
+            holder.lose();
+        }
+        () = holder.released() => {
+            tracing::info!(follower = %leadership.name(), term = leadership.term(), "gave up the leadership");
+        }
+    }
+    drop(leadership);
 }

@@ -134,6 +134,15 @@ pub struct Options {
     pub idle_in_transaction_timeout: Duration,
     /// `statement_timeout` of the writer's session ([`STATEMENT_TIMEOUT_MILLIS_DEFAULT`]).
     pub statement_timeout: Duration,
+    /// How long a [`LeaderElection`] (and so [`headwater_store::Leadership::lead`]) waits
+    /// between tries while another replica leads ([`RETRY_INTERVAL_MILLIS_DEFAULT`]).
+    pub leader_retry_interval: Duration,
+    /// How often a leader checks that it still holds its lock
+    /// ([`HEALTH_CHECK_INTERVAL_MILLIS_DEFAULT`]): how late, at most plus the timeout, a
+    /// leader learns it lost the lock.
+    pub leader_health_check_interval: Duration,
+    /// How long one such check may take ([`HEALTH_CHECK_TIMEOUT_MILLIS_DEFAULT`]).
+    pub leader_health_check_timeout: Duration,
     /// **For tests**: awaited before each commit; an `Err` rolls the group back.
     pub before_commit: Option<CommitHook>,
 }
@@ -153,6 +162,11 @@ impl Default for Options {
                 IDLE_IN_TRANSACTION_TIMEOUT_MILLIS_DEFAULT,
             ),
             statement_timeout: Duration::from_millis(STATEMENT_TIMEOUT_MILLIS_DEFAULT),
+            leader_retry_interval: Duration::from_millis(RETRY_INTERVAL_MILLIS_DEFAULT),
+            leader_health_check_interval: Duration::from_millis(
+                HEALTH_CHECK_INTERVAL_MILLIS_DEFAULT,
+            ),
+            leader_health_check_timeout: Duration::from_millis(HEALTH_CHECK_TIMEOUT_MILLIS_DEFAULT),
             before_commit: None,
         }
     }
@@ -184,6 +198,15 @@ impl fmt::Debug for Options {
                 &self.idle_in_transaction_timeout,
             )
             .field("statement_timeout", &self.statement_timeout)
+            .field("leader_retry_interval", &self.leader_retry_interval)
+            .field(
+                "leader_health_check_interval",
+                &self.leader_health_check_interval,
+            )
+            .field(
+                "leader_health_check_timeout",
+                &self.leader_health_check_timeout,
+            )
             .field("before_commit", &self.before_commit.as_ref().map(|_| "…"))
             .finish()
     }
@@ -263,6 +286,8 @@ struct Inner {
     /// What opens a feed commit's transaction: `BEGIN` and the writer's session settings, for
     /// this transaction only (feed commits run on pooled connections).
     feed_begin: String,
+    /// The leader elections' settings: (retry interval, health check interval, its timeout).
+    leader_timing: (Duration, Duration, Duration),
 }
 
 impl Drop for Inner {
@@ -371,6 +396,11 @@ impl PostgresStore {
                 tasks,
                 feeds,
                 feed_begin,
+                leader_timing: (
+                    options.leader_retry_interval,
+                    options.leader_health_check_interval,
+                    options.leader_health_check_timeout,
+                ),
             }),
         })
     }
@@ -381,9 +411,14 @@ impl PostgresStore {
     }
 
     /// A leader election among the replicas of this store, for the follower `name` (see
-    /// [`LeaderElection`]).
+    /// [`LeaderElection`]), with the timing of [`Options`] (`leader_*`).
     pub fn leader_election(&self, name: &str) -> LeaderElection {
-        LeaderElection::new(self.inner.target.clone(), name)
+        let mut election = LeaderElection::new(self.inner.target.clone(), name);
+        let (retry, check, timeout) = self.inner.leader_timing;
+        election.retry_interval = retry;
+        election.health_check_interval = check;
+        election.health_check_timeout = timeout;
+        election
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, ReadError> {

@@ -1,14 +1,11 @@
 //! On PostgreSQL (`HEADWATER_TEST_POSTGRES_URL`; these tests fail without it, never skip):
-//! backfill while appending, and projectors on two replicas with `LeaderElection` as their
+//! backfill while appending, and projectors on two replicas with their `PostgresStore` as their
 //! `Leadership`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use headwater_feed::{
-    Leadership, Lease, ProjectorOptions, ProjectorState, Projectors, Stopped, build_feed,
-};
+use headwater_feed::{ProjectorOptions, ProjectorState, Projectors, Stopped, build_feed};
 use headwater_postgres::{Options, PostgresStore};
 use headwater_store::{EventStore, FeedStore};
 
@@ -33,10 +30,12 @@ impl Fresh {
         }
     }
 
+    /// A replica's store; its leader elections retry and check quickly, so takeovers are.
     async fn connect(&self) -> PostgresStore {
-        PostgresStore::connect(&self.url, Options::with_schema(&self.schema))
-            .await
-            .unwrap()
+        let mut options = Options::with_schema(&self.schema);
+        options.leader_retry_interval = Duration::from_millis(50);
+        options.leader_health_check_interval = Duration::from_millis(100);
+        PostgresStore::connect(&self.url, options).await.unwrap()
     }
 }
 
@@ -75,33 +74,6 @@ async fn a_new_version_backfills_while_appends_go_on_postgres() {
     crate::backfill::backfill_while_appending(Arc::new(store), feeds, 1_500).await;
 }
 
-/// `headwater_postgres::LeaderElection` as a projector's [`Leadership`]: what a service with
-/// several replicas plugs in (`docs/design/feeds.md`).
-struct PgLeadership(PostgresStore);
-
-#[async_trait]
-impl Leadership for PgLeadership {
-    async fn lead(
-        &self,
-        follower: &str,
-    ) -> Result<Lease, Box<dyn std::error::Error + Send + Sync>> {
-        let mut election = self.0.leader_election(follower);
-        election.retry_interval = Duration::from_millis(50);
-        election.health_check_interval = Duration::from_millis(100);
-        let leadership = election.acquire().await?;
-        let (lease, holder) = Lease::new();
-        tokio::spawn(async move {
-            tokio::select! {
-                () = leadership.lost() => {}
-                () = holder.released() => {}
-            }
-            holder.lose();
-            drop(leadership);
-        });
-        Ok(lease)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_replica_projects_at_a_time_and_another_takes_over() {
     let fresh = Fresh::new();
@@ -113,7 +85,7 @@ async fn one_replica_projects_at_a_time_and_another_takes_over() {
         Projectors::builder()
             .projection(Accounts::v1())
             .options(options.clone())
-            .leadership(PgLeadership(store.clone()))
+            .leadership(store.clone())
             .start(Arc::new(store.clone()), Arc::new(store.feed_store()))
     };
     let first = start(&a).await.unwrap();

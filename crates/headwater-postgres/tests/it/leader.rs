@@ -253,3 +253,78 @@ async fn a_leader_whose_session_ends_knows_it_and_another_takes_over() {
         .unwrap();
     assert!(again.is_leader());
 }
+
+/// Options whose elections retry and check quickly.
+fn quick(fresh: &Fresh) -> Options {
+    let mut options = fresh.options();
+    options.leader_retry_interval = Duration::from_millis(RETRY_MILLIS);
+    options.leader_health_check_interval = Duration::from_millis(HEALTH_CHECK_MILLIS);
+    options
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_is_a_leadership_one_lease_at_a_time() {
+    use headwater_store::Leadership;
+
+    let fresh = Fresh::new();
+    let (a, b) = (
+        fresh.connect(quick(&fresh)).await,
+        fresh.connect(quick(&fresh)).await,
+    );
+    let client = fresh.client().await;
+    let key = a.leader_election("x").lock_key();
+    let wait = Duration::from_secs(WAIT_SECS);
+
+    // Both ask; exactly one gets a lease, the other keeps waiting.
+    let mut lead_a = Box::pin(a.lead("x"));
+    let mut lead_b = Box::pin(b.lead("x"));
+    let (first, mut waiting, first_is_a) = tokio::time::timeout(wait, async {
+        tokio::select! {
+            lease = &mut lead_a => (lease.unwrap(), lead_b, true),
+            lease = &mut lead_b => (lease.unwrap(), lead_a, false),
+        }
+    })
+    .await
+    .expect("one of them leads");
+    assert!(!first.is_lost());
+    assert_eq!(holders(&client, key).await.len(), 1);
+    // Several of the loser's retries go by: it still waits.
+    let retries = Duration::from_millis(RETRY_MILLIS * 5);
+    assert!(
+        tokio::time::timeout(retries, &mut waiting).await.is_err(),
+        "two leases at once"
+    );
+    // Another follower's election is another lock.
+    let other = tokio::time::timeout(wait, if first_is_a { b.lead("y") } else { a.lead("y") })
+        .await
+        .expect("y is free")
+        .unwrap();
+    assert!(!other.is_lost());
+
+    // Releasing the lease ends the leadership: the other replica leads.
+    drop(first);
+    let second = tokio::time::timeout(wait, waiting)
+        .await
+        .expect("the other takes over once the lease is dropped")
+        .unwrap();
+    assert!(!second.is_lost());
+    let pids = holders(&client, key).await;
+    assert_eq!(pids.len(), 1);
+
+    // Its session killed on the server, the leader's lease is lost.
+    client
+        .execute("SELECT pg_terminate_backend($1)", &[&pids[0]])
+        .await
+        .unwrap();
+    tokio::time::timeout(wait, second.lost())
+        .await
+        .expect("the lease is lost once the session is gone");
+    assert!(second.is_lost());
+    assert!(!other.is_lost(), "y's lease is its own");
+    // And the first replica may lead again.
+    let again = tokio::time::timeout(wait, if first_is_a { a.lead("x") } else { b.lead("x") })
+        .await
+        .expect("x is free again")
+        .unwrap();
+    assert!(!again.is_lost());
+}

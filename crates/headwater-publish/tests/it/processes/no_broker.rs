@@ -7,8 +7,10 @@ use headwater_core::FeedPosition;
 use headwater_testkit::broker::{BrokerKind, BrokerProcess};
 use rand::Rng;
 
-use crate::producer::{APPEND_SLOW_EVERY_MILLIS, Producer, http_get, read_feed, unique_feed};
-use crate::{Checker, checker, runtime, seeded};
+use crate::processes::producer::{
+    APPEND_SLOW_EVERY_MILLIS, Producer, http_get, read_feed, unique_feed,
+};
+use crate::processes::{Checker, checker, runtime, seeded};
 
 /// Projected before the broker starts, in events.
 const PROJECTED_BEFORE_BROKER_EVENTS: u64 = 300;
@@ -70,7 +72,8 @@ fn no_broker_at_start(kind: BrokerKind) {
     assert_eq!(published, FeedPosition(expected.len() as u64));
     for (element, event) in served.iter().zip(&expected) {
         let stored: serde_json::Value = serde_json::from_slice(
-            &headwater_api::cloud_event_json(&feed, crate::producer::SOURCE, event).unwrap(),
+            &headwater_api::cloud_event_json(&feed, crate::processes::producer::SOURCE, event)
+                .unwrap(),
         )
         .unwrap();
         assert_eq!(element, &stored, "the feed API served another event");

@@ -7,10 +7,10 @@ use headwater_core::FeedPosition;
 use headwater_testkit::broker::BrokerKind;
 use rand::Rng;
 
-use crate::producer::{
+use crate::processes::producer::{
     APPEND_FAST_EVERY_MILLIS, Producer, feed_head_and_cursor, read_feed, unique_feed,
 };
-use crate::{Checker, runtime, seeded, shared_broker_url};
+use crate::processes::{Checker, runtime, seeded, shared_broker_url};
 
 /// Kill cycles.
 const CYCLES: usize = 24;

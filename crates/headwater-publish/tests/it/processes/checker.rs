@@ -19,7 +19,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
 
-use crate::producer::SOURCE;
+use crate::processes::producer::SOURCE;
 
 /// The longest the checker waits for the next message of what the broker holds.
 const RECEIVE_TIMEOUT: Duration = Duration::from_secs(30);

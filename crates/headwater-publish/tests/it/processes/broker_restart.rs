@@ -9,8 +9,10 @@ use headwater_core::FeedPosition;
 use headwater_testkit::broker::{BrokerKind, BrokerProcess};
 use rand::Rng;
 
-use crate::producer::{APPEND_SLOW_EVERY_MILLIS, Producer, metric, read_feed, unique_feed};
-use crate::{Checker, runtime, seeded};
+use crate::processes::producer::{
+    APPEND_SLOW_EVERY_MILLIS, Producer, metric, read_feed, unique_feed,
+};
+use crate::processes::{Checker, runtime, seeded};
 
 /// Published after each start of the broker before it goes down again, in events.
 const PUBLISHED_BEFORE_OUTAGE_EVENTS: u64 = 200;

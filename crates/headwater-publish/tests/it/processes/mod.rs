@@ -23,7 +23,7 @@ use headwater_testkit::broker::BrokerKind;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
-use crate::checker::AmqpQueue;
+use crate::processes::checker::AmqpQueue;
 
 /// Set by whoever runs the tests: the seed of a test's random choices.
 const SEED_ENV: &str = "HEADWATER_CRASH_SEED";

@@ -1,0 +1,226 @@
+//! Two replicas on one PostgreSQL store (`HEADWATER_TEST_POSTGRES_URL`), each with a publisher of
+//! the same feed to NATS (`HEADWATER_TEST_NATS_URL`) and its `PostgresStore` as the leadership:
+//! one publishes at a time, the other takes over when it stops, and the stream ends up holding
+//! the feed once, in order. These tests fail without the servers; they are never skipped.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use headwater_core::{EventId, EventType, FeedId, FeedPosition, Position, Subject, Timestamp};
+use headwater_postgres::{Options, PostgresStore};
+use headwater_publish::{
+    Broker, NatsBroker, PublisherOptions, PublisherState, PublisherStatus, Publishers, stream_name,
+};
+use headwater_store::{FeedStore, ProjectedEvent, ProjectorBatch};
+use tokio::time::Instant;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn env(name: &str) -> String {
+    std::env::var(name)
+        .unwrap_or_else(|_| panic!("{name} is not set: run ./scripts/test (it starts the servers)"))
+}
+
+/// A schema of its own, dropped at the end.
+struct Fresh {
+    url: String,
+    schema: String,
+}
+
+impl Fresh {
+    fn new() -> Fresh {
+        Fresh {
+            url: env("HEADWATER_TEST_POSTGRES_URL"),
+            schema: format!("hw_test_{:016x}", rand::random::<u64>()),
+        }
+    }
+
+    /// A replica's store; its leader elections retry and check quickly, so takeovers are.
+    async fn connect(&self) -> PostgresStore {
+        let mut options = Options::with_schema(&self.schema);
+        options.leader_retry_interval = Duration::from_millis(50);
+        options.leader_health_check_interval = Duration::from_millis(100);
+        PostgresStore::connect(&self.url, options).await.unwrap()
+    }
+}
+
+impl Drop for Fresh {
+    fn drop(&mut self) {
+        let url = self.url.clone();
+        let schema = self.schema.clone();
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let Ok((client, connection)) =
+                    tokio_postgres::connect(&url, tokio_postgres::NoTls).await
+                else {
+                    return;
+                };
+                tokio::spawn(connection);
+                let _ = client
+                    .batch_execute(&format!(
+                        "SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
+                    ))
+                    .await;
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+async fn append(feeds: &impl FeedStore, feed: &FeedId, from: u64, count: u64) {
+    feeds.register(feed).await.unwrap();
+    let to = from + count;
+    let events = (from + 1..=to)
+        .map(|p| ProjectedEvent {
+            id: EventId::new_random(),
+            event_type: EventType::new("accounts.deposited").unwrap(),
+            subject: Subject::new(format!("acc-{}", p % 7)).unwrap(),
+            time: Timestamp::from_unix_micros(1_798_380_419_000_000 + p),
+            data: format!(r#"{{"amount":{p}}}"#).into_bytes(),
+            source_position: Position(p),
+        })
+        .collect();
+    feeds
+        .commit(
+            feed,
+            ProjectorBatch {
+                from: Position(from),
+                to: Position(to),
+                events,
+            },
+        )
+        .await
+        .unwrap();
+}
+
+async fn wait_until(
+    what: &str,
+    replicas: &[&Publishers],
+    feed: &FeedId,
+    until: impl Fn(&[PublisherStatus]) -> bool,
+) -> Vec<PublisherStatus> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let statuses: Vec<PublisherStatus> = replicas
+            .iter()
+            .map(|p| p.watch(feed).unwrap().borrow().clone())
+            .collect();
+        if until(&statuses) {
+            return statuses;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {statuses:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn publishing(status: &PublisherStatus) -> bool {
+    matches!(
+        status.state,
+        PublisherState::Publishing | PublisherState::CaughtUp
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_publishes_at_a_time_and_another_takes_over() {
+    let fresh = Fresh::new();
+    let (a, b) = (fresh.connect().await, fresh.connect().await);
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let feed = FeedId::parse(&format!("hwp_{}.v1", &id[..16])).unwrap();
+    let feeds_a = Arc::new(a.feed_store());
+    let feeds_b = Arc::new(b.feed_store());
+    append(&*feeds_a, &feed, 0, 1_000).await;
+
+    let nats = env("HEADWATER_TEST_NATS_URL");
+    let start = |store: PostgresStore, feeds| {
+        let nats = nats.clone();
+        let feed = feed.clone();
+        async move {
+            let broker: Arc<dyn Broker> = Arc::new(NatsBroker::lazy(&nats).await.unwrap());
+            Publishers::builder(broker, "accounts")
+                .feed(feed)
+                .leadership(store)
+                .options(
+                    PublisherOptions::default()
+                        .with_backoff(Duration::from_millis(20), Duration::from_millis(200)),
+                )
+                .start(feeds)
+                .unwrap()
+        }
+    };
+    let replica_a = start(a, Arc::clone(&feeds_a)).await;
+    let replica_b = start(b, Arc::clone(&feeds_b)).await;
+
+    // One leads and publishes everything; the other waits.
+    let statuses = wait_until(
+        "one replica at the head",
+        &[&replica_a, &replica_b],
+        &feed,
+        |s| {
+            s.iter()
+                .any(|s| s.cursor == FeedPosition(1_000) && publishing(s))
+        },
+    )
+    .await;
+    let leaders = statuses.iter().filter(|s| publishing(s)).count();
+    let waiting = statuses
+        .iter()
+        .filter(|s| s.state == PublisherState::WaitingForLeadership)
+        .count();
+    assert_eq!((leaders, waiting), (1, 1), "{statuses:?}");
+    let (leader, follower) = if publishing(&statuses[0]) {
+        (replica_a, replica_b)
+    } else {
+        (replica_b, replica_a)
+    };
+
+    // The leader stops; the other takes over from the shared cursor and publishes what follows.
+    leader.shutdown().await;
+    append(&*feeds_b, &feed, 1_000, 500).await;
+    wait_until(
+        "the other replica at the new head",
+        &[&follower],
+        &feed,
+        |s| s[0].cursor == FeedPosition(1_500) && publishing(&s[0]),
+    )
+    .await;
+    follower.shutdown().await;
+    let cursors = feeds_a.publishers(&feed).await.unwrap();
+    assert_eq!(cursors.len(), 1);
+    assert_eq!(cursors[0].position, FeedPosition(1_500));
+
+    // The stream holds the feed once, in order (a takeover republishes from the shared cursor:
+    // duplicates at most, which JetStream drops).
+    let direct = NatsBroker::connect(&nats).await.unwrap();
+    let jetstream = direct.jetstream().await.unwrap();
+    let stream = jetstream.get_stream(stream_name(&feed)).await.unwrap();
+    let stored = stream.get_info().await.unwrap().state.messages;
+    let events = feeds_a
+        .read_feed(&feed, FeedPosition::START, 10_000)
+        .await
+        .unwrap();
+    let expected: BTreeSet<String> = events.iter().map(|e| e.id.to_string()).collect();
+    let mut seen = BTreeSet::new();
+    let mut last: BTreeMap<String, u64> = BTreeMap::new();
+    for sequence in 1..=stored {
+        let message = stream.get_raw_message(sequence).await.unwrap();
+        let event: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+        let id = event["id"].as_str().unwrap().to_owned();
+        if seen.insert(id) {
+            let subject = event["subject"].as_str().unwrap().to_owned();
+            let sequence = event["sequence"].as_u64().unwrap();
+            let last = last.entry(subject.clone()).or_insert(0);
+            assert_eq!(sequence, *last + 1, "subject {subject}: first deliveries");
+            *last = sequence;
+        }
+    }
+    assert_eq!(seen, expected);
+    jetstream.delete_stream(stream_name(&feed)).await.unwrap();
+}
