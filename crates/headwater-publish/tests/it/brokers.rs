@@ -15,37 +15,14 @@ use headwater_publish::{
     exchange_name, nats_subject, stream_name,
 };
 use headwater_store::FeedEvent;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions};
 use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties};
 
-const SOURCE: &str = "accounts";
+use crate::support::{AmqpQueue, SOURCE, amqp_url, nats_url, unique_feed};
+
 /// Generous: only bounds a wait for messages that are already on the broker.
 const RECEIVE_TIMEOUT: Duration = Duration::from_secs(20);
 const SUBJECTS: [&str; 3] = ["acc-1", "acc.2", "acc_3"];
-
-fn amqp_url() -> String {
-    std::env::var("HEADWATER_TEST_AMQP_URL").expect(
-        "HEADWATER_TEST_AMQP_URL is not set: run scripts/test, or \
-         `source scripts/lib/rabbitmq.sh && rabbitmq_start` first",
-    )
-}
-
-fn nats_url() -> String {
-    std::env::var("HEADWATER_TEST_NATS_URL").expect(
-        "HEADWATER_TEST_NATS_URL is not set: run scripts/test, or \
-         `source scripts/lib/nats.sh && nats_start` first",
-    )
-}
-
-/// A feed nobody else uses.
-fn unique_feed() -> FeedId {
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    FeedId::parse(&format!("hwt_{}.v3", &id[..16])).unwrap()
-}
 
 /// `count` events over [`SUBJECTS`], round robin, with positions 1.. and sequences per subject.
 fn events(count: usize) -> Vec<FeedEvent> {
@@ -80,67 +57,32 @@ fn all_confirmed(outcomes: &[Outcome], duplicate: bool) {
 
 // ---- RabbitMQ ----
 
-/// A test's own connection and a server-named exclusive queue bound to the feed's exchange.
-async fn amqp_queue(feed: &FeedId) -> (Connection, lapin::Channel, String) {
-    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let queue = queue.name().to_string();
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            exchange_name(feed).as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    (connection, channel, queue)
-}
-
-async fn amqp_delete(channel: &lapin::Channel, feed: &FeedId) {
-    channel
-        .exchange_delete(
-            exchange_name(feed).as_str().into(),
-            ExchangeDeleteOptions::default(),
-        )
-        .await
-        .unwrap();
+/// Deletes the feed's stream.
+async fn nats_delete(broker: &NatsBroker, feed: &FeedId) {
+    let jetstream = broker.jetstream().await.unwrap();
+    jetstream.delete_stream(stream_name(feed)).await.unwrap();
 }
 
 #[tokio::test]
 async fn amqp_publishes_confirmed_persistent_messages_in_order() {
-    let feed = unique_feed();
+    let feed = unique_feed("hwt");
     let broker = AmqpBroker::connect(&amqp_url()).await.unwrap();
     broker.declare(&feed).await.unwrap();
     broker
         .declare(&feed)
         .await
         .expect("declaring again is a no-op");
-    let (_connection, channel, queue) = amqp_queue(&feed).await;
+    let queue = AmqpQueue::bind(&amqp_url(), &feed).await;
 
     let events = events(300);
     let (first, second) = events.split_at(200);
     all_confirmed(&broker.publish(&feed, SOURCE, first).await.unwrap(), false);
     all_confirmed(&broker.publish(&feed, SOURCE, second).await.unwrap(), false);
 
-    let mut consumer = channel
+    let mut consumer = queue
+        .channel
         .basic_consume(
-            queue.as_str().into(),
+            queue.queue.as_str().into(),
             "".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
@@ -166,12 +108,12 @@ async fn amqp_publishes_confirmed_persistent_messages_in_order() {
         assert_eq!(delivery.data, body(&feed, event), "message {i}");
         delivery.ack(BasicAckOptions::default()).await.unwrap();
     }
-    amqp_delete(&channel, &feed).await;
+    queue.delete().await;
 }
 
 #[tokio::test]
 async fn amqp_unroutable_or_undeclared_is_refused_and_the_broker_recovers() {
-    let feed = unique_feed();
+    let feed = unique_feed("hwt");
     let broker = AmqpBroker::connect(&amqp_url()).await.unwrap();
     let events = events(20);
 
@@ -195,20 +137,20 @@ async fn amqp_unroutable_or_undeclared_is_refused_and_the_broker_recovers() {
     }
 
     // Bound: the same broker (a new channel) publishes again.
-    let (_connection, channel, _queue) = amqp_queue(&feed).await;
+    let queue = AmqpQueue::bind(&amqp_url(), &feed).await;
     all_confirmed(
         &broker.publish(&feed, SOURCE, &events).await.unwrap(),
         false,
     );
-    amqp_delete(&channel, &feed).await;
+    queue.delete().await;
 }
 
 #[tokio::test]
 async fn amqp_stops_a_batch_at_an_event_it_cannot_encode() {
-    let feed = unique_feed();
+    let feed = unique_feed("hwt");
     let broker = AmqpBroker::connect(&amqp_url()).await.unwrap();
     broker.declare(&feed).await.unwrap();
-    let (_connection, channel, _queue) = amqp_queue(&feed).await;
+    let queue = AmqpQueue::bind(&amqp_url(), &feed).await;
     let mut events = events(6);
     events[3].data = b"{not json".to_vec();
     let outcomes = broker.publish(&feed, SOURCE, &events).await.unwrap();
@@ -221,7 +163,7 @@ async fn amqp_stops_a_batch_at_an_event_it_cannot_encode() {
             Outcome::Refused(Refusal::NotSent)
         ]
     );
-    amqp_delete(&channel, &feed).await;
+    queue.delete().await;
 }
 
 #[tokio::test]
@@ -239,7 +181,7 @@ async fn amqp_connect_errors_are_typed() {
 
 #[tokio::test]
 async fn nats_publishes_acked_messages_in_order() {
-    let feed = unique_feed();
+    let feed = unique_feed("hwt");
     let broker = NatsBroker::connect(&nats_url()).await.unwrap();
     broker.declare(&feed).await.unwrap();
     broker
@@ -274,13 +216,7 @@ async fn nats_publishes_acked_messages_in_order() {
         );
         assert_eq!(message.payload.as_ref(), body(&feed, event), "message {i}");
     }
-    broker
-        .jetstream()
-        .await
-        .unwrap()
-        .delete_stream(stream_name(&feed))
-        .await
-        .unwrap();
+    nats_delete(&broker, &feed).await;
 }
 
 /// More unacked publishes than async-nats lets a JetStream context hold by default (5,000),
@@ -289,7 +225,7 @@ async fn nats_publishes_acked_messages_in_order() {
 /// times out).
 #[tokio::test]
 async fn nats_sends_a_window_beyond_the_clients_default_of_pending_acks() {
-    let feed = unique_feed();
+    let feed = unique_feed("hwt");
     let broker = NatsBroker::connect(&nats_url())
         .await
         .unwrap()
@@ -303,18 +239,12 @@ async fn nats_sends_a_window_beyond_the_clients_default_of_pending_acks() {
     for pending in sends {
         all_confirmed(&pending.outcomes().await, false);
     }
-    broker
-        .jetstream()
-        .await
-        .unwrap()
-        .delete_stream(stream_name(&feed))
-        .await
-        .unwrap();
+    nats_delete(&broker, &feed).await;
 }
 
 #[tokio::test]
 async fn nats_deduplicates_by_event_id() {
-    let feed = unique_feed();
+    let feed = unique_feed("hwt");
     let broker = NatsBroker::connect(&nats_url()).await.unwrap();
     broker.declare(&feed).await.unwrap();
     let events = events(50);
@@ -332,18 +262,12 @@ async fn nats_deduplicates_by_event_id() {
         .await
         .unwrap();
     assert_eq!(stream.get_info().await.unwrap().state.messages, 50);
-    broker
-        .jetstream()
-        .await
-        .unwrap()
-        .delete_stream(stream_name(&feed))
-        .await
-        .unwrap();
+    nats_delete(&broker, &feed).await;
 }
 
 #[tokio::test]
 async fn nats_undeclared_stream_is_refused() {
-    let feed = unique_feed();
+    let feed = unique_feed("hwt");
     let broker = NatsBroker::connect(&nats_url())
         .await
         .unwrap()
@@ -358,13 +282,7 @@ async fn nats_undeclared_stream_is_refused() {
         &broker.publish(&feed, SOURCE, &events(10)).await.unwrap(),
         false,
     );
-    broker
-        .jetstream()
-        .await
-        .unwrap()
-        .delete_stream(stream_name(&feed))
-        .await
-        .unwrap();
+    nats_delete(&broker, &feed).await;
 }
 
 #[tokio::test]
@@ -377,7 +295,7 @@ async fn nats_connect_errors_are_typed() {
 
 #[tokio::test]
 async fn nats_no_ack_in_time_is_refused_as_timed_out() {
-    let feed = unique_feed();
+    let feed = unique_feed("hwt");
     // Not a stream: a plain subscriber that takes the messages and never answers.
     let client = async_nats::connect(nats_url()).await.unwrap();
     let _silent = client

@@ -16,3 +16,4 @@ mod follow;
 mod postgres;
 mod processes;
 mod publisher;
+mod support;

@@ -3,24 +3,21 @@
 //! one publishes at a time, the other takes over when it stops, and the stream ends up holding
 //! the feed once, in order. These tests fail without the servers; they are never skipped.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use headwater_core::{EventId, EventType, FeedId, FeedPosition, Position, Subject, Timestamp};
+use headwater_core::FeedId;
+use headwater_core::FeedPosition;
 use headwater_postgres::{Options, PostgresStore};
 use headwater_publish::{
-    Broker, NatsBroker, PublisherOptions, PublisherState, PublisherStatus, Publishers, stream_name,
+    Broker, NatsBroker, PublisherOptions, PublisherState, PublisherStatus, Publishers,
 };
-use headwater_store::{FeedStore, ProjectedEvent, ProjectorBatch};
+use headwater_store::FeedStore;
 use tokio::time::Instant;
 
-const WAIT: Duration = Duration::from_secs(30);
+use crate::support::{env, nats_take_stream, nats_url, unique_feed};
 
-fn env(name: &str) -> String {
-    std::env::var(name)
-        .unwrap_or_else(|_| panic!("{name} is not set: run ./scripts/test (it starts the servers)"))
-}
+const WAIT: Duration = Duration::from_secs(30);
 
 /// A schema of its own, dropped at the end.
 struct Fresh {
@@ -73,29 +70,10 @@ impl Drop for Fresh {
 }
 
 async fn append(feeds: &impl FeedStore, feed: &FeedId, from: u64, count: u64) {
-    feeds.register(feed).await.unwrap();
-    let to = from + count;
-    let events = (from + 1..=to)
-        .map(|p| ProjectedEvent {
-            id: EventId::new_random(),
-            event_type: EventType::new("accounts.deposited").unwrap(),
-            subject: Subject::new(format!("acc-{}", p % 7)).unwrap(),
-            time: Timestamp::from_unix_micros(1_798_380_419_000_000 + p),
-            data: format!(r#"{{"amount":{p}}}"#).into_bytes(),
-            source_position: Position(p),
-        })
-        .collect();
-    feeds
-        .commit(
-            feed,
-            ProjectorBatch {
-                from: Position(from),
-                to: Position(to),
-                events,
-            },
-        )
-        .await
-        .unwrap();
+    crate::support::append(feeds, feed, from, count, count, |p| {
+        format!("acc-{}", p % 7)
+    })
+    .await;
 }
 
 async fn wait_until(
@@ -132,13 +110,12 @@ fn publishing(status: &PublisherStatus) -> bool {
 async fn one_replica_publishes_at_a_time_and_another_takes_over() {
     let fresh = Fresh::new();
     let (a, b) = (fresh.connect().await, fresh.connect().await);
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    let feed = FeedId::parse(&format!("hwp_{}.v1", &id[..16])).unwrap();
+    let feed = unique_feed("hwp");
     let feeds_a = Arc::new(a.feed_store());
     let feeds_b = Arc::new(b.feed_store());
     append(&*feeds_a, &feed, 0, 1_000).await;
 
-    let nats = env("HEADWATER_TEST_NATS_URL");
+    let nats = nats_url();
     let start = |store: PostgresStore, feeds| {
         let nats = nats.clone();
         let feed = feed.clone();
@@ -198,29 +175,11 @@ async fn one_replica_publishes_at_a_time_and_another_takes_over() {
 
     // The stream holds the feed once, in order (a takeover republishes from the shared cursor:
     // duplicates at most, which JetStream drops).
-    let direct = NatsBroker::connect(&nats).await.unwrap();
-    let jetstream = direct.jetstream().await.unwrap();
-    let stream = jetstream.get_stream(stream_name(&feed)).await.unwrap();
-    let stored = stream.get_info().await.unwrap().state.messages;
-    let events = feeds_a
-        .read_feed(&feed, FeedPosition::START, 10_000)
-        .await
-        .unwrap();
-    let expected: BTreeSet<String> = events.iter().map(|e| e.id.to_string()).collect();
-    let mut seen = BTreeSet::new();
-    let mut last: BTreeMap<String, u64> = BTreeMap::new();
-    for sequence in 1..=stored {
-        let message = stream.get_raw_message(sequence).await.unwrap();
-        let event: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
-        let id = event["id"].as_str().unwrap().to_owned();
-        if seen.insert(id) {
-            let subject = event["subject"].as_str().unwrap().to_owned();
-            let sequence = event["sequence"].as_u64().unwrap();
-            let last = last.entry(subject.clone()).or_insert(0);
-            assert_eq!(sequence, *last + 1, "subject {subject}: first deliveries");
-            *last = sequence;
-        }
-    }
-    assert_eq!(seen, expected);
-    jetstream.delete_stream(stream_name(&feed)).await.unwrap();
+    let received = nats_take_stream(&nats, &feed).await;
+    received.check(
+        &feeds_a
+            .read_feed(&feed, FeedPosition::START, 10_000)
+            .await
+            .unwrap(),
+    );
 }

@@ -8,17 +8,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use headwater_core::{
-    EventId, EventType, FeedId, FeedPosition, FeedStatus, Position, Sequence, Subject, Timestamp,
-};
+use headwater_core::{FeedId, FeedPosition, FeedStatus, Sequence, Subject};
 use headwater_publish::{
     Broker, BrokerError, Outcome, Pending, PublisherOptions, PublisherState, PublisherStatus,
     Publishers, Refusal,
 };
 use headwater_store::{
     FeedCommit, FeedError, FeedEvent, FeedReader, FeedState, FeedStore, Leadership, Lease,
-    LeaseHolder, MemoryFeedStore, ProjectedEvent, ProjectorBatch, PublisherCursor, ReaderSeen,
-    SubjectHead,
+    LeaseHolder, MemoryFeedStore, ProjectorBatch, PublisherCursor, ReaderSeen, SubjectHead,
 };
 use proptest::prelude::*;
 use tokio::sync::watch;
@@ -253,33 +250,10 @@ fn checked(broker: &Arc<Scripted>) -> Arc<Checked> {
 /// Appends `count` events over `subjects` subjects (round robin) to the feed, in commits of
 /// `per_commit`, starting after internal position `from`.
 async fn append(store: &impl FeedStore, from: u64, count: u64, subjects: u64, per_commit: u64) {
-    store.register(&feed()).await.unwrap();
-    let mut position = from;
-    while position < from + count {
-        let to = (position + per_commit).min(from + count);
-        let events = (position + 1..=to)
-            .map(|p| ProjectedEvent {
-                id: EventId::new_random(),
-                event_type: EventType::new("accounts.deposited").unwrap(),
-                subject: Subject::new(format!("acc-{}", p % subjects)).unwrap(),
-                time: Timestamp(p),
-                data: b"{}".to_vec(),
-                source_position: Position(p),
-            })
-            .collect();
-        store
-            .commit(
-                &feed(),
-                ProjectorBatch {
-                    from: Position(position),
-                    to: Position(to),
-                    events,
-                },
-            )
-            .await
-            .unwrap();
-        position = to;
-    }
+    crate::support::append(store, &feed(), from, count, per_commit, |p| {
+        format!("acc-{}", p % subjects)
+    })
+    .await;
 }
 
 async fn wait_for(
