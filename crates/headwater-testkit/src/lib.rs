@@ -6,7 +6,10 @@
 //!
 //! [`broker`]: private RabbitMQ and NATS processes a test stops, kills and starts again.
 //!
+//! [`postgres`]: the test server's URL and schemas of a test's own, dropped at its end.
+//!
 //! Architecture invariant: nothing here is linked into a library or a binary users run.
 
 pub mod broker;
+pub mod postgres;
 pub mod process;

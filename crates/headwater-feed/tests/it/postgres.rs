@@ -11,8 +11,6 @@ use headwater_store::{EventStore, FeedStore};
 
 use crate::support::{Accounts, read_whole_feed, wait_caught_up, wait_status, workload};
 
-const URL_ENV: &str = "HEADWATER_TEST_POSTGRES_URL";
-
 /// A schema of its own, dropped at the end.
 struct Fresh {
     url: String,
@@ -21,12 +19,9 @@ struct Fresh {
 
 impl Fresh {
     fn new() -> Fresh {
-        let url = std::env::var(URL_ENV).unwrap_or_else(|_| {
-            panic!("{URL_ENV} is not set: run ./scripts/test (it starts a private PostgreSQL)")
-        });
         Fresh {
-            url,
-            schema: format!("hw_test_{:016x}", rand::random::<u64>()),
+            url: headwater_testkit::postgres::url(),
+            schema: headwater_testkit::postgres::fresh_schema(),
         }
     }
 
@@ -41,28 +36,7 @@ impl Fresh {
 
 impl Drop for Fresh {
     fn drop(&mut self) {
-        let url = self.url.clone();
-        let schema = self.schema.clone();
-        let cleanup = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let Ok((client, connection)) =
-                    tokio_postgres::connect(&url, tokio_postgres::NoTls).await
-                else {
-                    return;
-                };
-                tokio::spawn(connection);
-                let _ = client
-                    .batch_execute(&format!(
-                        "SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
-                    ))
-                    .await;
-            });
-        });
-        let _ = cleanup.join();
+        headwater_testkit::postgres::drop_schema(&self.url, &self.schema);
     }
 }
 

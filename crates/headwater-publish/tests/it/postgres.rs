@@ -15,7 +15,7 @@ use headwater_publish::{
 use headwater_store::FeedStore;
 use tokio::time::Instant;
 
-use crate::support::{env, nats_take_stream, nats_url, unique_feed};
+use crate::support::{nats_take_stream, nats_url, unique_feed};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -28,8 +28,8 @@ struct Fresh {
 impl Fresh {
     fn new() -> Fresh {
         Fresh {
-            url: env("HEADWATER_TEST_POSTGRES_URL"),
-            schema: format!("hw_test_{:016x}", rand::random::<u64>()),
+            url: headwater_testkit::postgres::url(),
+            schema: headwater_testkit::postgres::fresh_schema(),
         }
     }
 
@@ -44,28 +44,7 @@ impl Fresh {
 
 impl Drop for Fresh {
     fn drop(&mut self) {
-        let url = self.url.clone();
-        let schema = self.schema.clone();
-        let cleanup = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let Ok((client, connection)) =
-                    tokio_postgres::connect(&url, tokio_postgres::NoTls).await
-                else {
-                    return;
-                };
-                tokio::spawn(connection);
-                let _ = client
-                    .batch_execute(&format!(
-                        "SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
-                    ))
-                    .await;
-            });
-        });
-        let _ = cleanup.join();
+        headwater_testkit::postgres::drop_schema(&self.url, &self.schema);
     }
 }
 
