@@ -709,7 +709,8 @@ pub(crate) fn markdown(
         };
         let _ = writeln!(
             out,
-            "| {}: raw client ({}), window {} | {} events/s | the best a client can do | {} |",
+            "| {}: raw client ({}), window {}, sends and confirms concurrent | {} events/s | the \
+             client library alone | {} |",
             b.label,
             target_client(b.broker),
             group(p.window as f64),

@@ -3,7 +3,6 @@
 //! timestamps arrivals, the queue a RabbitMQ feed needs before anything is published to it
 //! (messages are `mandatory`), and the cleanup.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -117,8 +116,9 @@ impl Target {
 
     /// The broker's own rate: `messages` copies of `body`, each with a message id of its own, to
     /// the topology of a feed (RabbitMQ: a durable topic exchange and a durable queue bound with
-    /// `#`; NATS: a file-backed stream), with at most `window` unconfirmed at any time; the time
-    /// from the first send to the last confirmation. Removes what it declared.
+    /// `#`; NATS: a file-backed stream), sending while confirmations are awaited, at most
+    /// `window` unconfirmed; the time from the first send to the last confirmation. Removes what
+    /// it declared.
     pub(crate) async fn raw(
         &self,
         messages: u64,
@@ -332,6 +332,43 @@ async fn remove_amqp(channel: &lapin::Channel, exchange: &str, queue: &str) -> a
     Ok(held)
 }
 
+/// Sends `messages` with `send(i)`, which returns the future of the message's confirmation,
+/// while awaiting the confirmations in order, concurrently, with at most about `window` sent and
+/// not yet confirmed: a send waits only when the window is full. The best a client can pipeline.
+async fn pipelined<S, SF, CF>(
+    messages: u64,
+    window: usize,
+    bar: &indicatif::ProgressBar,
+    mut send: S,
+) -> anyhow::Result<()>
+where
+    S: FnMut(u64) -> SF,
+    SF: Future<Output = anyhow::Result<CF>>,
+    CF: Future<Output = anyhow::Result<()>>,
+{
+    // One confirmation is being awaited beside those queued.
+    let (queue, mut queued) = mpsc::channel::<CF>(window.saturating_sub(1).max(1));
+    let sender = async move {
+        for i in 0..messages {
+            let confirmation = send(i).await?;
+            if queue.send(confirmation).await.is_err() {
+                // The confirmations stopped on an error, reported below.
+                break;
+            }
+        }
+        anyhow::Ok(())
+    };
+    let confirmer = async move {
+        while let Some(confirmation) = queued.recv().await {
+            confirmation.await?;
+            bar.inc(1);
+        }
+        anyhow::Ok(())
+    };
+    let (sent, confirmed) = tokio::join!(sender, confirmer);
+    confirmed.and(sent)
+}
+
 async fn raw_amqp(
     url: &str,
     feed: &FeedId,
@@ -350,27 +387,17 @@ async fn raw_amqp(
     let (exchange, queue) = (exchange_name(feed), queue_name(feed));
     declare_amqp(&channel, &exchange, &queue).await?;
     let routing_keys: Vec<String> = (0..subjects).map(|s| format!("account-{s}")).collect();
-    let confirm = |confirmation: lapin::Result<Confirmation>| match confirmation {
-        Ok(Confirmation::Ack(None)) => Ok(()),
-        other => bail!("RabbitMQ did not confirm a message: {other:?}"),
-    };
+    let (channel_ref, exchange_ref, keys) = (&channel, exchange.as_str(), &routing_keys);
     let started = Instant::now();
-    let mut in_flight = VecDeque::with_capacity(window);
-    for i in 0..messages {
-        if in_flight.len() >= window.max(1)
-            && let Some(oldest) = in_flight.pop_front()
-        {
-            confirm(oldest.await)?;
-            bar.inc(1);
-        }
+    pipelined(messages, window, bar, |i| async move {
         let properties = BasicProperties::default()
             .with_message_id(headwater_core::EventId::new_random().to_string().into())
             .with_delivery_mode(DELIVERY_MODE_PERSISTENT)
             .with_content_type("application/cloudevents+json".into());
-        let key = &routing_keys[usize::try_from(i % subjects.max(1)).unwrap_or(0)];
-        let sent = channel
+        let key = &keys[usize::try_from(i % subjects.max(1)).unwrap_or(0)];
+        let sent = channel_ref
             .basic_publish(
-                exchange.as_str().into(),
+                exchange_ref.into(),
                 key.as_str().into(),
                 BasicPublishOptions {
                     mandatory: true,
@@ -381,12 +408,14 @@ async fn raw_amqp(
             )
             .await
             .context("basic.publish")?;
-        in_flight.push_back(sent);
-    }
-    for sent in in_flight {
-        confirm(sent.await)?;
-        bar.inc(1);
-    }
+        Ok(async move {
+            match sent.await {
+                Ok(Confirmation::Ack(None)) => Ok(()),
+                other => bail!("RabbitMQ did not confirm a message: {other:?}"),
+            }
+        })
+    })
+    .await?;
     let elapsed = started.elapsed();
     let held = remove_amqp(&channel, &exchange, &queue).await?;
     connection.close(200, "done".into()).await?;
@@ -426,32 +455,25 @@ async fn raw_nats(
     let nats_subjects: Vec<String> = (0..subjects)
         .map(|s| headwater_publish::nats_subject(feed, &format!("account-{s}")))
         .collect();
+    let (js_ref, subjects_ref) = (&js, &nats_subjects);
     let started = Instant::now();
-    let mut in_flight: VecDeque<jetstream::context::PublishAckFuture> =
-        VecDeque::with_capacity(window);
-    for i in 0..messages {
-        if in_flight.len() >= window.max(1)
-            && let Some(oldest) = in_flight.pop_front()
-        {
-            oldest.await.context("JetStream did not ack a message")?;
-            bar.inc(1);
-        }
+    pipelined(messages, window, bar, |i| async move {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(
             headwater_publish::NATS_MSG_ID_HEADER,
             headwater_core::EventId::new_random().to_string().as_str(),
         );
-        let subject = nats_subjects[usize::try_from(i % subjects.max(1)).unwrap_or(0)].clone();
-        let sent = js
+        let subject = subjects_ref[usize::try_from(i % subjects.max(1)).unwrap_or(0)].clone();
+        let sent = js_ref
             .publish_with_headers(subject, headers, body.to_vec().into())
             .await
             .context("JetStream publish")?;
-        in_flight.push_back(sent);
-    }
-    for sent in in_flight {
-        sent.await.context("JetStream did not ack a message")?;
-        bar.inc(1);
-    }
+        Ok(async move {
+            sent.await.context("JetStream did not ack a message")?;
+            Ok(())
+        })
+    })
+    .await?;
     let elapsed = started.elapsed();
     let mut stream = js.get_stream(&name).await.context("the raw stream")?;
     let held = stream
