@@ -641,9 +641,9 @@ pub(crate) fn markdown(
     };
     let p = PublishPlan::from_plan(plan);
     let several = runs.len() > 1;
-    let each = |values: Vec<String>| {
+    let each = |values: Vec<String>, separator: &str| {
         if several {
-            values.join(" / ")
+            values.join(separator)
         } else {
             String::new()
         }
@@ -704,9 +704,13 @@ pub(crate) fn markdown(
     for b in &m.brokers {
         let mine =
             |run: &PublishFigures| run.brokers.iter().find(|x| x.broker == b.broker).cloned();
-        let per_run = |get: &dyn Fn(&BrokerFigures) -> String| {
-            each(runs.iter().filter_map(mine).map(|r| get(&r)).collect())
+        let per_run_with = |separator: &str, get: &dyn Fn(&BrokerFigures) -> String| {
+            each(
+                runs.iter().filter_map(mine).map(|r| get(&r)).collect(),
+                separator,
+            )
         };
+        let per_run = |get: &dyn Fn(&BrokerFigures) -> String| per_run_with(" / ", get);
         let _ = writeln!(
             out,
             "| {}: raw client ({}), window {}, sends and confirms concurrent | {} events/s | the \
@@ -747,7 +751,8 @@ pub(crate) fn markdown(
             l.p99_us as f64 / 1_000.0,
             l.max_us as f64 / 1_000.0,
             group(l.append_rate),
-            per_run(&|r| {
+            // Each run's p50 / p99, runs apart by "; ".
+            per_run_with("; ", &|r| {
                 format!(
                     "{:.2} / {:.2}",
                     r.latency.p50_us as f64 / 1_000.0,
