@@ -5,15 +5,17 @@
 //! 1. Raw rate: the broker's own publish-with-confirm rate through the client library the
 //!    publisher uses (lapin with publisher confirms, persistent and mandatory, to a durable topic
 //!    exchange with a durable queue bound; async-nats JetStream publishes with acks and
-//!    `Nats-Msg-Id`, to a file-backed stream), pipelined with the publisher's in-flight window:
-//!    the best a client can do. The message is the CloudEvent the publisher would send.
-//! 2. Through the publisher: a feed of the embedded feed store pre-filled with `events`
-//!    integration events (not timed), then `Publishers` started on it; events per second until
-//!    the publisher's cursor reaches the feed's head. Compared with the raw rate as a ratio.
-//! 3. Append → broker latency: one internal event appended at a time, at a steady rate,
-//!    to the embedded event store, with a projector and the publisher running and a consumer on
-//!    the broker (RabbitMQ: `basic.consume` on the queue, no ack; NATS: a pull consumer without
-//!    acks); the time from the start of the append to the consumer's arrival, p50 / p99.
+//!    `Nats-Msg-Id`, to a file-backed stream), pipelined as the publisher pipelines (its batch
+//!    size, its in-flight window). The message is the CloudEvent the publisher would send.
+//! 2. Through `Broker::publish`: the feed's events, read beforehand, through the publisher's
+//!    broker layer with the same batches and window: our encoding and broker code alone.
+//! 3. Through the publisher: a feed of the embedded feed store, projected beforehand (not
+//!    timed), then `Publishers` started on it; events per second until the publisher's cursor
+//!    reaches the feed's head. Compared with the raw rate of the same run as a ratio.
+//! 4. Append → broker latency: one internal event per append, at a steady rate, to a fresh
+//!    embedded event store, with a projector and the publisher running and a consumer on the
+//!    broker (RabbitMQ: `basic.consume` on a durable queue, no ack; NATS: a pull consumer
+//!    without acks); the time from the start of the append to the consumer's arrival.
 //!
 //! Every queue and stream the suite declares is removed at the end of its figure, after checking
 //! that it held every message confirmed to it.
@@ -161,7 +163,9 @@ pub(crate) async fn measure<E: EventStore + 'static, F: FeedStore>(
     let p = PublishPlan::from_plan(plan);
     let server = target.server().await;
     let body = sample_body()?;
-    let raw = target.raw(p.events, p.window, &body, p.subjects).await?;
+    let raw = target
+        .raw(p.events, (p.window, p.batch), &body, p.subjects)
+        .await?;
     let through = through_publisher(target, &filled.events, &filled.feeds, &p).await?;
     drop(filled);
     let latency = latency(target, live.events, live.feeds, &p).await?;
@@ -713,10 +717,11 @@ pub(crate) fn markdown(
         let per_run = |get: &dyn Fn(&BrokerFigures) -> String| per_run_with(" / ", get);
         let _ = writeln!(
             out,
-            "| {}: raw client ({}), window {}, sends and confirms concurrent | {} events/s | the \
-             client library alone | {} |",
+            "| {}: raw client ({}), batches of {}, window {} | {} events/s | the client library \
+             alone | {} |",
             b.label,
             target_client(b.broker),
+            p.batch,
             group(p.window as f64),
             group(b.raw_per_sec),
             per_run(&|r| group(r.raw_per_sec)),

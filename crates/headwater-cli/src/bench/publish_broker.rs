@@ -116,13 +116,13 @@ impl Target {
 
     /// The broker's own rate: `messages` copies of `body`, each with a message id of its own, to
     /// the topology of a feed (RabbitMQ: a durable topic exchange and a durable queue bound with
-    /// `#`; NATS: a file-backed stream), sending while confirmations are awaited, at most
-    /// `window` unconfirmed; the time from the first send to the last confirmation. Removes what
-    /// it declared.
+    /// `#`; NATS: a file-backed stream), pipelined as the publisher does (batches of `batch`,
+    /// at most `window` unconfirmed, see [`pipelined`]); the time from the first send to the last
+    /// confirmation. Removes what it declared.
     pub(crate) async fn raw(
         &self,
         messages: u64,
-        window: usize,
+        (window, batch): (usize, usize),
         body: &[u8],
         subjects: u64,
     ) -> anyhow::Result<Raw> {
@@ -134,8 +134,12 @@ impl Target {
             "messages",
         );
         let raw = match self {
-            Target::Amqp(url) => raw_amqp(url, &feed, messages, window, body, subjects, &bar).await,
-            Target::Nats(url) => raw_nats(url, &feed, messages, window, body, subjects, &bar).await,
+            Target::Amqp(url) => {
+                raw_amqp(url, &feed, messages, (window, batch), body, subjects, &bar).await
+            }
+            Target::Nats(url) => {
+                raw_nats(url, &feed, messages, (window, batch), body, subjects, &bar).await
+            }
         };
         bar.finish_and_clear();
         let raw = raw?;
@@ -333,47 +337,53 @@ async fn remove_amqp(channel: &lapin::Channel, exchange: &str, queue: &str) -> a
 }
 
 /// Sends `messages` with `send(i)`, which returns the future of the message's confirmation,
-/// while awaiting the confirmations in order, concurrently, with at most about `window` sent and
-/// not yet confirmed: a send waits only when the window is full. The best a client can pipeline.
+/// pipelined as the publisher does: batches of `batch` sent in a row, then their confirmations
+/// awaited, with `window / batch` batches in flight (the confirmations of earlier batches are
+/// awaited while later ones are sent).
 async fn pipelined<S, SF, CF>(
     messages: u64,
     window: usize,
+    batch: usize,
     bar: &indicatif::ProgressBar,
-    mut send: S,
+    send: S,
 ) -> anyhow::Result<()>
 where
-    S: FnMut(u64) -> SF,
+    S: Fn(u64) -> SF,
     SF: Future<Output = anyhow::Result<CF>>,
     CF: Future<Output = anyhow::Result<()>>,
 {
-    // One confirmation is being awaited beside those queued.
-    let (queue, mut queued) = mpsc::channel::<CF>(window.saturating_sub(1).max(1));
-    let sender = async move {
-        for i in 0..messages {
-            let confirmation = send(i).await?;
-            if queue.send(confirmation).await.is_err() {
-                // The confirmations stopped on an error, reported below.
-                break;
+    let batch = u64::try_from(batch.max(1)).unwrap_or(1);
+    let in_flight = usize::try_from(u64::try_from(window).unwrap_or(u64::MAX) / batch)
+        .unwrap_or(1)
+        .max(1);
+    let send = &send;
+    let batches = (0..messages)
+        .step_by(usize::try_from(batch).unwrap_or(1))
+        .map(|first| first..(first + batch).min(messages));
+    let mut confirmed = futures_util::stream::iter(batches)
+        .map(|range| async move {
+            let mut confirmations = Vec::new();
+            for i in range {
+                confirmations.push(send(i).await?);
             }
-        }
-        anyhow::Ok(())
-    };
-    let confirmer = async move {
-        while let Some(confirmation) = queued.recv().await {
-            confirmation.await?;
-            bar.inc(1);
-        }
-        anyhow::Ok(())
-    };
-    let (sent, confirmed) = tokio::join!(sender, confirmer);
-    confirmed.and(sent)
+            let count = confirmations.len() as u64;
+            for confirmation in confirmations {
+                confirmation.await?;
+            }
+            anyhow::Ok(count)
+        })
+        .buffered(in_flight);
+    while let Some(count) = confirmed.next().await {
+        bar.inc(count?);
+    }
+    Ok(())
 }
 
 async fn raw_amqp(
     url: &str,
     feed: &FeedId,
     messages: u64,
-    window: usize,
+    (window, batch): (usize, usize),
     body: &[u8],
     subjects: u64,
     bar: &indicatif::ProgressBar,
@@ -389,7 +399,7 @@ async fn raw_amqp(
     let routing_keys: Vec<String> = (0..subjects).map(|s| format!("account-{s}")).collect();
     let (channel_ref, exchange_ref, keys) = (&channel, exchange.as_str(), &routing_keys);
     let started = Instant::now();
-    pipelined(messages, window, bar, |i| async move {
+    pipelined(messages, window, batch, bar, |i| async move {
         let properties = BasicProperties::default()
             .with_message_id(headwater_core::EventId::new_random().to_string().into())
             .with_delivery_mode(DELIVERY_MODE_PERSISTENT)
@@ -429,7 +439,7 @@ async fn raw_nats(
     url: &str,
     feed: &FeedId,
     messages: u64,
-    window: usize,
+    (window, batch): (usize, usize),
     body: &[u8],
     subjects: u64,
     bar: &indicatif::ProgressBar,
@@ -457,7 +467,7 @@ async fn raw_nats(
         .collect();
     let (js_ref, subjects_ref) = (&js, &nats_subjects);
     let started = Instant::now();
-    pipelined(messages, window, bar, |i| async move {
+    pipelined(messages, window, batch, bar, |i| async move {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(
             headwater_publish::NATS_MSG_ID_HEADER,
