@@ -33,8 +33,8 @@ use crate::text::group;
 const AIM_BACKFILL_EVENTS_PER_SEC: f64 = 200_000.0;
 /// Streams the filled log spreads its events over (each a feed subject).
 const FILL_STREAMS: u64 = 10_000;
-/// Events per append while filling.
-const FILL_BATCH_EVENTS: u64 = 100;
+/// Events per append while filling (all of one stream).
+pub(crate) const FILL_BATCH_EVENTS: u64 = 100;
 /// Concurrent appenders while filling.
 const FILL_WRITERS: u64 = 8;
 /// The page of the HTTP read figures, in events.

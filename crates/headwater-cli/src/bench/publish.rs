@@ -677,12 +677,15 @@ pub(crate) fn markdown(
     let _ = writeln!(out, "- brokers: {}", servers.join(", "));
     let _ = writeln!(
         out,
-        "- workload: raw and through the publisher: {} events over {} subjects, the CloudEvent \
-         of a ~{}-byte JSON payload, at most {} unconfirmed; latency: {} events appended one \
-         per append at {} appends/s, projector and publisher running, a consumer on the broker",
+        "- workload: raw and through the publisher: {} events over {} subjects in runs of {} \
+         (the feed's order), the CloudEvent of a ~{}-byte JSON payload, batches of {}, at most \
+         {} unconfirmed; latency: {} events appended one per append at {} appends/s, projector \
+         and publisher running, a consumer on the broker",
         group(p.events as f64),
         group(p.subjects as f64),
+        super::feeds::FILL_BATCH_EVENTS,
         FILL_DATA.len(),
+        p.batch,
         group(p.window as f64),
         group(p.latency_events as f64),
         p.latency_rate,

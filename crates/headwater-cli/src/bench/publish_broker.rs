@@ -19,6 +19,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::mpsc;
 
+use super::feeds::FILL_BATCH_EVENTS;
 use crate::text::group;
 
 /// AMQP `delivery_mode` of a persistent message (what the publisher sends).
@@ -336,6 +337,14 @@ async fn remove_amqp(channel: &lapin::Channel, exchange: &str, queue: &str) -> a
     Ok(held)
 }
 
+/// The subject of the raw figure's `i`-th message: in the order of the feed the publisher
+/// publishes, runs of [`FILL_BATCH_EVENTS`] messages per subject (the log is filled one stream per
+/// append of that many events). The order matters: JetStream took 87,000 messages/s cycling
+/// through 10,000 subjects one message each, 126,000/s in runs of 100.
+fn subject_index(i: u64, subjects: u64) -> usize {
+    usize::try_from(i / FILL_BATCH_EVENTS % subjects.max(1)).unwrap_or(0)
+}
+
 /// Sends `messages` with `send(i)`, which returns the future of the message's confirmation,
 /// pipelined as the publisher does: batches of `batch` sent in a row, then their confirmations
 /// awaited, with `window / batch` batches in flight (the confirmations of earlier batches are
@@ -404,7 +413,7 @@ async fn raw_amqp(
             .with_message_id(headwater_core::EventId::new_random().to_string().into())
             .with_delivery_mode(DELIVERY_MODE_PERSISTENT)
             .with_content_type("application/cloudevents+json".into());
-        let key = &keys[usize::try_from(i % subjects.max(1)).unwrap_or(0)];
+        let key = &keys[subject_index(i, subjects)];
         let sent = channel_ref
             .basic_publish(
                 exchange_ref.into(),
@@ -473,7 +482,7 @@ async fn raw_nats(
             headwater_publish::NATS_MSG_ID_HEADER,
             headwater_core::EventId::new_random().to_string().as_str(),
         );
-        let subject = subjects_ref[usize::try_from(i % subjects.max(1)).unwrap_or(0)].clone();
+        let subject = subjects_ref[subject_index(i, subjects)].clone();
         let sent = js_ref
             .publish_with_headers(subject, headers, body.to_vec().into())
             .await
