@@ -1,0 +1,20 @@
+//! The self-healing consumer (SPEC.md G7, G8, G9; docs/design/consumer.md): a downstream service
+//! keeps its own view of a producer's feed, applying each integration event exactly once, in
+//! sequence order per subject, whatever the transport lost, duplicated or reordered.
+//!
+//! - [`IntegrationEvent`]: an event as a consumer receives it, decoded from the CloudEvent JSON the
+//!   feed API serves and the publishers send (`IntegrationEvent::from_cloud_event`).
+//! - [`ViewStore`]: where the consumer's view and its per-subject cursors live. Applying events
+//!   and moving the subject's cursor is one transaction of the view store, done by the library:
+//!   the user's handler only changes the view, so the cursor cannot be forgotten.
+//! - [`Upstream`]: what the consumer asks the producer when it sees a gap, bootstraps a subject or
+//!   walks for lost last events: the feed API's `subjects` endpoints.
+//! - [`Consumer`]: the rules — a duplicate (sequence ≤ cursor) is skipped, a gap (sequence >
+//!   cursor + 1) is healed from upstream before the event is applied, `ensure(subject)` bootstraps
+//!   a subject once however many callers ask, `reconstitute()` finds what no delivery brought.
+
+mod event;
+mod upstream;
+
+pub use event::{DecodeError, IntegrationEvent};
+pub use upstream::{SubjectHead, Upstream, UpstreamError};
