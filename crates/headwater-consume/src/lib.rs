@@ -13,8 +13,17 @@
 //!   cursor + 1) is healed from upstream before the event is applied, `ensure(subject)` bootstraps
 //!   a subject once however many callers ask, `reconstitute()` finds what no delivery brought.
 
+mod consumer;
 mod event;
+mod memory;
 mod upstream;
+mod view;
 
+pub use consumer::{
+    ConsumeError, Consumer, ConsumerOptions, Delivery, HEAL_ATTEMPTS_DEFAULT, PAGE_EVENTS_DEFAULT,
+    Reconstitution,
+};
 pub use event::{DecodeError, IntegrationEvent};
+pub use memory::{MemoryUpstream, MemoryView};
 pub use upstream::{SubjectHead, Upstream, UpstreamError};
+pub use view::{Applied, ViewError, ViewStore, check_contiguous};

@@ -1,0 +1,422 @@
+//! The consumer's rules (G7, G8, G9): skip duplicates, heal gaps from upstream before applying,
+//! bootstrap a subject on demand once, reconstitute what no delivery brought.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use std::time::Duration;
+
+use headwater_core::{FeedId, Sequence, Subject};
+use tokio::sync::watch;
+
+use crate::IntegrationEvent;
+use crate::upstream::{Upstream, UpstreamError};
+use crate::view::{ViewError, ViewStore};
+
+/// How many times a heal asks upstream before it gives up, by default.
+pub const HEAL_ATTEMPTS_DEFAULT: u32 = 5;
+/// The outcome of a bootstrap in progress, for the callers that wait for it.
+type EnsureWatch = watch::Receiver<Option<Result<Sequence, String>>>;
+
+/// Per-subject lock stripes.
+const LOCK_STRIPES: usize = 256;
+/// Events asked of upstream per page, by default.
+pub const PAGE_EVENTS_DEFAULT: u64 = 1_000;
+
+/// How a consumer behaves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConsumerOptions {
+    /// Times a heal or bootstrap asks a producer that is unavailable before it gives up (the
+    /// subject is then left with an open gap; a later delivery or reconstitution heals it).
+    pub heal_attempts: u32,
+    /// The first wait between two attempts; doubled each time, capped at `backoff_max`.
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// Events asked of upstream per page (1 ..= 10,000).
+    pub page_events: u64,
+}
+
+impl Default for ConsumerOptions {
+    fn default() -> ConsumerOptions {
+        ConsumerOptions {
+            heal_attempts: HEAL_ATTEMPTS_DEFAULT,
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(2),
+            page_events: PAGE_EVENTS_DEFAULT,
+        }
+    }
+}
+
+impl ConsumerOptions {
+    #[must_use]
+    pub fn with_heal_attempts(mut self, attempts: u32) -> ConsumerOptions {
+        self.heal_attempts = attempts.max(1);
+        self
+    }
+
+    #[must_use]
+    pub fn with_backoff(mut self, min: Duration, max: Duration) -> ConsumerOptions {
+        self.backoff_min = min;
+        self.backoff_max = max.max(min);
+        self
+    }
+
+    #[must_use]
+    pub fn with_page_events(mut self, events: u64) -> ConsumerOptions {
+        self.page_events = events.clamp(1, 10_000);
+        self
+    }
+}
+
+/// What became of one delivered event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Delivery {
+    /// Applied; `healed` events before it were fetched from upstream and applied first.
+    Applied { healed: u64 },
+    /// At or below the subject's cursor: already applied, skipped.
+    Duplicate,
+}
+
+/// What one reconstitution walk found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Reconstitution {
+    /// Subjects listed by upstream.
+    pub subjects: u64,
+    /// Subjects whose head was ahead of the local cursor.
+    pub behind: u64,
+    /// Events fetched and applied.
+    pub applied: u64,
+}
+
+/// Why a delivery, a bootstrap or a walk did not complete. What was applied before stays
+/// applied (each apply is its own transaction); nothing after it was.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConsumeError {
+    /// The event is of another feed than this consumer's.
+    #[error("an event of {got}, not of {expected}")]
+    WrongFeed { expected: FeedId, got: FeedId },
+    /// Upstream did not answer (after the configured attempts) or refused.
+    #[error("healing from upstream: {0}")]
+    Upstream(#[from] UpstreamError),
+    /// Upstream answered events that do not continue the subject (a hole, another subject).
+    #[error("upstream answered {subject} out of order: {detail}")]
+    Inconsistent { subject: Subject, detail: String },
+    /// The view store refused or failed.
+    #[error(transparent)]
+    View(#[from] ViewError),
+}
+
+/// A consumer of one feed: a view store it keeps, an upstream it heals from.
+///
+/// Deliveries of one subject are applied one at a time (a lock per subject); different subjects
+/// go in parallel.
+pub struct Consumer<V, U> {
+    feed: FeedId,
+    view: Arc<V>,
+    upstream: Arc<U>,
+    options: ConsumerOptions,
+    /// Striped per-subject locks: a subject always takes the same stripe; memory stays bounded
+    /// whatever the number of subjects.
+    locks: Box<[tokio::sync::Mutex<()>]>,
+    /// Bootstraps in progress: later callers for the same subject wait for the first one's.
+    ensuring: Mutex<HashMap<Subject, EnsureWatch>>,
+}
+
+impl<V, U> std::fmt::Debug for Consumer<V, U> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("feed", &self.feed)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<V: ViewStore, U: Upstream> Consumer<V, U> {
+    pub fn new(feed: FeedId, view: Arc<V>, upstream: Arc<U>, options: ConsumerOptions) -> Self {
+        Consumer {
+            feed,
+            view,
+            upstream,
+            options,
+            locks: (0..LOCK_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+            ensuring: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn feed(&self) -> &FeedId {
+        &self.feed
+    }
+
+    pub fn view(&self) -> &Arc<V> {
+        &self.view
+    }
+
+    /// Takes one event from any transport: skipped if the view has it, applied if it is next,
+    /// and if it is further ahead, the events between are fetched from upstream and applied
+    /// first, in order (G7).
+    ///
+    /// # Errors
+    /// [`ConsumeError`]; on an error the event is not applied (a later delivery or a
+    /// reconstitution brings it again).
+    ///
+    /// # Cancel safety
+    /// Cancel safe in effect: each apply is one transaction of the view store; a cancelled
+    /// delivery leaves the subject at some cursor, and delivering again continues from there.
+    pub async fn deliver(&self, event: IntegrationEvent) -> Result<Delivery, ConsumeError> {
+        if event.feed != self.feed {
+            return Err(ConsumeError::WrongFeed {
+                expected: self.feed.clone(),
+                got: event.feed,
+            });
+        }
+        let lock = self.lock_of(&event.subject);
+        let _held = lock.lock().await;
+        let subject = event.subject.clone();
+        let cursor = self.view.cursor(&self.feed, &subject).await?;
+        if event.sequence <= cursor {
+            return Ok(Delivery::Duplicate);
+        }
+        let mut healed = 0;
+        let mut cursor = cursor;
+        // Heal the gap, a page at a time.
+        while cursor.get() + 1 < event.sequence.get() {
+            let missing = event.sequence.get() - 1 - cursor.get();
+            let page = self
+                .fetch(&subject, cursor, missing.min(self.options.page_events))
+                .await?;
+            let Some(last) = page.last() else {
+                return Err(ConsumeError::Inconsistent {
+                    subject,
+                    detail: format!(
+                        "#{} was delivered but upstream has nothing after #{cursor:?}",
+                        event.sequence.get()
+                    ),
+                });
+            };
+            let last = last.sequence;
+            let page: Vec<_> = page
+                .into_iter()
+                .filter(|e| e.sequence < event.sequence)
+                .collect();
+            let applied = self.view.apply(&self.feed, &subject, &page).await?;
+            healed += applied.applied;
+            cursor = applied.cursor;
+            if last >= event.sequence {
+                break;
+            }
+        }
+        let applied = self
+            .view
+            .apply(&self.feed, &subject, std::slice::from_ref(&event))
+            .await?;
+        if applied.applied == 0 {
+            return Ok(Delivery::Duplicate);
+        }
+        if healed > 0 {
+            tracing::debug!(feed = %self.feed, %subject, healed, "healed a gap");
+        }
+        Ok(Delivery::Applied { healed })
+    }
+
+    /// Makes sure the view has `subject` up to upstream's head: fetches and applies everything
+    /// after the local cursor (G9: a subject the consumer never saw is bootstrapped whole).
+    /// Concurrent calls for one subject share one fetch. Returns the subject's cursor.
+    ///
+    /// # Errors
+    /// [`ConsumeError`] when upstream cannot be read or the view refuses.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a caller that stops waiting does not stop the fetch of the others; if the
+    /// first caller is cancelled, a later call starts over from the cursor.
+    pub async fn ensure(&self, subject: &Subject) -> Result<Sequence, ConsumeError> {
+        let (mine, mut waiting) = {
+            let mut ensuring = self.ensuring.lock().unwrap_or_else(|e| e.into_inner());
+            match ensuring.get(subject) {
+                Some(running) => (None, running.clone()),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    ensuring.insert(subject.clone(), rx.clone());
+                    (Some(tx), rx)
+                }
+            }
+        };
+        let Some(tx) = mine else {
+            // Someone else fetches: wait for their answer.
+            let answer = waiting
+                .wait_for(Option::is_some)
+                .await
+                .map(|a| a.clone())
+                .ok()
+                .flatten();
+            return match answer {
+                Some(Ok(cursor)) => Ok(cursor),
+                Some(Err(reason)) => {
+                    Err(ConsumeError::Upstream(UpstreamError::Unavailable(reason)))
+                }
+                // The first caller was cancelled: do it ourselves.
+                None => Box::pin(self.ensure(subject)).await,
+            };
+        };
+        let _cleanup = Ensuring {
+            map: &self.ensuring,
+            subject,
+        };
+        let result = self.catch_up(subject).await;
+        tx.send_replace(Some(
+            result
+                .as_ref()
+                .map(|(cursor, _)| *cursor)
+                .map_err(ToString::to_string),
+        ));
+        result.map(|(cursor, _)| cursor)
+    }
+
+    /// Walks every subject upstream lists (not only the known ones), compares each head with the
+    /// local cursor and fetches what is behind (G8: the lost last event of a subject is found).
+    ///
+    /// # Errors
+    /// [`ConsumeError`] when upstream cannot be listed or read, or the view refuses; the subjects
+    /// walked before stay caught up.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a later walk starts over and skips what is caught up.
+    pub async fn reconstitute(&self) -> Result<Reconstitution, ConsumeError> {
+        let mut report = Reconstitution::default();
+        let mut after: Option<Subject> = None;
+        loop {
+            let heads = self
+                .retrying(|| {
+                    self.upstream
+                        .subjects(&self.feed, after.as_ref(), self.options.page_events)
+                })
+                .await?;
+            let Some(last) = heads.last() else {
+                break;
+            };
+            let next_after = last.subject.clone();
+            for head in heads {
+                report.subjects += 1;
+                let cursor = self.view.cursor(&self.feed, &head.subject).await?;
+                if head.sequence > cursor {
+                    report.behind += 1;
+                    let lock = self.lock_of(&head.subject);
+                    let _held = lock.lock().await;
+                    let (_, applied) = self.catch_up_locked(&head.subject).await?;
+                    report.applied += applied;
+                }
+            }
+            after = Some(next_after);
+        }
+        if report.behind > 0 {
+            tracing::info!(feed = %self.feed, subjects = report.subjects, behind = report.behind, applied = report.applied, "reconstitution found events no delivery brought");
+        }
+        Ok(report)
+    }
+
+    /// Fetches and applies everything of `subject` after its cursor, holding its lock.
+    async fn catch_up(&self, subject: &Subject) -> Result<(Sequence, u64), ConsumeError> {
+        let lock = self.lock_of(subject);
+        let _held = lock.lock().await;
+        self.catch_up_locked(subject).await
+    }
+
+    async fn catch_up_locked(&self, subject: &Subject) -> Result<(Sequence, u64), ConsumeError> {
+        let mut cursor = self.view.cursor(&self.feed, subject).await?;
+        let mut applied = 0;
+        loop {
+            let page = self
+                .fetch(subject, cursor, self.options.page_events)
+                .await?;
+            if page.is_empty() {
+                return Ok((cursor, applied));
+            }
+            let done = self.view.apply(&self.feed, subject, &page).await?;
+            applied += done.applied;
+            cursor = done.cursor;
+        }
+    }
+
+    /// One page of `subject` after `after` from upstream, retried while it is unavailable.
+    async fn fetch(
+        &self,
+        subject: &Subject,
+        after: Sequence,
+        limit: u64,
+    ) -> Result<Vec<IntegrationEvent>, ConsumeError> {
+        let page = self
+            .retrying(|| {
+                self.upstream
+                    .read_subject(&self.feed, subject, after, limit)
+            })
+            .await?;
+        for (expected, event) in (after.get() + 1..).zip(page.iter()) {
+            if &event.subject != subject
+                || event.sequence.get() != expected
+                || event.feed != self.feed
+            {
+                return Err(ConsumeError::Inconsistent {
+                    subject: subject.clone(),
+                    detail: format!(
+                        "asked for what follows #{}, got {} #{} of {}",
+                        after.get(),
+                        event.subject,
+                        event.sequence.get(),
+                        event.feed
+                    ),
+                });
+            }
+        }
+        Ok(page)
+    }
+
+    /// Runs `call` until it succeeds, fails for good, or the attempts are spent.
+    async fn retrying<T, F, Fut>(&self, call: F) -> Result<T, UpstreamError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, UpstreamError>>,
+    {
+        let mut delay = self.options.backoff_min;
+        let mut attempt = 1;
+        loop {
+            match call().await {
+                Ok(answer) => return Ok(answer),
+                Err(e) if e.is_transient() && attempt < self.options.heal_attempts => {
+                    tracing::debug!(feed = %self.feed, attempt, error = %e, "upstream unavailable; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(self.options.backoff_max);
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn lock_of(&self, subject: &Subject) -> &tokio::sync::Mutex<()> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        subject.hash(&mut hasher);
+        let stripe = usize::try_from(hasher.finish() % LOCK_STRIPES as u64).unwrap_or(0);
+        &self.locks[stripe]
+    }
+}
+
+/// Removes a finished (or cancelled) bootstrap from the map.
+struct Ensuring<'a> {
+    map: &'a Mutex<HashMap<Subject, EnsureWatch>>,
+    subject: &'a Subject,
+}
+
+impl Drop for Ensuring<'_> {
+    fn drop(&mut self) {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(self.subject);
+    }
+}

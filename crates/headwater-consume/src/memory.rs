@@ -1,0 +1,249 @@
+//! In memory: a view for tests and examples, and a producer to heal from.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use headwater_core::{FeedId, Sequence, Subject};
+
+use crate::IntegrationEvent;
+use crate::upstream::{SubjectHead, Upstream, UpstreamError};
+use crate::view::{Applied, ViewError, ViewStore, check_contiguous};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+type Handler<S> = dyn Fn(&mut S, &IntegrationEvent) -> Result<(), BoxError> + Send + Sync;
+
+/// A view of state `S` in memory, changed by `handler` one event at a time. An apply works on a
+/// copy of the state and swaps it in with the cursor, so a handler that fails halfway leaves
+/// nothing behind.
+pub struct MemoryView<S> {
+    inner: Mutex<Inner<S>>,
+    handler: Box<Handler<S>>,
+}
+
+struct Inner<S> {
+    state: S,
+    cursors: BTreeMap<(FeedId, Subject), Sequence>,
+}
+
+impl<S> std::fmt::Debug for MemoryView<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryView").finish_non_exhaustive()
+    }
+}
+
+impl<S: Clone + Send + 'static> MemoryView<S> {
+    pub fn new(
+        initial: S,
+        handler: impl Fn(&mut S, &IntegrationEvent) -> Result<(), BoxError> + Send + Sync + 'static,
+    ) -> MemoryView<S> {
+        MemoryView {
+            inner: Mutex::new(Inner {
+                state: initial,
+                cursors: BTreeMap::new(),
+            }),
+            handler: Box::new(handler),
+        }
+    }
+
+    /// Reads the view.
+    pub fn read<R>(&self, f: impl FnOnce(&S) -> R) -> R {
+        f(&self.lock().state)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner<S>> {
+        // Every mutation happens after the handler succeeded on a copy: a panic cannot leave the
+        // state half-updated.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[async_trait]
+impl<S: Clone + Send + Sync + 'static> ViewStore for MemoryView<S> {
+    async fn cursor(&self, feed: &FeedId, subject: &Subject) -> Result<Sequence, ViewError> {
+        Ok(self
+            .lock()
+            .cursors
+            .get(&(feed.clone(), subject.clone()))
+            .copied()
+            .unwrap_or(Sequence::START))
+    }
+
+    async fn apply(
+        &self,
+        feed: &FeedId,
+        subject: &Subject,
+        events: &[IntegrationEvent],
+    ) -> Result<Applied, ViewError> {
+        let mut inner = self.lock();
+        let key = (feed.clone(), subject.clone());
+        let cursor = inner.cursors.get(&key).copied().unwrap_or(Sequence::START);
+        let duplicates = check_contiguous(subject, cursor, events)?;
+        let new = &events[duplicates..];
+        let Some(last) = new.last() else {
+            return Ok(Applied {
+                cursor,
+                applied: 0,
+                duplicates: duplicates as u64,
+            });
+        };
+        let mut state = inner.state.clone();
+        for event in new {
+            (self.handler)(&mut state, event).map_err(|e| ViewError::Handler {
+                subject: subject.clone(),
+                sequence: event.sequence,
+                reason: e.to_string(),
+            })?;
+        }
+        inner.state = state;
+        inner.cursors.insert(key, last.sequence);
+        Ok(Applied {
+            cursor: last.sequence,
+            applied: new.len() as u64,
+            duplicates: duplicates as u64,
+        })
+    }
+
+    async fn cursors(
+        &self,
+        feed: &FeedId,
+        after: Option<&Subject>,
+        limit: u64,
+    ) -> Result<Vec<(Subject, Sequence)>, ViewError> {
+        let inner = self.lock();
+        Ok(inner
+            .cursors
+            .iter()
+            .filter(|((f, s), _)| f == feed && after.is_none_or(|a| s > a))
+            .take(usize::try_from(limit).unwrap_or(usize::MAX))
+            .map(|((_, s), c)| (s.clone(), *c))
+            .collect())
+    }
+}
+
+/// A producer in memory: its feed's events, answered as the feed API would. It can be taken
+/// down (every call is `Unavailable`) and counts the calls, for tests.
+#[derive(Debug, Default)]
+pub struct MemoryUpstream {
+    events: Mutex<BTreeMap<FeedId, Vec<IntegrationEvent>>>,
+    down: AtomicBool,
+    calls: AtomicU64,
+    /// How long each answer takes (tests of concurrent callers).
+    delay: Mutex<Duration>,
+}
+
+impl MemoryUpstream {
+    pub fn new() -> MemoryUpstream {
+        MemoryUpstream::default()
+    }
+
+    /// Adds the next event of its feed (its `position` and `sequence` as given).
+    pub fn push(&self, event: IntegrationEvent) {
+        let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        events.entry(event.feed.clone()).or_default().push(event);
+    }
+
+    /// Takes the producer down (`true`) or brings it back.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Makes each answer take `delay`.
+    pub fn set_delay(&self, delay: Duration) {
+        *self.delay.lock().unwrap_or_else(|e| e.into_inner()) = delay;
+    }
+
+    async fn wait(&self) {
+        let delay = *self.delay.lock().unwrap_or_else(|e| e.into_inner());
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// Calls answered or refused so far.
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    fn answer<T>(
+        &self,
+        feed: &FeedId,
+        f: impl FnOnce(&[IntegrationEvent]) -> T,
+    ) -> Result<T, UpstreamError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.down.load(Ordering::SeqCst) {
+            return Err(UpstreamError::Unavailable("the producer is down".into()));
+        }
+        let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(f(events.get(feed).map_or(&[][..], Vec::as_slice)))
+    }
+}
+
+fn take(limit: u64) -> usize {
+    usize::try_from(limit).unwrap_or(usize::MAX)
+}
+
+#[async_trait]
+impl Upstream for MemoryUpstream {
+    async fn read_subject(
+        &self,
+        feed: &FeedId,
+        subject: &Subject,
+        after: Sequence,
+        limit: u64,
+    ) -> Result<Vec<IntegrationEvent>, UpstreamError> {
+        self.wait().await;
+        self.answer(feed, |events| {
+            events
+                .iter()
+                .filter(|e| &e.subject == subject && e.sequence > after)
+                .take(take(limit))
+                .cloned()
+                .collect()
+        })
+    }
+
+    async fn subjects(
+        &self,
+        feed: &FeedId,
+        after: Option<&Subject>,
+        limit: u64,
+    ) -> Result<Vec<SubjectHead>, UpstreamError> {
+        self.wait().await;
+        self.answer(feed, |events| {
+            let mut heads: BTreeMap<&Subject, Sequence> = BTreeMap::new();
+            for event in events {
+                let head = heads.entry(&event.subject).or_default();
+                *head = (*head).max(event.sequence);
+            }
+            heads
+                .into_iter()
+                .filter(|(s, _)| after.is_none_or(|a| *s > a))
+                .take(take(limit))
+                .map(|(subject, sequence)| SubjectHead {
+                    subject: subject.clone(),
+                    sequence,
+                })
+                .collect()
+        })
+    }
+
+    async fn read_feed(
+        &self,
+        feed: &FeedId,
+        after: u64,
+        limit: u64,
+        _wait: Duration,
+    ) -> Result<Vec<IntegrationEvent>, UpstreamError> {
+        self.answer(feed, |events| {
+            events
+                .iter()
+                .filter(|e| e.position > after)
+                .take(take(limit))
+                .cloned()
+                .collect()
+        })
+    }
+}

@@ -1,0 +1,115 @@
+//! Where a consumer keeps its view and, in the same store, each subject's cursor.
+
+use async_trait::async_trait;
+use headwater_core::{FeedId, Sequence, Subject};
+
+use crate::IntegrationEvent;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What one [`ViewStore::apply`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Applied {
+    /// The subject's cursor after it.
+    pub cursor: Sequence,
+    /// Events handed to the handler and committed.
+    pub applied: u64,
+    /// Events at or below the cursor, skipped.
+    pub duplicates: u64,
+}
+
+/// Why a view store operation failed. In every case nothing was written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ViewError {
+    /// The user's handler refused an event (it cannot be decoded, it breaks a rule of the view).
+    #[error("the handler failed on {subject} #{sequence}: {reason}")]
+    Handler {
+        subject: Subject,
+        sequence: Sequence,
+        reason: String,
+    },
+    /// The events do not continue the subject's cursor: the first new one is not cursor + 1, or
+    /// they are not contiguous, or not all of the subject.
+    #[error("{subject}: events do not continue the cursor at {cursor}: {detail}")]
+    NotContiguous {
+        subject: Subject,
+        cursor: Sequence,
+        detail: String,
+    },
+    /// The backend failed.
+    #[error("the view store failed: {0}")]
+    Backend(#[source] BoxError),
+}
+
+/// A consumer's view and its per-subject cursors, in one store: applying events and moving the
+/// cursor is one transaction (G7). The store holds the user's handler; the library calls
+/// [`ViewStore::apply`], so a handler only changes the view and never has to remember the cursor.
+#[async_trait]
+pub trait ViewStore: Send + Sync + 'static {
+    /// The last sequence of `subject` applied to the view (`Sequence::START` when none).
+    async fn cursor(&self, feed: &FeedId, subject: &Subject) -> Result<Sequence, ViewError>;
+
+    /// Applies `events` — all of `subject`, in sequence order — to the view and moves the
+    /// subject's cursor past them, in one transaction. Events at or below the cursor are skipped
+    /// (duplicates); the others must be `cursor + 1, cursor + 2, …` without a hole.
+    ///
+    /// # Errors
+    /// [`ViewError::NotContiguous`] when they are not, [`ViewError::Handler`] when the handler
+    /// refuses one; in both cases, and on a backend error, nothing is written.
+    ///
+    /// # Durability
+    /// On `Ok`, the view's changes and the cursor are durable together, as the backend documents.
+    ///
+    /// # Cancel safety
+    /// Dropping the future after it was first polled may still commit; the next apply of the same
+    /// events then skips them as duplicates.
+    async fn apply(
+        &self,
+        feed: &FeedId,
+        subject: &Subject,
+        events: &[IntegrationEvent],
+    ) -> Result<Applied, ViewError>;
+
+    /// The cursors of the feed's subjects after `after` (all when `None`), in byte order of the
+    /// subject, at most `limit`.
+    async fn cursors(
+        &self,
+        feed: &FeedId,
+        after: Option<&Subject>,
+        limit: u64,
+    ) -> Result<Vec<(Subject, Sequence)>, ViewError>;
+}
+
+/// Checks `events` against the cursor: all of `subject`, in order, contiguous above it. Returns
+/// how many lead the batch at or below the cursor (duplicates to skip).
+pub fn check_contiguous(
+    subject: &Subject,
+    cursor: Sequence,
+    events: &[IntegrationEvent],
+) -> Result<usize, ViewError> {
+    let not = |detail: String| ViewError::NotContiguous {
+        subject: subject.clone(),
+        cursor,
+        detail,
+    };
+    let mut expected = cursor.get() + 1;
+    let mut duplicates = 0;
+    for event in events {
+        if &event.subject != subject {
+            return Err(not(format!("an event of {} in the batch", event.subject)));
+        }
+        let sequence = event.sequence.get();
+        if sequence <= cursor.get() && expected == cursor.get() + 1 {
+            // Still in the leading run of events the view already has.
+            duplicates += 1;
+            continue;
+        }
+        if sequence != expected {
+            return Err(not(format!("#{sequence} where #{expected} was due")));
+        }
+        expected += 1;
+    }
+    Ok(duplicates)
+}

@@ -1,0 +1,253 @@
+//! The consumer's rules against a producer in memory: duplicates skipped, gaps healed, lost last
+//! events found by reconstitution, bootstraps shared, a producer that is down waited for.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use headwater_consume::{
+    ConsumeError, Consumer, ConsumerOptions, Delivery, IntegrationEvent, MemoryUpstream,
+    MemoryView, UpstreamError, ViewStore,
+};
+use headwater_core::{FeedId, Sequence, Subject};
+use proptest::prelude::*;
+
+type State = BTreeMap<String, Vec<u64>>;
+type TestConsumer = Consumer<MemoryView<State>, MemoryUpstream>;
+
+fn feed() -> FeedId {
+    FeedId::parse("accounts.v1").unwrap()
+}
+
+/// A CloudEvent as the feed API writes it, decoded.
+fn event(position: u64, subject: &str, sequence: u64) -> IntegrationEvent {
+    let json = format!(
+        r#"{{"specversion":"1.0","id":"{}","source":"accounts","type":"accounts.deposited",
+        "subject":"{subject}","time":"2026-11-27T18:00:00.000000Z","datacontenttype":"application/json",
+        "data":{{"amount":{position}}},"sequence":{sequence},"position":{position},"feed":"accounts.v1"}}"#,
+        uuid::Uuid::new_v4()
+    );
+    IntegrationEvent::from_cloud_event(json.as_bytes()).unwrap()
+}
+
+/// The view: per subject, the sequences applied, in order; the handler refuses any event that
+/// is not the next (so a wrong order would fail the apply, not pass silently).
+fn view() -> Arc<MemoryView<State>> {
+    Arc::new(MemoryView::new(
+        State::new(),
+        |state: &mut State, e: &IntegrationEvent| {
+            let applied = state.entry(e.subject.to_string()).or_default();
+            let next = applied.len() as u64 + 1;
+            if e.sequence.get() != next {
+                return Err(format!(
+                    "{} #{} applied where #{next} was due",
+                    e.subject,
+                    e.sequence.get()
+                )
+                .into());
+            }
+            applied.push(e.sequence.get());
+            Ok(())
+        },
+    ))
+}
+
+/// A producer's feed: `subjects[i]` is the subject of the event at position `i + 1`.
+fn produce(upstream: &MemoryUpstream, subjects: &[u8]) -> Vec<IntegrationEvent> {
+    let mut sequences = BTreeMap::new();
+    subjects
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let subject = format!("acc-{s}");
+            let sequence = sequences.entry(subject.clone()).or_insert(0u64);
+            *sequence += 1;
+            let e = event(i as u64 + 1, &subject, *sequence);
+            upstream.push(e.clone());
+            e
+        })
+        .collect()
+}
+
+fn consumer(view: &Arc<MemoryView<State>>, upstream: &Arc<MemoryUpstream>) -> TestConsumer {
+    Consumer::new(
+        feed(),
+        Arc::clone(view),
+        Arc::clone(upstream),
+        ConsumerOptions::default()
+            .with_backoff(Duration::from_millis(1), Duration::from_millis(5))
+            .with_page_events(7),
+    )
+}
+
+fn expected(events: &[IntegrationEvent]) -> State {
+    let mut state = State::new();
+    for e in events {
+        state
+            .entry(e.subject.to_string())
+            .or_default()
+            .push(e.sequence.get());
+    }
+    state
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn next_events_apply_duplicates_skip_gaps_heal() {
+    let upstream = Arc::new(MemoryUpstream::new());
+    let events = produce(&upstream, &[1, 1, 1, 1, 1, 2]);
+    let view = view();
+    let consumer = consumer(&view, &upstream);
+    assert_eq!(
+        consumer.deliver(events[0].clone()).await.unwrap(),
+        Delivery::Applied { healed: 0 }
+    );
+    assert_eq!(
+        consumer.deliver(events[0].clone()).await.unwrap(),
+        Delivery::Duplicate
+    );
+    // #2 and #3 lost: #4 heals them first.
+    assert_eq!(
+        consumer.deliver(events[3].clone()).await.unwrap(),
+        Delivery::Applied { healed: 2 }
+    );
+    assert_eq!(
+        consumer.deliver(events[2].clone()).await.unwrap(),
+        Delivery::Duplicate
+    );
+    assert_eq!(
+        view.cursor(&feed(), &Subject::new("acc-1").unwrap())
+            .await
+            .unwrap(),
+        Sequence(4)
+    );
+    // acc-2 never seen, its only event delivered: applied.
+    assert_eq!(
+        consumer.deliver(events[5].clone()).await.unwrap(),
+        Delivery::Applied { healed: 0 }
+    );
+    // acc-1's last event (#5) lost: only reconstitution finds it.
+    let report = consumer.reconstitute().await.unwrap();
+    assert_eq!((report.subjects, report.behind, report.applied), (2, 1, 1));
+    assert_eq!(view.read(Clone::clone), expected(&events));
+    let again = consumer.reconstitute().await.unwrap();
+    assert_eq!((again.behind, again.applied), (0, 0));
+}
+
+#[tokio::test]
+async fn an_event_of_another_feed_is_refused() {
+    let upstream = Arc::new(MemoryUpstream::new());
+    let view = view();
+    let consumer = Consumer::new(
+        FeedId::parse("accounts.v2").unwrap(),
+        view.clone(),
+        upstream,
+        ConsumerOptions::default(),
+    );
+    let error = consumer.deliver(event(1, "acc-1", 1)).await.unwrap_err();
+    assert!(matches!(error, ConsumeError::WrongFeed { .. }), "{error}");
+    assert!(view.read(State::is_empty));
+}
+
+#[tokio::test]
+async fn a_producer_that_is_down_is_waited_for_and_the_view_keeps_what_it_has() {
+    let upstream = Arc::new(MemoryUpstream::new());
+    let events = produce(&upstream, &[1, 1, 1]);
+    let view = view();
+    let consumer = consumer(&view, &upstream);
+    consumer.deliver(events[0].clone()).await.unwrap();
+    upstream.set_down(true);
+    let calls = upstream.calls();
+    let error = consumer.deliver(events[2].clone()).await.unwrap_err();
+    assert!(
+        matches!(error, ConsumeError::Upstream(UpstreamError::Unavailable(_))),
+        "{error}"
+    );
+    assert_eq!(
+        upstream.calls() - calls,
+        u64::from(ConsumerOptions::default().heal_attempts),
+        "bounded retries"
+    );
+    // The view still serves what it had; #3 was not applied over the gap.
+    assert_eq!(view.read(Clone::clone), expected(&events[..1]));
+    upstream.set_down(false);
+    assert_eq!(
+        consumer.deliver(events[2].clone()).await.unwrap(),
+        Delivery::Applied { healed: 1 }
+    );
+    assert_eq!(view.read(Clone::clone), expected(&events));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_bootstraps_of_a_subject_fetch_once() {
+    let upstream = Arc::new(MemoryUpstream::new());
+    let events = produce(&upstream, &[3; 5]);
+    upstream.set_delay(Duration::from_millis(50));
+    let view = view();
+    let consumer = Arc::new(consumer(&view, &upstream));
+    let subject = Subject::new("acc-3").unwrap();
+    let calls = upstream.calls();
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let consumer = Arc::clone(&consumer);
+            let subject = subject.clone();
+            tokio::spawn(async move { consumer.ensure(&subject).await.unwrap() })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), Sequence(5));
+    }
+    // One bootstrap: one page of 5 (page size 7) and the empty page that ends it.
+    assert_eq!(upstream.calls() - calls, 2);
+    assert_eq!(view.read(Clone::clone), expected(&events));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// G7 + G8: whatever the delivery schedule — events dropped (the last of some subjects
+    /// among them), duplicated, reordered — the view after one reconstitution equals applying
+    /// each subject's whole stream once, in order.
+    #[test]
+    fn any_delivery_schedule_converges_after_reconstitution(
+        subjects in proptest::collection::vec(0u8..6, 1..120),
+        fates in proptest::collection::vec((0u8..10, 0u8..10), 120),
+        swaps in proptest::collection::vec((0usize..240, 0usize..240), 0..60),
+    ) {
+        runtime().block_on(async {
+            let upstream = Arc::new(MemoryUpstream::new());
+            let events = produce(&upstream, &subjects);
+            let view = view();
+            let consumer = consumer(&view, &upstream);
+            // Each event: dropped (30 %), delivered once, or twice (20 %); then shuffled a bit.
+            let mut schedule = Vec::new();
+            for (event, (drop, dup)) in events.iter().zip(&fates) {
+                if *drop < 3 {
+                    continue;
+                }
+                schedule.push(event.clone());
+                if *dup < 2 {
+                    schedule.push(event.clone());
+                }
+            }
+            if !schedule.is_empty() {
+                for (a, b) in &swaps {
+                    let (a, b) = (a % schedule.len(), b % schedule.len());
+                    schedule.swap(a, b);
+                }
+            }
+            for event in schedule {
+                consumer.deliver(event).await.unwrap();
+            }
+            consumer.reconstitute().await.unwrap();
+            prop_assert_eq!(view.read(Clone::clone), expected(&events));
+            Ok(())
+        })?;
+    }
+}

@@ -1,0 +1,3 @@
+//! The integration tests of `headwater-consume`, in one binary.
+
+mod consumer;
