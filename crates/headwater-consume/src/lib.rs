@@ -7,6 +7,7 @@
 //! - [`ViewStore`]: where the consumer's view and its per-subject cursors live. Applying events
 //!   and moving the subject's cursor is one transaction of the view store, done by the library:
 //!   the user's handler only changes the view, so the cursor cannot be forgotten.
+//!   [`MemoryView`] keeps it in memory (tests, examples), [`EmbeddedView`] in a SQLite file.
 //! - [`Upstream`]: what the consumer asks the producer when it sees a gap, bootstraps a subject or
 //!   walks for lost last events: the feed API's `subjects` endpoints.
 //! - [`Consumer`]: the rules — a duplicate (sequence ≤ cursor) is skipped, a gap (sequence >
@@ -14,6 +15,7 @@
 //!   a subject once however many callers ask, `reconstitute()` finds what no delivery brought.
 
 mod consumer;
+mod embedded;
 mod event;
 mod memory;
 mod upstream;
@@ -23,6 +25,7 @@ pub use consumer::{
     ConsumeError, Consumer, ConsumerOptions, Delivery, HEAL_ATTEMPTS_DEFAULT, PAGE_EVENTS_DEFAULT,
     Reconstitution,
 };
+pub use embedded::EmbeddedView;
 pub use event::{DecodeError, IntegrationEvent};
 pub use memory::{MemoryUpstream, MemoryView};
 pub use upstream::{SubjectHead, Upstream, UpstreamError};

@@ -20,7 +20,7 @@ fn feed() -> FeedId {
 }
 
 /// A CloudEvent as the feed API writes it, decoded.
-fn event(position: u64, subject: &str, sequence: u64) -> IntegrationEvent {
+pub(crate) fn event(position: u64, subject: &str, sequence: u64) -> IntegrationEvent {
     let json = format!(
         r#"{{"specversion":"1.0","id":"{}","source":"accounts","type":"accounts.deposited",
         "subject":"{subject}","time":"2026-11-27T18:00:00.000000Z","datacontenttype":"application/json",
@@ -53,7 +53,7 @@ fn view() -> Arc<MemoryView<State>> {
 }
 
 /// A producer's feed: `subjects[i]` is the subject of the event at position `i + 1`.
-fn produce(upstream: &MemoryUpstream, subjects: &[u8]) -> Vec<IntegrationEvent> {
+pub(crate) fn produce(upstream: &MemoryUpstream, subjects: &[u8]) -> Vec<IntegrationEvent> {
     let mut sequences = BTreeMap::new();
     subjects
         .iter()
@@ -91,7 +91,7 @@ fn expected(events: &[IntegrationEvent]) -> State {
     state
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

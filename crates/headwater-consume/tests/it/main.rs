@@ -1,3 +1,4 @@
 //! The integration tests of `headwater-consume`, in one binary.
 
 mod consumer;
+mod embedded;

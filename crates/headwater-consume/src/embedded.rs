@@ -1,0 +1,217 @@
+//! The embedded view store: the consumer's own tables and its cursors in one SQLite database, so
+//! applying an event and moving its subject's cursor is one SQLite transaction.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use headwater_core::{FeedId, Sequence, Subject};
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+
+use crate::IntegrationEvent;
+use crate::view::{Applied, ViewError, ViewStore, check_contiguous};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+type Handler = dyn Fn(&Transaction<'_>, &IntegrationEvent) -> Result<(), BoxError> + Send + Sync;
+
+/// The table of cursors, beside the user's tables.
+const CURSORS_TABLE: &str = "CREATE TABLE IF NOT EXISTS headwater_cursors (
+    feed TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    sequence INTEGER NOT NULL CHECK (sequence > 0),
+    PRIMARY KEY (feed, subject)
+) WITHOUT ROWID";
+
+/// A view in a SQLite database file (WAL, `synchronous=FULL`: a committed apply survives a crash
+/// of the process or the machine). The handler gets the open transaction and changes the user's
+/// tables with it; the cursor is written in the same transaction by this store.
+pub struct EmbeddedView {
+    connection: Arc<Mutex<Connection>>,
+    handler: Arc<Handler>,
+}
+
+impl std::fmt::Debug for EmbeddedView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedView").finish_non_exhaustive()
+    }
+}
+
+impl EmbeddedView {
+    /// Opens (creating) the database at `path`, runs `setup` on it in a transaction (create the
+    /// view's tables if they do not exist) and keeps `handler` for the events.
+    ///
+    /// # Errors
+    /// [`ViewError::Backend`] when the file cannot be opened or `setup` fails.
+    pub fn open(
+        path: impl AsRef<Path>,
+        setup: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<()>,
+        handler: impl Fn(&Transaction<'_>, &IntegrationEvent) -> Result<(), BoxError>
+        + Send
+        + Sync
+        + 'static,
+    ) -> Result<EmbeddedView, ViewError> {
+        let mut connection = Connection::open(path).map_err(backend)?;
+        connection
+            .pragma_update(None, "journal_mode", "WAL")
+            .map_err(backend)?;
+        connection
+            .pragma_update(None, "synchronous", "FULL")
+            .map_err(backend)?;
+        connection
+            .busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(backend)?;
+        let tx = connection.transaction().map_err(backend)?;
+        tx.execute_batch(CURSORS_TABLE).map_err(backend)?;
+        setup(&tx).map_err(backend)?;
+        tx.commit().map_err(backend)?;
+        Ok(EmbeddedView {
+            connection: Arc::new(Mutex::new(connection)),
+            handler: Arc::new(handler),
+        })
+    }
+
+    /// Reads the view (a query of the user's tables), on a blocking thread.
+    ///
+    /// # Errors
+    /// What `read` returns, or [`ViewError::Backend`] if the blocking task failed.
+    ///
+    /// # Cancel safety
+    /// Cancel safe (the read runs to its end on its thread, its answer is dropped).
+    pub async fn read<R: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+    ) -> Result<R, ViewError> {
+        self.blocking(move |connection| read(connection).map_err(backend))
+            .await
+    }
+
+    async fn blocking<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<R, ViewError> + Send + 'static,
+    ) -> Result<R, ViewError> {
+        let connection = Arc::clone(&self.connection);
+        tokio::task::spawn_blocking(move || f(&mut lock(&connection)))
+            .await
+            .map_err(|e| ViewError::Backend(Box::new(e)))?
+    }
+}
+
+fn lock(connection: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
+    // A panic in a handler rolls its transaction back (dropped uncommitted): the connection is
+    // sound.
+    connection.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn backend(error: rusqlite::Error) -> ViewError {
+    ViewError::Backend(Box::new(error))
+}
+
+fn cursor_in(
+    connection: &Connection,
+    feed: &FeedId,
+    subject: &Subject,
+) -> Result<Sequence, ViewError> {
+    let sequence: Option<i64> = connection
+        .query_row(
+            "SELECT sequence FROM headwater_cursors WHERE feed = ?1 AND subject = ?2",
+            params![feed.to_string(), subject.as_str()],
+            |row| row.get(0),
+        )
+        .optional()
+        .map_err(backend)?;
+    Ok(Sequence(
+        sequence.map_or(0, |s| u64::try_from(s).unwrap_or(0)),
+    ))
+}
+
+#[async_trait]
+impl ViewStore for EmbeddedView {
+    async fn cursor(&self, feed: &FeedId, subject: &Subject) -> Result<Sequence, ViewError> {
+        let (feed, subject) = (feed.clone(), subject.clone());
+        self.blocking(move |connection| cursor_in(connection, &feed, &subject))
+            .await
+    }
+
+    async fn apply(
+        &self,
+        feed: &FeedId,
+        subject: &Subject,
+        events: &[IntegrationEvent],
+    ) -> Result<Applied, ViewError> {
+        let (feed, subject, events) = (feed.clone(), subject.clone(), events.to_vec());
+        let handler = Arc::clone(&self.handler);
+        self.blocking(move |connection| {
+            let tx = connection
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(backend)?;
+            let cursor = cursor_in(&tx, &feed, &subject)?;
+            let duplicates = check_contiguous(&subject, cursor, &events)?;
+            let new = &events[duplicates..];
+            let Some(last) = new.last() else {
+                return Ok(Applied {
+                    cursor,
+                    applied: 0,
+                    duplicates: duplicates as u64,
+                });
+            };
+            for event in new {
+                handler(&tx, event).map_err(|e| ViewError::Handler {
+                    subject: subject.clone(),
+                    sequence: event.sequence,
+                    reason: e.to_string(),
+                })?;
+            }
+            let sequence =
+                i64::try_from(last.sequence.get()).map_err(|_| ViewError::NotContiguous {
+                    subject: subject.clone(),
+                    cursor,
+                    detail: "a sequence above 2^63".into(),
+                })?;
+            tx.execute(
+                "INSERT INTO headwater_cursors (feed, subject, sequence) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (feed, subject) DO UPDATE SET sequence = excluded.sequence",
+                params![feed.to_string(), subject.as_str(), sequence],
+            )
+            .map_err(backend)?;
+            tx.commit().map_err(backend)?;
+            Ok(Applied {
+                cursor: last.sequence,
+                applied: new.len() as u64,
+                duplicates: duplicates as u64,
+            })
+        })
+        .await
+    }
+
+    async fn cursors(
+        &self,
+        feed: &FeedId,
+        after: Option<&Subject>,
+        limit: u64,
+    ) -> Result<Vec<(Subject, Sequence)>, ViewError> {
+        let feed = feed.to_string();
+        let after = after.map(|s| s.as_str().to_owned()).unwrap_or_default();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.blocking(move |connection| {
+            let mut statement = connection
+                .prepare_cached(
+                    "SELECT subject, sequence FROM headwater_cursors
+                     WHERE feed = ?1 AND subject > ?2 ORDER BY subject LIMIT ?3",
+                )
+                .map_err(backend)?;
+            let rows = statement
+                .query_map(params![feed, after, limit], |row| {
+                    Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+                })
+                .map_err(backend)?;
+            let mut cursors = Vec::new();
+            for row in rows {
+                let (subject, sequence) = row.map_err(backend)?;
+                let subject = Subject::new(subject).map_err(|e| ViewError::Backend(Box::new(e)))?;
+                cursors.push((subject, Sequence(u64::try_from(sequence).unwrap_or(0))));
+            }
+            Ok(cursors)
+        })
+        .await
+    }
+}
