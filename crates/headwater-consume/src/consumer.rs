@@ -2,6 +2,7 @@
 //! bootstrap a subject on demand once, reconstitute what no delivery brought.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use std::time::Duration;
@@ -91,6 +92,45 @@ pub struct Reconstitution {
     pub applied: u64,
 }
 
+/// What a consumer did since it started (counters; `Consumer::stats`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConsumerStats {
+    /// Events applied to the view (delivered, healed, bootstrapped or reconstituted).
+    pub applied: u64,
+    /// Deliveries skipped as duplicates.
+    pub duplicates: u64,
+    /// Gaps seen (a delivery ahead of its subject's next sequence).
+    pub gaps: u64,
+    /// Events fetched from upstream to heal gaps.
+    pub healed: u64,
+    /// Bootstraps (`ensure`) that fetched.
+    pub bootstraps: u64,
+    /// Reconstitution walks completed, and events they applied.
+    pub reconstitutions: u64,
+    pub reconstituted: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    applied: AtomicU64,
+    duplicates: AtomicU64,
+    gaps: AtomicU64,
+    healed: AtomicU64,
+    bootstraps: AtomicU64,
+    reconstitutions: AtomicU64,
+    reconstituted: AtomicU64,
+}
+
+impl Counters {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// How long one long poll of the producer's feed waits for a first event.
+pub const FEED_WAIT_DEFAULT: Duration = Duration::from_secs(20);
+
 /// Why a delivery, a bootstrap or a walk did not complete. What was applied before stays
 /// applied (each apply is its own transaction); nothing after it was.
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +164,7 @@ pub struct Consumer<V, U> {
     locks: Box<[tokio::sync::Mutex<()>]>,
     /// Bootstraps in progress: later callers for the same subject wait for the first one's.
     ensuring: Mutex<HashMap<Subject, EnsureWatch>>,
+    counters: Counters,
 }
 
 impl<V, U> std::fmt::Debug for Consumer<V, U> {
@@ -146,6 +187,7 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
             ensuring: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
         }
     }
 
@@ -180,7 +222,11 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
         let subject = event.subject.clone();
         let cursor = self.view.cursor(&self.feed, &subject).await?;
         if event.sequence <= cursor {
+            Counters::add(&self.counters.duplicates, 1);
             return Ok(Delivery::Duplicate);
+        }
+        if event.sequence.get() > cursor.get() + 1 {
+            Counters::add(&self.counters.gaps, 1);
         }
         let mut healed = 0;
         let mut cursor = cursor;
@@ -206,6 +252,8 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
                 .collect();
             let applied = self.view.apply(&self.feed, &subject, &page).await?;
             healed += applied.applied;
+            Counters::add(&self.counters.healed, applied.applied);
+            Counters::add(&self.counters.applied, applied.applied);
             cursor = applied.cursor;
             if last >= event.sequence {
                 break;
@@ -216,8 +264,10 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
             .apply(&self.feed, &subject, std::slice::from_ref(&event))
             .await?;
         if applied.applied == 0 {
+            Counters::add(&self.counters.duplicates, 1);
             return Ok(Delivery::Duplicate);
         }
+        Counters::add(&self.counters.applied, 1);
         if healed > 0 {
             tracing::debug!(feed = %self.feed, %subject, healed, "healed a gap");
         }
@@ -268,6 +318,10 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
             subject,
         };
         let result = self.catch_up(subject).await;
+        if let Ok((_, applied)) = &result {
+            Counters::add(&self.counters.bootstraps, 1);
+            Counters::add(&self.counters.applied, *applied);
+        }
         tx.send_replace(Some(
             result
                 .as_ref()
@@ -309,14 +363,96 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
                     let _held = lock.lock().await;
                     let (_, applied) = self.catch_up_locked(&head.subject).await?;
                     report.applied += applied;
+                    Counters::add(&self.counters.applied, applied);
+                    Counters::add(&self.counters.reconstituted, applied);
                 }
             }
             after = Some(next_after);
         }
+        Counters::add(&self.counters.reconstitutions, 1);
         if report.behind > 0 {
             tracing::info!(feed = %self.feed, subjects = report.subjects, behind = report.behind, applied = report.applied, "reconstitution found events no delivery brought");
         }
         Ok(report)
+    }
+
+    /// What this consumer did since it started.
+    pub fn stats(&self) -> ConsumerStats {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ConsumerStats {
+            applied: get(&c.applied),
+            duplicates: get(&c.duplicates),
+            gaps: get(&c.gaps),
+            healed: get(&c.healed),
+            bootstraps: get(&c.bootstraps),
+            reconstitutions: get(&c.reconstitutions),
+            reconstituted: get(&c.reconstituted),
+        }
+    }
+
+    /// The HTTP feed transport: long-polls the producer's feed from the saved feed position and
+    /// delivers every event, until `stop` resolves. A producer that is down is waited for
+    /// (capped backoff, for as long as it takes: the view keeps serving what it has); a delivery
+    /// that cannot heal its gap yet is tried again, so nothing is skipped. The feed position is
+    /// saved after each page (a restart re-reads at most one page: duplicates, skipped).
+    ///
+    /// # Errors
+    /// [`ConsumeError`] for what waiting cannot fix: the producer refuses (a bad token, an
+    /// unknown or retired feed), answers out of order, or the view refuses an event.
+    ///
+    /// # Cancel safety
+    /// Cancel safe in effect (as [`Consumer::deliver`]); prefer `stop`, which saves the position.
+    pub async fn follow_feed(
+        &self,
+        wait: Duration,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<(), ConsumeError> {
+        tokio::pin!(stop);
+        let mut after = self.view.feed_position(&self.feed).await?;
+        let mut delay = self.options.backoff_min;
+        loop {
+            let page = tokio::select! {
+                () = &mut stop => return Ok(()),
+                page = self.upstream.read_feed(&self.feed, after, self.options.page_events, wait) => page,
+            };
+            let page = match page {
+                Ok(page) => {
+                    delay = self.options.backoff_min;
+                    page
+                }
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(feed = %self.feed, error = %e, "the producer's feed is unavailable; waiting");
+                    tokio::select! {
+                        () = &mut stop => return Ok(()),
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(self.options.backoff_max);
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let Some(last) = page.last().map(|e| e.position) else {
+                continue;
+            };
+            for event in page {
+                loop {
+                    match self.deliver(event.clone()).await {
+                        Ok(_) => break,
+                        Err(ConsumeError::Upstream(e)) if e.is_transient() => {
+                            tracing::warn!(feed = %self.feed, subject = %event.subject, error = %e, "a gap cannot be healed yet; trying again");
+                            tokio::select! {
+                                () = &mut stop => return Ok(()),
+                                () = tokio::time::sleep(self.options.backoff_max) => {}
+                            }
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            after = last;
+            self.view.save_feed_position(&self.feed, after).await?;
+        }
     }
 
     /// Fetches and applies everything of `subject` after its cursor, holding its lock.

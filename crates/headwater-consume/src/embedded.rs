@@ -14,12 +14,16 @@ use crate::view::{Applied, ViewError, ViewStore, check_contiguous};
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 type Handler = dyn Fn(&Transaction<'_>, &IntegrationEvent) -> Result<(), BoxError> + Send + Sync;
 
-/// The table of cursors, beside the user's tables.
+/// The tables of cursors and feed positions, beside the user's tables.
 const CURSORS_TABLE: &str = "CREATE TABLE IF NOT EXISTS headwater_cursors (
     feed TEXT NOT NULL,
     subject TEXT NOT NULL,
     sequence INTEGER NOT NULL CHECK (sequence > 0),
     PRIMARY KEY (feed, subject)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS headwater_feed_positions (
+    feed TEXT PRIMARY KEY,
+    position INTEGER NOT NULL
 ) WITHOUT ROWID";
 
 /// A view in a SQLite database file (WAL, `synchronous=FULL`: a committed apply survives a crash
@@ -211,6 +215,38 @@ impl ViewStore for EmbeddedView {
                 cursors.push((subject, Sequence(u64::try_from(sequence).unwrap_or(0))));
             }
             Ok(cursors)
+        })
+        .await
+    }
+
+    async fn feed_position(&self, feed: &FeedId) -> Result<u64, ViewError> {
+        let feed = feed.to_string();
+        self.blocking(move |connection| {
+            let position: Option<i64> = connection
+                .query_row(
+                    "SELECT position FROM headwater_feed_positions WHERE feed = ?1",
+                    params![feed],
+                    |row| row.get(0),
+                )
+                .optional()
+                .map_err(backend)?;
+            Ok(position.map_or(0, |p| u64::try_from(p).unwrap_or(0)))
+        })
+        .await
+    }
+
+    async fn save_feed_position(&self, feed: &FeedId, position: u64) -> Result<(), ViewError> {
+        let feed = feed.to_string();
+        let position = i64::try_from(position).unwrap_or(i64::MAX);
+        self.blocking(move |connection| {
+            connection
+                .execute(
+                    "INSERT INTO headwater_feed_positions (feed, position) VALUES (?1, ?2)
+                     ON CONFLICT (feed) DO UPDATE SET position = max(position, excluded.position)",
+                    params![feed, position],
+                )
+                .map_err(backend)?;
+            Ok(())
         })
         .await
     }

@@ -22,8 +22,8 @@ mod upstream;
 mod view;
 
 pub use consumer::{
-    ConsumeError, Consumer, ConsumerOptions, Delivery, HEAL_ATTEMPTS_DEFAULT, PAGE_EVENTS_DEFAULT,
-    Reconstitution,
+    ConsumeError, Consumer, ConsumerOptions, ConsumerStats, Delivery, FEED_WAIT_DEFAULT,
+    HEAL_ATTEMPTS_DEFAULT, PAGE_EVENTS_DEFAULT, Reconstitution,
 };
 pub use embedded::EmbeddedView;
 pub use event::{DecodeError, IntegrationEvent};

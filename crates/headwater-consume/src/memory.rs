@@ -26,6 +26,7 @@ pub struct MemoryView<S> {
 struct Inner<S> {
     state: S,
     cursors: BTreeMap<(FeedId, Subject), Sequence>,
+    positions: BTreeMap<FeedId, u64>,
 }
 
 impl<S> std::fmt::Debug for MemoryView<S> {
@@ -43,6 +44,7 @@ impl<S: Clone + Send + 'static> MemoryView<S> {
             inner: Mutex::new(Inner {
                 state: initial,
                 cursors: BTreeMap::new(),
+                positions: BTreeMap::new(),
             }),
             handler: Box::new(handler),
         }
@@ -121,6 +123,17 @@ impl<S: Clone + Send + Sync + 'static> ViewStore for MemoryView<S> {
             .map(|((_, s), c)| (s.clone(), *c))
             .collect())
     }
+
+    async fn feed_position(&self, feed: &FeedId) -> Result<u64, ViewError> {
+        Ok(self.lock().positions.get(feed).copied().unwrap_or(0))
+    }
+
+    async fn save_feed_position(&self, feed: &FeedId, position: u64) -> Result<(), ViewError> {
+        let mut inner = self.lock();
+        let saved = inner.positions.entry(feed.clone()).or_default();
+        *saved = (*saved).max(position);
+        Ok(())
+    }
 }
 
 /// A producer in memory: its feed's events, answered as the feed API would. It can be taken
@@ -132,6 +145,8 @@ pub struct MemoryUpstream {
     calls: AtomicU64,
     /// How long each answer takes (tests of concurrent callers).
     delay: Mutex<Duration>,
+    /// Wakes long polls when an event is pushed.
+    pushed: tokio::sync::Notify,
 }
 
 impl MemoryUpstream {
@@ -143,6 +158,8 @@ impl MemoryUpstream {
     pub fn push(&self, event: IntegrationEvent) {
         let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
         events.entry(event.feed.clone()).or_default().push(event);
+        drop(events);
+        self.pushed.notify_waiters();
     }
 
     /// Takes the producer down (`true`) or brings it back.
@@ -235,15 +252,28 @@ impl Upstream for MemoryUpstream {
         feed: &FeedId,
         after: u64,
         limit: u64,
-        _wait: Duration,
+        wait: Duration,
     ) -> Result<Vec<IntegrationEvent>, UpstreamError> {
-        self.answer(feed, |events| {
-            events
-                .iter()
-                .filter(|e| e.position > after)
-                .take(take(limit))
-                .cloned()
-                .collect()
-        })
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Registered before looking, so that a push in between is not missed.
+            let pushed = self.pushed.notified();
+            tokio::pin!(pushed);
+            pushed.as_mut().enable();
+            let page = self.answer(feed, |events| {
+                events
+                    .iter()
+                    .filter(|e| e.position > after)
+                    .take(take(limit))
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })?;
+            if !page.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(page);
+            }
+            if tokio::time::timeout_at(deadline, pushed).await.is_err() {
+                return Ok(Vec::new());
+            }
+        }
     }
 }

@@ -80,6 +80,14 @@ pub trait ViewStore: Send + Sync + 'static {
         after: Option<&Subject>,
         limit: u64,
     ) -> Result<Vec<(Subject, Sequence)>, ViewError>;
+
+    /// How far a transport that reads the whole feed (the HTTP feed) got: the last feed position
+    /// it delivered (0 when none). Only a starting point — deliveries are deduplicated by the
+    /// subjects' cursors — so it is saved after the events, not with them.
+    async fn feed_position(&self, feed: &FeedId) -> Result<u64, ViewError>;
+
+    /// Saves the feed position; a position below the saved one is ignored.
+    async fn save_feed_position(&self, feed: &FeedId, position: u64) -> Result<(), ViewError>;
 }
 
 /// Checks `events` against the cursor: all of `subject`, in order, contiguous above it. Returns

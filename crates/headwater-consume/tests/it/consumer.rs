@@ -251,3 +251,58 @@ proptest! {
         })?;
     }
 }
+
+/// The HTTP feed transport over a producer that loses nothing but goes down for a while: every
+/// event applied once, the feed position saved, a restarted follower re-reading nothing applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn following_the_feed_applies_everything_and_survives_a_producer_outage() {
+    let upstream = Arc::new(MemoryUpstream::new());
+    let first = produce(&upstream, &[1, 2, 1, 3, 2, 1]);
+    let view = view();
+    let consumer = Arc::new(consumer(&view, &upstream));
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let follower = {
+        let consumer = Arc::clone(&consumer);
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            consumer
+                .follow_feed(Duration::from_millis(200), stop.notified())
+                .await
+        })
+    };
+    wait_until(|| view.read(Clone::clone) == expected(&first)).await;
+    // The producer goes down; events keep coming once it is back.
+    upstream.set_down(true);
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let mut all = first.clone();
+    let mut sequences: BTreeMap<String, u64> = BTreeMap::new();
+    for e in &first {
+        sequences.insert(e.subject.to_string(), e.sequence.get());
+    }
+    for (i, s) in [3u8, 3, 1, 2].iter().enumerate() {
+        let subject = format!("acc-{s}");
+        let sequence = sequences.entry(subject.clone()).or_insert(0);
+        *sequence += 1;
+        let e = event(first.len() as u64 + i as u64 + 1, &subject, *sequence);
+        upstream.push(e.clone());
+        all.push(e);
+    }
+    upstream.set_down(false);
+    wait_until(|| view.read(Clone::clone) == expected(&all)).await;
+    stop.notify_one();
+    follower.await.unwrap().unwrap();
+    assert_eq!(view.feed_position(&feed()).await.unwrap(), all.len() as u64);
+    let stats = consumer.stats();
+    assert_eq!(
+        (stats.applied, stats.duplicates, stats.gaps),
+        (all.len() as u64, 0, 0)
+    );
+}
+
+async fn wait_until(done: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
