@@ -14,6 +14,7 @@
 //!   cursor + 1) is healed from upstream before the event is applied, `ensure(subject)` bootstraps
 //!   a subject once however many callers ask, `reconstitute()` finds what no delivery brought.
 
+mod client;
 mod consumer;
 mod embedded;
 mod event;
@@ -21,6 +22,10 @@ mod memory;
 mod upstream;
 mod view;
 
+pub use client::{
+    ClientError, FeedClient, LONG_POLL_WAIT_MAX, REQUEST_TIMEOUT_DEFAULT,
+    RESPONSE_BYTES_MAX_DEFAULT, TOKEN_BYTES_MAX,
+};
 pub use consumer::{
     ConsumeError, Consumer, ConsumerOptions, ConsumerStats, Delivery, FEED_WAIT_DEFAULT,
     HEAL_ATTEMPTS_DEFAULT, PAGE_EVENTS_DEFAULT, Reconstitution,

@@ -1,4 +1,5 @@
 //! The integration tests of `headwater-consume`, in one binary.
 
+mod client;
 mod consumer;
 mod embedded;
