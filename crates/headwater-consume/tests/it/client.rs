@@ -646,3 +646,101 @@ fn the_client_bounds_are_the_apis() {
         headwater_api::TOKEN_BYTES_MAX
     );
 }
+
+/// A fake server that answers `[]` to each request and hands over each request's head.
+async fn recording() -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (heads, received) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let heads = heads.clone();
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 4096];
+                loop {
+                    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buffer).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => request.extend_from_slice(&buffer[..n]),
+                        }
+                    }
+                    let end = request.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    let head: Vec<u8> = request.drain(..end).collect();
+                    let _ = heads.send(String::from_utf8_lossy(&head).into_owned());
+                    let answer = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n[]";
+                    if stream.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (format!("http://{address}"), received)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_what_the_contract_says() {
+    let (url, mut heads) = recording().await;
+    let client = FeedClient::new(&format!("{url}/producer/"), Some(TOKEN.to_owned())).unwrap();
+    let v2 = feed("accounts.v2");
+    let mut next = async || {
+        tokio::time::timeout(PROMPT, heads.recv())
+            .await
+            .unwrap()
+            .unwrap()
+    };
+
+    client
+        .read_subject(&v2, &subject(".."), Sequence(7), 50)
+        .await
+        .unwrap();
+    let head = next().await;
+    assert!(
+        head.starts_with(
+            "GET /producer/feeds/accounts/v2/subjects/%2E%2E?after=7&limit=50 HTTP/1.1\r\n"
+        ),
+        "{head}"
+    );
+    assert!(
+        head.to_ascii_lowercase()
+            .contains(&format!("\r\nauthorization: bearer {TOKEN}\r\n").to_ascii_lowercase()),
+        "{head}"
+    );
+
+    client
+        .subjects(&v2, Some(&subject("s~1")), 20_000)
+        .await
+        .unwrap();
+    let head = next().await;
+    assert!(
+        head.starts_with("GET /producer/feeds/accounts/v2/subjects?limit=10000&after=s~1 HTTP/1.1"),
+        "{head}"
+    );
+    client.subjects(&v2, None, 5).await.unwrap();
+    let head = next().await;
+    assert!(
+        head.starts_with("GET /producer/feeds/accounts/v2/subjects?limit=5 HTTP/1.1"),
+        "{head}"
+    );
+
+    client
+        .read_feed(&v2, 12, 100, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let head = next().await;
+    assert!(
+        head.starts_with(
+            "GET /producer/feeds/accounts/v2?after=12&limit=100&timeout_ms=30000 HTTP/1.1"
+        ),
+        "{head}"
+    );
+
+    let anonymous = FeedClient::new(&url, None).unwrap();
+    anonymous.subjects(&v2, None, 5).await.unwrap();
+    let head = next().await;
+    assert!(
+        !head.to_ascii_lowercase().contains("authorization"),
+        "{head}"
+    );
+}
