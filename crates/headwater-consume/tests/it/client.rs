@@ -744,3 +744,125 @@ async fn requests_are_what_the_contract_says() {
         "{head}"
     );
 }
+
+type Applied = std::collections::BTreeMap<String, Vec<u64>>;
+
+/// A view of which sequences of each subject were applied; its handler refuses any event that
+/// is not its subject's next.
+fn sequence_view() -> Arc<headwater_consume::MemoryView<Applied>> {
+    Arc::new(headwater_consume::MemoryView::new(
+        Applied::new(),
+        |state: &mut Applied, e: &headwater_consume::IntegrationEvent| {
+            let applied = state.entry(e.subject.to_string()).or_default();
+            if e.sequence.get() != applied.len() as u64 + 1 {
+                return Err(format!("{} #{} out of order", e.subject, e.sequence).into());
+            }
+            applied.push(e.sequence.get());
+            Ok(())
+        },
+    ))
+}
+
+/// What a view holds once it applied positions `1 ..= count` of a feed with subjects `in_three`.
+fn applied_in_three(count: u64) -> Applied {
+    let mut state = Applied::new();
+    for p in 1..=count {
+        let applied = state.entry(in_three(p)).or_default();
+        applied.push(applied.len() as u64 + 1);
+    }
+    state
+}
+
+/// The consumer's rules over HTTP: it follows the feed (long-polled, woken by appends), heals a
+/// gap, bootstraps a subject (concurrent callers, one fetch) and reconstitutes, all through
+/// `FeedClient` from a real feed API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_works_through_the_client_against_a_real_feed_api() {
+    use headwater_consume::{Consumer, ConsumerOptions, Delivery};
+    let server = producer().await;
+    let upstream = Arc::new(client(&server));
+    let v2 = feed("accounts.v2");
+    let options = ConsumerOptions::default()
+        .with_backoff(Duration::from_millis(5), Duration::from_millis(50))
+        .with_page_events(4);
+
+    // Following the feed, also what is appended while it waits.
+    let view = sequence_view();
+    let consumer = Arc::new(Consumer::new(
+        v2.clone(),
+        Arc::clone(&view),
+        Arc::clone(&upstream),
+        options.clone(),
+    ));
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let follower = {
+        let consumer = Arc::clone(&consumer);
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            consumer
+                .follow_feed(Duration::from_secs(20), stop.notified())
+                .await
+        })
+    };
+    let deadline = Instant::now() + PROMPT;
+    while view.read(Clone::clone) != applied_in_three(30) {
+        assert!(Instant::now() < deadline, "the feed was not followed");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    append(&server.store, &v2, 30, 6, in_three).await;
+    while view.read(Clone::clone) != applied_in_three(36) {
+        assert!(
+            Instant::now() < deadline,
+            "the appended events were not followed"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    stop.notify_one();
+    follower.await.unwrap().unwrap();
+    assert_eq!(consumer.stats().applied, 36);
+
+    // A gap: the 5th event of s2 delivered to a consumer that has nothing heals 1..=4 first.
+    let view = sequence_view();
+    let healing = Consumer::new(
+        v2.clone(),
+        Arc::clone(&view),
+        Arc::clone(&upstream),
+        options.clone(),
+    );
+    let fifth = upstream
+        .read_subject(&v2, &subject("s2"), Sequence(4), 1)
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        healing.deliver(fifth.clone()).await.unwrap(),
+        Delivery::Applied { healed: 4 }
+    );
+    assert_eq!(healing.deliver(fifth).await.unwrap(), Delivery::Duplicate);
+    assert_eq!(view.read(|s| s["s2"].clone()), [1, 2, 3, 4, 5]);
+
+    // Bootstrap on demand: eight callers, one fetch.
+    let view = sequence_view();
+    let bootstrapping = Arc::new(Consumer::new(
+        v2.clone(),
+        Arc::clone(&view),
+        Arc::clone(&upstream),
+        options.clone(),
+    ));
+    let callers: Vec<_> = (0..8)
+        .map(|_| {
+            let consumer = Arc::clone(&bootstrapping);
+            tokio::spawn(async move { consumer.ensure(&subject("s0")).await })
+        })
+        .collect();
+    for caller in callers {
+        assert_eq!(caller.await.unwrap().unwrap(), Sequence(12));
+    }
+    assert_eq!(bootstrapping.stats().applied, 12);
+    assert_eq!(view.read(|s| s["s0"].len()), 12);
+
+    // Reconstitution walks every subject of the listing.
+    let report = bootstrapping.reconstitute().await.unwrap();
+    assert_eq!((report.subjects, report.behind, report.applied), (3, 2, 24));
+    assert_eq!(view.read(Clone::clone), applied_in_three(36));
+}
