@@ -174,21 +174,30 @@ impl FeedClient {
             .map_err(|e| {
                 UpstreamError::Refused(format!("GET {path_and_query}: not a valid URL: {e}"))
             })?;
-        let mut request = Request::get(uri).header(ACCEPT, accept).header(
-            USER_AGENT,
-            concat!("headwater-consume/", env!("CARGO_PKG_VERSION")),
-        );
-        if let Some(authorization) = &self.authorization {
-            request = request.header(AUTHORIZATION, authorization.clone());
-        }
-        let request = request.body(Empty::new()).map_err(|e| {
-            UpstreamError::Refused(format!("GET {path_and_query}: not a valid request: {e}"))
-        })?;
-        let response = self
-            .http
-            .request(request)
-            .await
-            .map_err(|e| self.request_error(path_and_query, &e))?;
+        let mut retried = false;
+        let response = loop {
+            let mut request = Request::get(uri.clone()).header(ACCEPT, accept).header(
+                USER_AGENT,
+                concat!("headwater-consume/", env!("CARGO_PKG_VERSION")),
+            );
+            if let Some(authorization) = &self.authorization {
+                request = request.header(AUTHORIZATION, authorization.clone());
+            }
+            let request = request.body(Empty::new()).map_err(|e| {
+                UpstreamError::Refused(format!("GET {path_and_query}: not a valid request: {e}"))
+            })?;
+            match self.http.request(request).await {
+                Ok(response) => break response,
+                // A kept-alive connection that the server (or a proxy) closed as the request went
+                // out: every request here is an idempotent GET, so once more, on a new
+                // connection. A refused connection or an answer that is not HTTP is final.
+                Err(e) if !retried && !e.is_connect() && !is_parse_error(&e) => {
+                    tracing::debug!(path = path_and_query, error = %error_chain(&e), "asking again on a new connection");
+                    retried = true;
+                }
+                Err(e) => return Err(self.request_error(path_and_query, &e)),
+            }
+        };
         let status = response.status();
         let announced = response
             .headers()
@@ -244,16 +253,11 @@ impl FeedClient {
         let text = self.scrub(format!("GET {path_and_query}: {}", error_chain(error)));
         // An answer that is not HTTP is not understood; anything else (refused or lost
         // connection, a reset) may go away by itself.
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-        while let Some(e) = source {
-            if let Some(hyper) = e.downcast_ref::<hyper::Error>()
-                && hyper.is_parse()
-            {
-                return UpstreamError::Malformed(text);
-            }
-            source = e.source();
+        if is_parse_error(error) {
+            UpstreamError::Malformed(text)
+        } else {
+            UpstreamError::Unavailable(text)
         }
-        UpstreamError::Unavailable(text)
     }
 
     /// `text` with the token, should a server have echoed it, replaced.
@@ -554,6 +558,20 @@ fn quote(text: &str) -> String {
         out.push('…');
     }
     out
+}
+
+/// Whether hyper found the answer not to be HTTP.
+fn is_parse_error(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_parse)
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// An error and its sources, `: `-separated (hyper's own texts are terse: the cause is below).

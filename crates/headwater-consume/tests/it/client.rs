@@ -320,19 +320,27 @@ async fn the_feed_is_read_after_a_position_and_a_long_poll_wakes_on_an_append() 
     );
 }
 
+/// The API's metrics text, read over a connection of its own.
+async fn metrics(address: std::net::SocketAddr) -> String {
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    let request = format!(
+        "GET /metrics HTTP/1.1\r\nhost: {address}\r\nauthorization: Bearer {TOKEN}\r\n\
+         connection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 /// Polls the API's metrics until one long poll waits (so the append comes during the wait).
 async fn wait_for_a_waiting_long_poll(address: std::net::SocketAddr) {
     let deadline = Instant::now() + PROMPT;
     loop {
-        let mut stream = TcpStream::connect(address).await.unwrap();
-        let request = format!(
-            "GET /metrics HTTP/1.1\r\nhost: {address}\r\nauthorization: Bearer {TOKEN}\r\n\
-             connection: close\r\n\r\n"
-        );
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut answer = Vec::new();
-        stream.read_to_end(&mut answer).await.unwrap();
-        if String::from_utf8_lossy(&answer).contains("headwater_api_long_polls_waiting 1") {
+        if metrics(address)
+            .await
+            .contains("headwater_api_long_polls_waiting 1")
+        {
             return;
         }
         assert!(Instant::now() < deadline, "the long poll never waited");
@@ -428,6 +436,10 @@ enum Fake {
     Endless,
     /// Reads the request and never answers.
     Silent,
+    /// Answers the first request of a connection with these bytes and keeps it open; closes it
+    /// without an answer when the next request comes (a server closing an idle connection just
+    /// as the client reuses it).
+    KeepAliveOnce(Vec<u8>),
 }
 
 /// A fake server on a loopback port; returns its URL.
@@ -466,6 +478,13 @@ async fn fake(behaviour: Fake) -> String {
                     Fake::Silent => {
                         let _ = stream.read(&mut buffer).await;
                     }
+                    Fake::KeepAliveOnce(bytes) => {
+                        if stream.write_all(&bytes).await.is_err() {
+                            return;
+                        }
+                        // The next request: read it, then close without an answer.
+                        let _ = stream.read(&mut buffer).await;
+                    }
                 }
             });
         }
@@ -473,10 +492,11 @@ async fn fake(behaviour: Fake) -> String {
     format!("http://{address}")
 }
 
+/// An answer after which the fake closes the connection (and says so: no client reuses it).
 fn http(status: &str, headers: &str, body: &str) -> Fake {
     Fake::Answer(
         format!(
-            "HTTP/1.1 {status}\r\ncontent-length: {}\r\n{headers}\r\n{body}",
+            "HTTP/1.1 {status}\r\nconnection: close\r\ncontent-length: {}\r\n{headers}\r\n{body}",
             body.len()
         )
         .into_bytes(),
@@ -543,6 +563,17 @@ async fn fake_servers_give_errors_and_never_a_panic() {
     let text = refused(echoing.subjects(&v2, None, 10).await);
     assert!(!text.contains(TOKEN), "{text}");
     assert!(text.contains("you sent <token>"), "{text}");
+
+    // A kept-alive connection closed as it is reused: asked again on a new one, no error.
+    let reused = client_of(
+        &fake(Fake::KeepAliveOnce(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n[]".to_vec(),
+        ))
+        .await,
+    );
+    for _ in 0..3 {
+        assert!(reused.subjects(&v2, None, 10).await.unwrap().is_empty());
+    }
 
     let redirect = client_of(&fake(http("302 Found", "location: http://elsewhere/\r\n", "")).await);
     malformed(redirect.subjects(&v2, None, 10).await);
@@ -865,4 +896,39 @@ async fn a_consumer_works_through_the_client_against_a_real_feed_api() {
     let report = bootstrapping.reconstitute().await.unwrap();
     assert_eq!((report.subjects, report.behind, report.applied), (3, 2, 24));
     assert_eq!(view.read(Clone::clone), applied_in_three(36));
+}
+
+/// A long poll given up by the client (its future dropped) ends at the server too: the waiting
+/// read is not left behind until its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_long_poll_stops_waiting_at_the_server() {
+    let server = producer().await;
+    let client = client(&server);
+    let v2 = feed("accounts.v2");
+    let waiting = {
+        let client = client.clone();
+        let v2 = v2.clone();
+        tokio::spawn(async move {
+            client
+                .read_feed(&v2, 30, 100, Duration::from_secs(30))
+                .await
+        })
+    };
+    wait_for_a_waiting_long_poll(server.address).await;
+    waiting.abort();
+    let _ = waiting.await;
+    let deadline = Instant::now() + PROMPT;
+    loop {
+        if metrics(server.address)
+            .await
+            .contains("headwater_api_long_polls_waiting 0")
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server still waits for a client that left"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 }
