@@ -192,7 +192,7 @@ impl FeedClient {
                 // out: every request here is an idempotent GET, so once more, on a new
                 // connection. A refused connection or an answer that is not HTTP is final.
                 Err(e) if !retried && !e.is_connect() && !is_parse_error(&e) => {
-                    tracing::debug!(path = path_and_query, error = %error_chain(&e), "asking again on a new connection");
+                    tracing::debug!(path = path_and_query, error = %self.scrub(error_chain(&e)), "asking again on a new connection");
                     retried = true;
                 }
                 Err(e) => return Err(self.request_error(path_and_query, &e)),
