@@ -932,3 +932,62 @@ async fn a_dropped_long_poll_stops_waiting_at_the_server() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
+
+/// Every log line, whatever its level.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn tokens_never_appear_in_logs() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let server = producer().await;
+    let v2 = feed("accounts.v2");
+    let good = client(&server);
+    good.read_subject(&v2, &subject("s1"), Sequence(0), 5)
+        .await
+        .unwrap();
+    good.read_feed(&v2, 0, 5, Duration::ZERO).await.unwrap();
+    good.subjects(&v2, None, 5).await.unwrap();
+    let wrong_token = "wrong-token-that-must-not-be-logged";
+    let wrong = FeedClient::new(&server.url, Some(wrong_token.to_owned())).unwrap();
+    refused(wrong.subjects(&v2, None, 5).await);
+    // A retry on a new connection is logged (at DEBUG).
+    let reused = FeedClient::new(
+        &fake(Fake::KeepAliveOnce(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n[]".to_vec(),
+        ))
+        .await,
+        Some(TOKEN.to_owned()),
+    )
+    .unwrap();
+    for _ in 0..2 {
+        reused.subjects(&v2, None, 5).await.unwrap();
+    }
+
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("asking again on a new connection"),
+        "nothing of the client was logged:\n{logs}"
+    );
+    for secret in [TOKEN, wrong_token] {
+        assert!(!logs.contains(secret), "a token was logged:\n{logs}");
+    }
+}
