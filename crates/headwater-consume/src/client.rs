@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use headwater_core::limits::{FEED_PAGE_EVENTS_MAX, SUBJECT_PAGE_MAX};
-use headwater_core::{FeedId, Sequence, Subject};
+use headwater_core::{FeedId, FeedName, FeedStatus, FeedVersion, Sequence, Subject};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Bytes;
 use hyper::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, HeaderValue, USER_AGENT};
@@ -49,6 +49,17 @@ pub enum ClientError {
     /// The token is empty, too long or not visible ASCII (it is not quoted).
     #[error("the token is not usable: it must be 1 to {TOKEN_BYTES_MAX} bytes of visible ASCII")]
     Token,
+}
+
+/// One feed of the producer's listing (`GET /feeds`), as far as a consumer needs it: whether a
+/// new version is live yet and how far its head is (G10).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FeedListing {
+    pub feed: FeedId,
+    pub status: FeedStatus,
+    /// The feed's last position.
+    pub head: u64,
 }
 
 /// A client of one producer's feed API (`http://host:port`), implementing [`Upstream`].
@@ -146,6 +157,44 @@ impl FeedClient {
     /// The base URL requests go to (without a trailing slash).
     pub fn base_url(&self) -> &str {
         &self.base
+    }
+
+    /// `GET /feeds`: the feeds the token may read, with their status and head, in the API's
+    /// order (by name, then version).
+    ///
+    /// # Errors
+    /// As [`FeedClient::read_subject`]; [`UpstreamError::Malformed`] also for a listing whose
+    /// names, versions or statuses are not valid.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping the future drops the request; nothing is consumed.
+    pub async fn feeds(&self) -> Result<Vec<FeedListing>, UpstreamError> {
+        #[derive(Deserialize)]
+        struct WireFeed {
+            name: String,
+            version: u32,
+            status: String,
+            head: u64,
+        }
+        let path = "/feeds";
+        let body = self.get(path, "application/json", self.timeout).await?;
+        let wire: Vec<WireFeed> = serde_json::from_slice(&body).map_err(|e| {
+            UpstreamError::Malformed(format!("GET {path}: not a feed listing: {e}"))
+        })?;
+        wire.into_iter()
+            .map(|f| {
+                let bad = |what: String| UpstreamError::Malformed(format!("GET {path}: {what}"));
+                let name = FeedName::new(f.name).map_err(|e| bad(e.to_string()))?;
+                let version = FeedVersion::new(f.version)
+                    .ok_or_else(|| bad(format!("feed {name} has version 0")))?;
+                let status = FeedStatus::parse(&f.status).map_err(|e| bad(e.to_string()))?;
+                Ok(FeedListing {
+                    feed: FeedId::new(name, version),
+                    status,
+                    head: f.head,
+                })
+            })
+            .collect()
     }
 
     /// GETs `path_and_query` (which starts with `/`) within `timeout` and returns the body of a

@@ -23,7 +23,7 @@ mod upstream;
 mod view;
 
 pub use client::{
-    ClientError, FeedClient, LONG_POLL_WAIT_MAX, REQUEST_TIMEOUT_DEFAULT,
+    ClientError, FeedClient, FeedListing, LONG_POLL_WAIT_MAX, REQUEST_TIMEOUT_DEFAULT,
     RESPONSE_BYTES_MAX_DEFAULT, TOKEN_BYTES_MAX,
 };
 pub use consumer::{

@@ -991,3 +991,46 @@ async fn tokens_never_appear_in_logs() {
         assert!(!logs.contains(secret), "a token was logged:\n{logs}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_feed_listing_gives_status_and_head_within_the_tokens_scope() {
+    let server = producer().await;
+    let listed: Vec<(String, FeedStatus, u64)> = client(&server)
+        .feeds()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|f| (f.feed.to_string(), f.status, f.head))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("accounts.v1".to_owned(), FeedStatus::Retired, 5),
+            ("accounts.v2".to_owned(), FeedStatus::Live, 30),
+            ("loans.v1".to_owned(), FeedStatus::Live, 0),
+        ]
+    );
+    let loans_only = FeedClient::new(&server.url, Some(LOANS_TOKEN.to_owned())).unwrap();
+    let listed: Vec<String> = loans_only
+        .feeds()
+        .await
+        .unwrap()
+        .iter()
+        .map(|f| f.feed.to_string())
+        .collect();
+    assert_eq!(listed, ["loans.v1"]);
+    let wrong = FeedClient::new(&server.url, Some("not-a-token".to_owned())).unwrap();
+    refused(wrong.feeds().await);
+
+    for body in [
+        r#"[{"name":"a","version":0,"status":"live","head":1}]"#,
+        r#"[{"name":"a","version":1,"status":"asleep","head":1}]"#,
+        r#"[{"name":"a b","version":1,"status":"live","head":1}]"#,
+        r#"[{"name":"a","version":1,"status":"live"}]"#,
+        r#"{}"#,
+    ] {
+        let url = fake(http("200 OK", "", body)).await;
+        let client = FeedClient::new(&url, Some(TOKEN.to_owned())).unwrap();
+        malformed(client.feeds().await);
+    }
+}
