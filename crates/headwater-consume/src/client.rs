@@ -5,7 +5,9 @@
 //! is cheap to clone. Every request has a deadline (the request timeout, plus the wait of a long
 //! poll), every answer a size bound, and every answer is checked before it is returned: a page
 //! must hold the feed's events in order after the cursor asked for, so a consumer never applies
-//! what a confused or hostile server sent.
+//! what a confused or hostile server sent. A request that fails on a kept-alive connection the
+//! server closed under it is asked once more on a new connection (every request is an
+//! idempotent GET); a refused connection is final and left to the caller's backoff.
 
 use std::fmt;
 use std::time::Duration;
