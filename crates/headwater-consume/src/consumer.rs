@@ -251,6 +251,9 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
                 .filter(|e| e.sequence < event.sequence)
                 .collect();
             let applied = self.view.apply(&self.feed, &subject, &page).await?;
+            if applied.cursor <= cursor && !page.is_empty() {
+                return Err(stuck(&subject, cursor));
+            }
             healed += applied.applied;
             Counters::add(&self.counters.healed, applied.applied);
             Counters::add(&self.counters.applied, applied.applied);
@@ -473,6 +476,9 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
                 return Ok((cursor, applied));
             }
             let done = self.view.apply(&self.feed, subject, &page).await?;
+            if done.cursor <= cursor {
+                return Err(stuck(subject, cursor));
+            }
             applied += done.applied;
             cursor = done.cursor;
         }
@@ -540,6 +546,16 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
         let stripe = usize::try_from(hasher.finish() % LOCK_STRIPES as u64).unwrap_or(0);
         &self.locks[stripe]
     }
+}
+
+/// A view store that applied events without moving the cursor past them: asking again would
+/// loop forever.
+fn stuck(subject: &Subject, cursor: Sequence) -> ConsumeError {
+    ConsumeError::View(ViewError::NotContiguous {
+        subject: subject.clone(),
+        cursor,
+        detail: "the view store applied events but its cursor did not move".into(),
+    })
 }
 
 /// Removes a finished (or cancelled) bootstrap from the map.

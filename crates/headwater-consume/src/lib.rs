@@ -7,7 +7,8 @@
 //! - [`ViewStore`]: where the consumer's view and its per-subject cursors live. Applying events
 //!   and moving the subject's cursor is one transaction of the view store, done by the library:
 //!   the user's handler only changes the view, so the cursor cannot be forgotten.
-//!   [`MemoryView`] keeps it in memory (tests, examples), [`EmbeddedView`] in a SQLite file.
+//!   [`MemoryView`] keeps it in memory (tests, examples), [`EmbeddedView`] in a SQLite file, [`PgView`] in a PostgreSQL
+//!   schema.
 //! - [`Upstream`]: what the consumer asks the producer when it sees a gap, bootstraps a subject or
 //!   walks for lost last events: the feed API's `subjects` endpoints.
 //! - [`Consumer`]: the rules — a duplicate (sequence ≤ cursor) is skipped, a gap (sequence >
@@ -19,6 +20,7 @@ mod consumer;
 mod embedded;
 mod event;
 mod memory;
+mod postgres;
 mod upstream;
 mod view;
 
@@ -33,5 +35,6 @@ pub use consumer::{
 pub use embedded::EmbeddedView;
 pub use event::{DecodeError, IntegrationEvent};
 pub use memory::{MemoryUpstream, MemoryView};
+pub use postgres::{PgHandler, PgView};
 pub use upstream::{SubjectHead, Upstream, UpstreamError};
 pub use view::{Applied, ViewError, ViewStore, check_contiguous};

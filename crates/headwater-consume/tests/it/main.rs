@@ -3,3 +3,4 @@
 mod client;
 mod consumer;
 mod embedded;
+mod postgres;
