@@ -208,6 +208,46 @@ async fn concurrent_bootstraps_of_a_subject_fetch_once() {
     assert_eq!(view.read(Clone::clone), expected(&events));
 }
 
+/// Delivers `events` as a lossy link would — dropping those whose `drops` entry is below 3,
+/// reordering by `swaps` — then reconstitutes; returns what the view must then hold: every
+/// (subject, sequence) once, sorted.
+pub(crate) async fn deliver_lossy_then_reconstitute<V: ViewStore>(
+    view: Arc<V>,
+    upstream: Arc<MemoryUpstream>,
+    events: &[IntegrationEvent],
+    drops: &[u8],
+    swaps: &[(usize, usize)],
+) -> Vec<(String, i64)> {
+    let consumer = Consumer::new(
+        feed(),
+        view,
+        upstream,
+        ConsumerOptions::default().with_backoff(Duration::from_millis(1), Duration::from_millis(5)),
+    );
+    let mut schedule: Vec<_> = events
+        .iter()
+        .zip(drops)
+        .filter(|(_, d)| **d >= 3)
+        .map(|(e, _)| e.clone())
+        .collect();
+    if !schedule.is_empty() {
+        for (a, b) in swaps {
+            let (a, b) = (a % schedule.len(), b % schedule.len());
+            schedule.swap(a, b);
+        }
+    }
+    for e in schedule {
+        consumer.deliver(e).await.unwrap();
+    }
+    consumer.reconstitute().await.unwrap();
+    let mut expected: Vec<(String, i64)> = events
+        .iter()
+        .map(|e| (e.subject.to_string(), e.sequence.get() as i64))
+        .collect();
+    expected.sort();
+    expected
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 

@@ -2,16 +2,13 @@
 //! writes nothing, a reopened view has everything, and the consumer converges on it as on memory.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use headwater_consume::{
-    Consumer, ConsumerOptions, EmbeddedView, IntegrationEvent, MemoryUpstream, ViewError, ViewStore,
-};
+use headwater_consume::{EmbeddedView, IntegrationEvent, MemoryUpstream, ViewError, ViewStore};
 use headwater_core::{FeedId, Sequence, Subject};
 use proptest::prelude::*;
 use rusqlite::params;
 
-use crate::consumer::{event, produce, runtime};
+use crate::consumer::{deliver_lossy_then_reconstitute, event, produce, runtime};
 
 fn feed() -> FeedId {
     FeedId::parse("accounts.v1").unwrap()
@@ -127,33 +124,7 @@ proptest! {
             let upstream = Arc::new(MemoryUpstream::new());
             let events = produce(&upstream, &subjects);
             let view = Arc::new(open(dir.path()));
-            let consumer = Consumer::new(
-                feed(),
-                Arc::clone(&view),
-                upstream,
-                ConsumerOptions::default().with_backoff(Duration::from_millis(1), Duration::from_millis(5)),
-            );
-            let mut schedule: Vec<_> = events
-                .iter()
-                .zip(&drops)
-                .filter(|(_, d)| **d >= 3)
-                .map(|(e, _)| e.clone())
-                .collect();
-            if !schedule.is_empty() {
-                for (a, b) in &swaps {
-                    let (a, b) = (a % schedule.len(), b % schedule.len());
-                    schedule.swap(a, b);
-                }
-            }
-            for e in schedule {
-                consumer.deliver(e).await.unwrap();
-            }
-            consumer.reconstitute().await.unwrap();
-            let mut expected: Vec<(String, i64)> = events
-                .iter()
-                .map(|e| (e.subject.to_string(), e.sequence.get() as i64))
-                .collect();
-            expected.sort();
+            let expected = deliver_lossy_then_reconstitute(Arc::clone(&view), upstream, &events, &drops, &swaps).await;
             prop_assert_eq!(rows(&view).await, expected);
             Ok(())
         })?;
