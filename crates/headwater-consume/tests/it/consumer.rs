@@ -188,7 +188,9 @@ async fn a_producer_that_is_down_is_waited_for_and_the_view_keeps_what_it_has() 
 async fn concurrent_bootstraps_of_a_subject_fetch_once() {
     let upstream = Arc::new(MemoryUpstream::new());
     let events = produce(&upstream, &[3; 5]);
-    upstream.set_delay(Duration::from_millis(50));
+    // Long enough that all eight callers arrive while the first one fetches, even on a busy
+    // machine.
+    upstream.set_delay(Duration::from_millis(250));
     let view = view();
     let consumer = Arc::new(consumer(&view, &upstream));
     let subject = Subject::new("acc-3").unwrap();
