@@ -9,7 +9,7 @@ use headwater_core::{FeedId, Sequence, Subject};
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
 use crate::IntegrationEvent;
-use crate::view::{Applied, ViewError, ViewStore, check_contiguous};
+use crate::view::{Applied, ViewError, ViewStore, check_contiguous, check_mark};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 type Handler = dyn Fn(&Transaction<'_>, &IntegrationEvent) -> Result<(), BoxError> + Send + Sync;
@@ -24,6 +24,10 @@ const CURSORS_TABLE: &str = "CREATE TABLE IF NOT EXISTS headwater_cursors (
 CREATE TABLE IF NOT EXISTS headwater_feed_positions (
     feed TEXT PRIMARY KEY,
     position INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS headwater_marks (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
 ) WITHOUT ROWID";
 
 /// A view in a SQLite database file (WAL, `synchronous=FULL`: a committed apply survives a crash
@@ -246,6 +250,45 @@ impl ViewStore for EmbeddedView {
                     params![feed, position],
                 )
                 .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    // --- Marks ---
+
+    async fn mark(&self, key: &str) -> Result<Option<String>, ViewError> {
+        check_mark(key, None)?;
+        let key = key.to_owned();
+        self.blocking(move |connection| {
+            connection
+                .query_row(
+                    "SELECT value FROM headwater_marks WHERE key = ?1",
+                    params![key],
+                    |row| row.get(0),
+                )
+                .optional()
+                .map_err(backend)
+        })
+        .await
+    }
+
+    async fn set_mark(&self, key: &str, value: Option<&str>) -> Result<(), ViewError> {
+        check_mark(key, value)?;
+        let key = key.to_owned();
+        let value = value.map(str::to_owned);
+        self.blocking(move |connection| {
+            match value {
+                Some(value) => connection.execute(
+                    "INSERT INTO headwater_marks (key, value) VALUES (?1, ?2)
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    params![key, value],
+                ),
+                None => {
+                    connection.execute("DELETE FROM headwater_marks WHERE key = ?1", params![key])
+                }
+            }
+            .map_err(backend)?;
             Ok(())
         })
         .await

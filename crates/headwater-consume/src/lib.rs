@@ -37,4 +37,7 @@ pub use event::{DecodeError, IntegrationEvent};
 pub use memory::{MemoryUpstream, MemoryView};
 pub use postgres::{PgHandler, PgView};
 pub use upstream::{SubjectHead, Upstream, UpstreamError};
-pub use view::{Applied, ViewError, ViewStore, check_contiguous};
+pub use view::{
+    Applied, MARK_KEY_BYTES_MAX, MARK_VALUE_BYTES_MAX, ViewError, ViewStore, check_contiguous,
+    check_mark,
+};

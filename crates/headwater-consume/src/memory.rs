@@ -10,7 +10,7 @@ use headwater_core::{FeedId, Sequence, Subject};
 
 use crate::IntegrationEvent;
 use crate::upstream::{SubjectHead, Upstream, UpstreamError};
-use crate::view::{Applied, ViewError, ViewStore, check_contiguous};
+use crate::view::{Applied, ViewError, ViewStore, check_contiguous, check_mark};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 type Handler<S> = dyn Fn(&mut S, &IntegrationEvent) -> Result<(), BoxError> + Send + Sync;
@@ -27,6 +27,7 @@ struct Inner<S> {
     state: S,
     cursors: BTreeMap<(FeedId, Subject), Sequence>,
     positions: BTreeMap<FeedId, u64>,
+    marks: BTreeMap<String, String>,
 }
 
 impl<S> std::fmt::Debug for MemoryView<S> {
@@ -45,6 +46,7 @@ impl<S: Clone + Send + 'static> MemoryView<S> {
                 state: initial,
                 cursors: BTreeMap::new(),
                 positions: BTreeMap::new(),
+                marks: BTreeMap::new(),
             }),
             handler: Box::new(handler),
         }
@@ -132,6 +134,23 @@ impl<S: Clone + Send + Sync + 'static> ViewStore for MemoryView<S> {
         let mut inner = self.lock();
         let saved = inner.positions.entry(feed.clone()).or_default();
         *saved = (*saved).max(position);
+        Ok(())
+    }
+
+    // --- Marks ---
+
+    async fn mark(&self, key: &str) -> Result<Option<String>, ViewError> {
+        check_mark(key, None)?;
+        Ok(self.lock().marks.get(key).cloned())
+    }
+
+    async fn set_mark(&self, key: &str, value: Option<&str>) -> Result<(), ViewError> {
+        check_mark(key, value)?;
+        let mut inner = self.lock();
+        match value {
+            Some(value) => inner.marks.insert(key.to_owned(), value.to_owned()),
+            None => inner.marks.remove(key),
+        };
         Ok(())
     }
 }

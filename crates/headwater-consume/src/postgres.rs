@@ -7,7 +7,7 @@ use tokio::sync::{Mutex, MutexGuard};
 use tokio_postgres::{Client, NoTls, Transaction};
 
 use crate::IntegrationEvent;
-use crate::view::{Applied, ViewError, ViewStore, check_contiguous};
+use crate::view::{Applied, ViewError, ViewStore, check_contiguous, check_mark};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -98,7 +98,10 @@ impl<H: PgHandler> PgView<H> {
                      PRIMARY KEY (feed, subject));
                  CREATE TABLE IF NOT EXISTS headwater_feed_positions (
                      feed TEXT PRIMARY KEY,
-                     position BIGINT NOT NULL);"
+                     position BIGINT NOT NULL);
+                 CREATE TABLE IF NOT EXISTS headwater_marks (
+                     key TEXT PRIMARY KEY,
+                     value TEXT NOT NULL);"
             ))
             .await
             .map_err(backend)?;
@@ -279,6 +282,43 @@ impl<H: PgHandler> ViewStore for PgView<H> {
             )
             .await
             .map_err(backend)?;
+        Ok(())
+    }
+
+    // --- Marks ---
+
+    async fn mark(&self, key: &str) -> Result<Option<String>, ViewError> {
+        check_mark(key, None)?;
+        let guard = self.client().await?;
+        let client = guard.as_ref().ok_or_else(lost)?;
+        let row = client
+            .query_opt("SELECT value FROM headwater_marks WHERE key = $1", &[&key])
+            .await
+            .map_err(backend)?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    async fn set_mark(&self, key: &str, value: Option<&str>) -> Result<(), ViewError> {
+        check_mark(key, value)?;
+        let guard = self.client().await?;
+        let client = guard.as_ref().ok_or_else(lost)?;
+        match value {
+            Some(value) => {
+                client
+                    .execute(
+                        "INSERT INTO headwater_marks (key, value) VALUES ($1, $2)
+                         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                        &[&key, &value],
+                    )
+                    .await
+            }
+            None => {
+                client
+                    .execute("DELETE FROM headwater_marks WHERE key = $1", &[&key])
+                    .await
+            }
+        }
+        .map_err(backend)?;
         Ok(())
     }
 }

@@ -38,6 +38,9 @@ pub enum ViewError {
         cursor: Sequence,
         detail: String,
     },
+    /// A bad argument (a mark's key or value out of bounds); nothing was written.
+    #[error("invalid: {0}")]
+    Invalid(String),
     /// The backend failed.
     #[error("the view store failed: {0}")]
     Backend(#[source] BoxError),
@@ -88,6 +91,59 @@ pub trait ViewStore: Send + Sync + 'static {
 
     /// Saves the feed position; a position below the saved one is ignored.
     async fn save_feed_position(&self, feed: &FeedId, position: u64) -> Result<(), ViewError>;
+
+    // --- Marks: small durable values of the library's own ---
+
+    /// A small durable value of the library's own, by key (`walk/accounts.v1`,
+    /// `active/statements`…): the walker's resume point, the active feed version. `None` when
+    /// unset.
+    ///
+    /// # Errors
+    /// [`ViewError::Invalid`] for a key out of bounds ([`check_mark`]); a backend error.
+    async fn mark(&self, key: &str) -> Result<Option<String>, ViewError>;
+
+    /// Sets (`Some`) or clears (`None`) a mark.
+    ///
+    /// # Errors
+    /// [`ViewError::Invalid`] for a key or value out of bounds ([`check_mark`]), writing nothing;
+    /// a backend error.
+    ///
+    /// # Durability
+    /// On `Ok`, the mark is durable (one transaction of its own), as the backend documents.
+    async fn set_mark(&self, key: &str, value: Option<&str>) -> Result<(), ViewError>;
+}
+
+/// The longest key of a mark, in bytes.
+pub const MARK_KEY_BYTES_MAX: usize = 256;
+/// The longest value of a mark, in bytes.
+pub const MARK_VALUE_BYTES_MAX: usize = 64 * 1024;
+
+/// Checks a mark's key (1 ..= [`MARK_KEY_BYTES_MAX`] bytes, no control characters) and value
+/// (at most [`MARK_VALUE_BYTES_MAX`] bytes, no NUL).
+pub fn check_mark(key: &str, value: Option<&str>) -> Result<(), ViewError> {
+    if key.is_empty() || key.len() > MARK_KEY_BYTES_MAX {
+        return Err(ViewError::Invalid(format!(
+            "a mark's key is 1 to {MARK_KEY_BYTES_MAX} bytes, not {}",
+            key.len()
+        )));
+    }
+    if key.chars().any(char::is_control) {
+        return Err(ViewError::Invalid(
+            "a mark's key has a control character".into(),
+        ));
+    }
+    if let Some(value) = value {
+        if value.len() > MARK_VALUE_BYTES_MAX {
+            return Err(ViewError::Invalid(format!(
+                "a mark's value is at most {MARK_VALUE_BYTES_MAX} bytes, not {}",
+                value.len()
+            )));
+        }
+        if value.contains('\0') {
+            return Err(ViewError::Invalid("a mark's value has a NUL byte".into()));
+        }
+    }
+    Ok(())
 }
 
 /// Checks `events` against the cursor: all of `subject`, in order, contiguous above it. Returns

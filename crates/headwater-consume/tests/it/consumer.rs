@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use headwater_consume::{
     ConsumeError, Consumer, ConsumerOptions, Delivery, IntegrationEvent, MemoryUpstream,
-    MemoryView, UpstreamError, ViewStore,
+    MemoryView, UpstreamError, ViewError, ViewStore,
 };
 use headwater_core::{FeedId, Sequence, Subject};
 use proptest::prelude::*;
@@ -347,4 +347,47 @@ async fn wait_until(done: impl Fn() -> bool) {
         assert!(tokio::time::Instant::now() < deadline, "timed out");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// Marks on any view store: unset is `None`, set/overwrite/clear work, bad keys and values are
+/// refused and write nothing. Returns with the mark `walk/accounts.v1` set to `"acc-7"`, for the
+/// caller to check it survives a reopen.
+pub(crate) async fn marks_behave<V: ViewStore>(view: &V) {
+    let key = "walk/accounts.v1";
+    assert_eq!(view.mark(key).await.unwrap(), None);
+    view.set_mark(key, Some("acc-1")).await.unwrap();
+    view.set_mark(key, Some("acc-7")).await.unwrap();
+    view.set_mark("active/statements", Some("accounts.v2"))
+        .await
+        .unwrap();
+    view.set_mark("active/statements", None).await.unwrap();
+    view.set_mark("active/statements", None).await.unwrap();
+    assert_eq!(view.mark("active/statements").await.unwrap(), None);
+    let too_long_key = "k".repeat(headwater_consume::MARK_KEY_BYTES_MAX + 1);
+    let too_long_value = "v".repeat(headwater_consume::MARK_VALUE_BYTES_MAX + 1);
+    for (bad_key, value) in [
+        ("", Some("x")),
+        (too_long_key.as_str(), Some("x")),
+        ("a\nb", Some("x")),
+        (key, Some(too_long_value.as_str())),
+        (key, Some("nul\0byte")),
+        (key, None::<&str>),
+    ] {
+        if bad_key == key && value.is_none() {
+            continue;
+        }
+        let error = view.set_mark(bad_key, value).await.unwrap_err();
+        assert!(matches!(error, ViewError::Invalid(_)), "{error}");
+    }
+    assert!(matches!(view.mark("").await, Err(ViewError::Invalid(_))));
+    assert_eq!(view.mark(key).await.unwrap().as_deref(), Some("acc-7"));
+    // The longest value is kept whole.
+    let longest = "v".repeat(headwater_consume::MARK_VALUE_BYTES_MAX);
+    view.set_mark("big", Some(&longest)).await.unwrap();
+    assert_eq!(view.mark("big").await.unwrap(), Some(longest));
+}
+
+#[tokio::test]
+async fn marks_on_the_memory_view() {
+    marks_behave(&*view()).await;
 }

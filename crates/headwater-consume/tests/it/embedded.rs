@@ -8,7 +8,7 @@ use headwater_core::{FeedId, Sequence, Subject};
 use proptest::prelude::*;
 use rusqlite::params;
 
-use crate::consumer::{deliver_lossy_then_reconstitute, event, produce, runtime};
+use crate::consumer::{deliver_lossy_then_reconstitute, event, marks_behave, produce, runtime};
 
 fn feed() -> FeedId {
     FeedId::parse("accounts.v1").unwrap()
@@ -107,6 +107,17 @@ async fn apply_moves_the_cursor_with_the_rows_and_a_failure_writes_neither() {
     assert_eq!(rows(&view).await.len(), 3);
     let cursors = view.cursors(&feed(), None, 10).await.unwrap();
     assert_eq!(cursors, vec![(s, Sequence(3))]);
+}
+
+#[tokio::test]
+async fn marks_are_durable_in_the_embedded_view() {
+    let dir = tempfile::tempdir().unwrap();
+    marks_behave(&open(dir.path())).await;
+    let view = open(dir.path());
+    assert_eq!(
+        view.mark("walk/accounts.v1").await.unwrap().as_deref(),
+        Some("acc-7")
+    );
 }
 
 proptest! {

@@ -12,7 +12,7 @@ use headwater_core::{FeedId, Sequence, Subject};
 use proptest::prelude::*;
 use tokio_postgres::Transaction;
 
-use crate::consumer::{deliver_lossy_then_reconstitute, event, produce, runtime};
+use crate::consumer::{deliver_lossy_then_reconstitute, event, marks_behave, produce, runtime};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -146,6 +146,17 @@ async fn apply_moves_the_cursor_with_the_rows_and_a_failure_writes_neither_postg
     assert_eq!(
         view.cursors(&feed(), None, 10).await.unwrap(),
         vec![(s, Sequence(3))]
+    );
+}
+
+#[tokio::test]
+async fn marks_are_durable_in_the_postgres_view() {
+    let schema = Schema::new();
+    marks_behave(&schema.open().await).await;
+    let view = schema.open().await;
+    assert_eq!(
+        view.mark("walk/accounts.v1").await.unwrap().as_deref(),
+        Some("acc-7")
     );
 }
 
