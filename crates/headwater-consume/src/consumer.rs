@@ -2,7 +2,6 @@
 //! bootstrap a subject on demand once, reconstitute what no delivery brought.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use std::time::Duration;
@@ -11,6 +10,7 @@ use headwater_core::{FeedId, Sequence, Subject};
 use tokio::sync::watch;
 
 use crate::IntegrationEvent;
+use crate::metrics::{Counters, OpenGap};
 use crate::upstream::{Upstream, UpstreamError};
 use crate::view::{ViewError, ViewStore};
 
@@ -93,7 +93,7 @@ pub struct Reconstitution {
 }
 
 /// What a consumer did since it started (counters; `Consumer::stats`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct ConsumerStats {
     /// Events applied to the view (delivered, healed, bootstrapped or reconstituted).
@@ -111,21 +111,23 @@ pub struct ConsumerStats {
     pub reconstituted: u64,
 }
 
-#[derive(Debug, Default)]
-struct Counters {
-    applied: AtomicU64,
-    duplicates: AtomicU64,
-    gaps: AtomicU64,
-    healed: AtomicU64,
-    bootstraps: AtomicU64,
-    reconstitutions: AtomicU64,
-    reconstituted: AtomicU64,
-}
+/// Open gaps listed one by one in [`Consumer::status`].
+pub const STATUS_GAPS_MAX: usize = 100;
 
-impl Counters {
-    fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
+/// What [`Consumer::status`] shows.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct ConsumerStatus {
+    /// The feed consumed (`accounts.v1`).
+    pub feed: String,
+    pub stats: ConsumerStats,
+    /// Subjects with a gap seen and not healed yet.
+    pub open_gaps: u64,
+    /// Gaps seen since the start while [`crate::OPEN_GAPS_TRACKED_MAX`] were open, so not
+    /// tracked one by one (a reconstitution walk heals them like any other).
+    pub untracked_gaps: u64,
+    /// The oldest of them (at most [`STATUS_GAPS_MAX`]): each one's lag is `seen − cursor`.
+    pub gaps: Vec<OpenGap>,
 }
 
 /// How long one long poll of the producer's feed waits for a first event.
@@ -178,6 +180,7 @@ impl<V, U> std::fmt::Debug for Consumer<V, U> {
 
 impl<V: ViewStore, U: Upstream> Consumer<V, U> {
     pub fn new(feed: FeedId, view: Arc<V>, upstream: Arc<U>, options: ConsumerOptions) -> Self {
+        let counters = Counters::new(&feed);
         Consumer {
             feed,
             view,
@@ -187,7 +190,7 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
             ensuring: Mutex::new(HashMap::new()),
-            counters: Counters::default(),
+            counters,
         }
     }
 
@@ -225,9 +228,39 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
             Counters::add(&self.counters.duplicates, 1);
             return Ok(Delivery::Duplicate);
         }
-        if event.sequence.get() > cursor.get() + 1 {
+        let gap = (event.sequence.get() > cursor.get() + 1).then(|| {
             Counters::add(&self.counters.gaps, 1);
+            self.counters.open.opened(&subject, cursor, event.sequence)
+        });
+        match self.deliver_after(event, subject.clone(), cursor).await {
+            Ok(delivery) => {
+                if let Some(detected) = gap {
+                    crate::metrics::observe(&self.counters.heal_seconds, detected.elapsed());
+                }
+                Ok(delivery)
+            }
+            Err(e) => {
+                if gap.is_some() {
+                    Counters::add(&self.counters.heal_failures, 1);
+                    let cursor = self
+                        .view
+                        .cursor(&self.feed, &subject)
+                        .await
+                        .unwrap_or(cursor);
+                    self.counters.open.failed(&subject, cursor, &e);
+                }
+                Err(e)
+            }
         }
+    }
+
+    /// Heals the gap before `event` (if any) and applies it; the subject's lock is held.
+    async fn deliver_after(
+        &self,
+        event: IntegrationEvent,
+        subject: Subject,
+        cursor: Sequence,
+    ) -> Result<Delivery, ConsumeError> {
         let mut healed = 0;
         let mut cursor = cursor;
         // Heal the gap, a page at a time.
@@ -271,6 +304,7 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
             return Ok(Delivery::Duplicate);
         }
         Counters::add(&self.counters.applied, 1);
+        self.counters.open.reached(&subject, applied.cursor);
         if healed > 0 {
             tracing::debug!(feed = %self.feed, %subject, healed, "healed a gap");
         }
@@ -382,7 +416,7 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
     /// What this consumer did since it started.
     pub fn stats(&self) -> ConsumerStats {
         let c = &self.counters;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let get = |a: &prometheus_client::metrics::counter::Counter| a.get();
         ConsumerStats {
             applied: get(&c.applied),
             duplicates: get(&c.duplicates),
@@ -391,6 +425,28 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
             bootstraps: get(&c.bootstraps),
             reconstitutions: get(&c.reconstitutions),
             reconstituted: get(&c.reconstituted),
+        }
+    }
+
+    /// Registers the consumer's metrics into `registry` (names prefixed `headwater_consumer_`,
+    /// labelled with the feed): events applied, duplicates skipped, gaps detected, events healed,
+    /// heals given up, heal latency (a histogram), open gaps and the events missing behind them,
+    /// bootstraps, reconstitutions. Register each consumer once.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.counters.register(registry);
+    }
+
+    /// A snapshot for an operator: the counters and the gaps seen and not healed yet (per
+    /// subject: its cursor, the sequence seen beyond the gap, since when, failed heals), oldest
+    /// first, at most [`STATUS_GAPS_MAX`].
+    pub fn status(&self) -> ConsumerStatus {
+        let (gaps, open_gaps, untracked_gaps) = self.counters.open.snapshot(STATUS_GAPS_MAX);
+        ConsumerStatus {
+            feed: self.feed.to_string(),
+            stats: self.stats(),
+            open_gaps,
+            untracked_gaps,
+            gaps,
         }
     }
 
@@ -481,6 +537,7 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
             }
             applied += done.applied;
             cursor = done.cursor;
+            self.counters.open.reached(subject, cursor);
         }
     }
 

@@ -15,11 +15,13 @@
 //!   cursor + 1) is healed from upstream before the event is applied, `ensure(subject)` bootstraps
 //!   a subject once however many callers ask, `reconstitute()` finds what no delivery brought.
 
+pub mod admin;
 mod client;
 mod consumer;
 mod embedded;
 mod event;
 mod memory;
+mod metrics;
 mod postgres;
 mod upstream;
 mod view;
@@ -29,12 +31,13 @@ pub use client::{
     RESPONSE_BYTES_MAX_DEFAULT, TOKEN_BYTES_MAX,
 };
 pub use consumer::{
-    ConsumeError, Consumer, ConsumerOptions, ConsumerStats, Delivery, FEED_WAIT_DEFAULT,
-    HEAL_ATTEMPTS_DEFAULT, PAGE_EVENTS_DEFAULT, Reconstitution,
+    ConsumeError, Consumer, ConsumerOptions, ConsumerStats, ConsumerStatus, Delivery,
+    FEED_WAIT_DEFAULT, HEAL_ATTEMPTS_DEFAULT, PAGE_EVENTS_DEFAULT, Reconstitution, STATUS_GAPS_MAX,
 };
 pub use embedded::EmbeddedView;
 pub use event::{DecodeError, IntegrationEvent};
 pub use memory::{MemoryUpstream, MemoryView};
+pub use metrics::{OPEN_GAPS_TRACKED_MAX, OpenGap};
 pub use postgres::{PgHandler, PgView};
 pub use upstream::{SubjectHead, Upstream, UpstreamError};
 pub use view::{

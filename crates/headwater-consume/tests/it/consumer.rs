@@ -12,10 +12,10 @@ use headwater_consume::{
 use headwater_core::{FeedId, Sequence, Subject};
 use proptest::prelude::*;
 
-type State = BTreeMap<String, Vec<u64>>;
-type TestConsumer = Consumer<MemoryView<State>, MemoryUpstream>;
+pub(crate) type State = BTreeMap<String, Vec<u64>>;
+pub(crate) type TestConsumer = Consumer<MemoryView<State>, MemoryUpstream>;
 
-fn feed() -> FeedId {
+pub(crate) fn feed() -> FeedId {
     FeedId::parse("accounts.v1").unwrap()
 }
 
@@ -32,7 +32,7 @@ pub(crate) fn event(position: u64, subject: &str, sequence: u64) -> IntegrationE
 
 /// The view: per subject, the sequences applied, in order; the handler refuses any event that
 /// is not the next (so a wrong order would fail the apply, not pass silently).
-fn view() -> Arc<MemoryView<State>> {
+pub(crate) fn view() -> Arc<MemoryView<State>> {
     Arc::new(MemoryView::new(
         State::new(),
         |state: &mut State, e: &IntegrationEvent| {
@@ -69,7 +69,10 @@ pub(crate) fn produce(upstream: &MemoryUpstream, subjects: &[u8]) -> Vec<Integra
         .collect()
 }
 
-fn consumer(view: &Arc<MemoryView<State>>, upstream: &Arc<MemoryUpstream>) -> TestConsumer {
+pub(crate) fn consumer(
+    view: &Arc<MemoryView<State>>,
+    upstream: &Arc<MemoryUpstream>,
+) -> TestConsumer {
     Consumer::new(
         feed(),
         Arc::clone(view),

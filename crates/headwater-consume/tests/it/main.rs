@@ -4,3 +4,4 @@ mod client;
 mod consumer;
 mod embedded;
 mod postgres;
+mod status;
