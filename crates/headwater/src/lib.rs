@@ -13,7 +13,10 @@
 //! - the event store interface and its backends, in [`store`];
 //! - integration feeds, in [`feed`]: a [`feed::Projection`] per feed version (`accounts.v2`),
 //!   run by [`feed::Projectors`], which backfills new versions and keeps the others live;
-//! - the feed API, serving a producer's integration feeds over HTTP, in [`api`].
+//! - the feed API, serving a producer's integration feeds over HTTP, in [`api`];
+//! - publishing the feeds to RabbitMQ or NATS JetStream, in [`publish`];
+//! - consuming a producer's feed into a view of one's own, exactly once per event, in
+//!   [`consume`].
 //!
 //! A service writes its aggregate, tests it with [`testing::given`], and handles commands with a
 //! [`CommandHandler`] over a store.
@@ -85,4 +88,12 @@ pub mod api {
         PROBLEM_CONTENT_TYPE, ProblemType, READERS_FLUSH_INTERVAL, SUBJECT_PAGE_DEFAULT, Tokens,
         serve,
     };
+}
+
+/// Consuming a producer's feed (G7–G10): a view store whose per-subject cursors commit with the
+/// view, gap healing and bootstrap on demand from the producer's feed API, reconstitution walks,
+/// transports (the HTTP feed, RabbitMQ, NATS JetStream) and the operator's status and metrics
+/// (see `headwater-consume`). Everything of that crate, re-exported whole.
+pub mod consume {
+    pub use headwater_consume::*;
 }
