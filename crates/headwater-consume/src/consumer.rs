@@ -90,6 +90,8 @@ pub struct Reconstitution {
     pub behind: u64,
     /// Events fetched and applied.
     pub applied: u64,
+    /// Subjects whose catch-up failed (the walk went on past them).
+    pub failed: u64,
 }
 
 /// What a consumer did since it started (counters; `Consumer::stats`).
@@ -370,47 +372,19 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
 
     /// Walks every subject upstream lists (not only the known ones), compares each head with the
     /// local cursor and fetches what is behind (G8: the lost last event of a subject is found).
+    /// One unpaced walk from the first subject, through [`crate::Walker`]'s code: a subject whose
+    /// catch-up fails does not stop it. For a paced, resumable walk with progress and metrics,
+    /// use a [`crate::Walker`].
     ///
     /// # Errors
-    /// [`ConsumeError`] when upstream cannot be listed or read, or the view refuses; the subjects
-    /// walked before stay caught up.
+    /// [`ConsumeError`] when upstream cannot be listed or read, or the view store fails; and,
+    /// after the walk went through every other subject, the first subject that failed (upstream
+    /// inconsistent, the handler refused). The subjects walked stay caught up.
     ///
     /// # Cancel safety
     /// Cancel safe: a later walk starts over and skips what is caught up.
     pub async fn reconstitute(&self) -> Result<Reconstitution, ConsumeError> {
-        let mut report = Reconstitution::default();
-        let mut after: Option<Subject> = None;
-        loop {
-            let heads = self
-                .retrying(|| {
-                    self.upstream
-                        .subjects(&self.feed, after.as_ref(), self.options.page_events)
-                })
-                .await?;
-            let Some(last) = heads.last() else {
-                break;
-            };
-            let next_after = last.subject.clone();
-            for head in heads {
-                report.subjects += 1;
-                let cursor = self.view.cursor(&self.feed, &head.subject).await?;
-                if head.sequence > cursor {
-                    report.behind += 1;
-                    let lock = self.lock_of(&head.subject);
-                    let _held = lock.lock().await;
-                    let (_, applied) = self.catch_up_locked(&head.subject).await?;
-                    report.applied += applied;
-                    Counters::add(&self.counters.applied, applied);
-                    Counters::add(&self.counters.reconstituted, applied);
-                }
-            }
-            after = Some(next_after);
-        }
-        Counters::add(&self.counters.reconstitutions, 1);
-        if report.behind > 0 {
-            tracing::info!(feed = %self.feed, subjects = report.subjects, behind = report.behind, applied = report.applied, "reconstitution found events no delivery brought");
-        }
-        Ok(report)
+        crate::walker::reconstitute(self).await
     }
 
     /// What this consumer did since it started.
@@ -554,6 +528,17 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
                     .read_subject(&self.feed, subject, after, limit)
             })
             .await?;
+        self.check_page(subject, after, &page)?;
+        Ok(page)
+    }
+
+    /// Checks that a page upstream answered for `subject` after `after` continues it exactly.
+    pub(crate) fn check_page(
+        &self,
+        subject: &Subject,
+        after: Sequence,
+        page: &[IntegrationEvent],
+    ) -> Result<(), ConsumeError> {
         for (expected, event) in (after.get() + 1..).zip(page.iter()) {
             if &event.subject != subject
                 || event.sequence.get() != expected
@@ -571,11 +556,11 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
                 });
             }
         }
-        Ok(page)
+        Ok(())
     }
 
     /// Runs `call` until it succeeds, fails for good, or the attempts are spent.
-    async fn retrying<T, F, Fut>(&self, call: F) -> Result<T, UpstreamError>
+    pub(crate) async fn retrying<T, F, Fut>(&self, call: F) -> Result<T, UpstreamError>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<T, UpstreamError>>,
@@ -596,7 +581,7 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
         }
     }
 
-    fn lock_of(&self, subject: &Subject) -> &tokio::sync::Mutex<()> {
+    pub(crate) fn lock_of(&self, subject: &Subject) -> &tokio::sync::Mutex<()> {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         subject.hash(&mut hasher);
@@ -627,5 +612,28 @@ impl Drop for Ensuring<'_> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(self.subject);
+    }
+}
+
+// ---- For the reconstitution walker (src/walker.rs) ----
+
+impl<V: ViewStore, U: Upstream> Consumer<V, U> {
+    pub(crate) fn upstream(&self) -> &U {
+        &self.upstream
+    }
+
+    pub(crate) fn options(&self) -> &ConsumerOptions {
+        &self.options
+    }
+
+    /// Counts events a walk applied.
+    pub(crate) fn count_walked(&self, applied: u64) {
+        Counters::add(&self.counters.applied, applied);
+        Counters::add(&self.counters.reconstituted, applied);
+    }
+
+    /// Counts a walk that went through every subject.
+    pub(crate) fn count_walk(&self) {
+        Counters::add(&self.counters.reconstitutions, 1);
     }
 }

@@ -14,6 +14,9 @@
 //! - [`Consumer`]: the rules — a duplicate (sequence ≤ cursor) is skipped, a gap (sequence >
 //!   cursor + 1) is healed from upstream before the event is applied, `ensure(subject)` bootstraps
 //!   a subject once however many callers ask, `reconstitute()` finds what no delivery brought.
+//! - [`Walker`]: reconstitution as a service runs it — paced, resumable, one walk at a time,
+//!   periodic and on demand ([`admin_router`]: `POST`/`GET /reconstitute`), with progress and
+//!   metrics.
 
 pub mod admin;
 mod client;
@@ -25,6 +28,7 @@ mod metrics;
 mod postgres;
 mod upstream;
 mod view;
+mod walker;
 
 pub use client::{
     ClientError, FeedClient, FeedListing, LONG_POLL_WAIT_MAX, REQUEST_TIMEOUT_DEFAULT,
@@ -43,4 +47,10 @@ pub use upstream::{SubjectHead, Upstream, UpstreamError};
 pub use view::{
     Applied, MARK_KEY_BYTES_MAX, MARK_VALUE_BYTES_MAX, ViewError, ViewStore, check_contiguous,
     check_mark,
+};
+pub use walker::{
+    RECONSTITUTE_ROUTE, WALK_BURST_REQUESTS_DEFAULT, WALK_PAGE_SUBJECTS_DEFAULT,
+    WALK_PAGE_SUBJECTS_MAX, WALK_REQUESTS_PER_SECOND_DEFAULT, WALK_RETRY_AFTER_INTERRUPTION,
+    WalkControl, WalkProgress, WalkState, WalkTrigger, Walker, WalkerNotRunning, WalkerOptions,
+    WalkerStatus, admin_router,
 };
