@@ -248,7 +248,10 @@ pub struct WalkerStatus {
 enum Step<'a> {
     Resumed(&'a Subject),
     Request,
-    Listed { subjects: u64, last: &'a Subject },
+    Listed {
+        subjects: u64,
+        last: &'a Subject,
+    },
     Behind(&'a Subject),
     Applied(u64),
     Failed(&'a Subject),
@@ -641,8 +644,8 @@ impl<V: ViewStore, U: Upstream> Walker<V, U> {
     /// walk's end time and whether one runs.
     pub fn register_metrics(&self, registry: &mut Registry) {
         let m = &self.metrics;
-        let registry =
-            registry.sub_registry_with_label(("feed".into(), self.consumer.feed().to_string().into()));
+        let registry = registry
+            .sub_registry_with_label(("feed".into(), self.consumer.feed().to_string().into()));
         registry.register(
             "headwater_consumer_walks",
             "Reconstitution walks ended, by result (finished, interrupted, cancelled)",
@@ -927,7 +930,11 @@ impl<'a, V: ViewStore, U: Upstream> Runner<'a, V, U> {
 
 impl<V, U> Drop for Runner<'_, V, U> {
     fn drop(&mut self) {
-        let mut control = self.walker.control.lock().unwrap_or_else(|e| e.into_inner());
+        let mut control = self
+            .walker
+            .control
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         control.runners = control.runners.saturating_sub(1);
         let running = control.runners > 0;
         drop(control);

@@ -146,9 +146,10 @@ fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Box<Response
     } else {
         "Bearer realm=\"headwater\""
     };
-    response
-        .headers_mut()
-        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(challenge),
+    );
     Err(Box::new(response))
 }
 

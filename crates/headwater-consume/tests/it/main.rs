@@ -5,3 +5,4 @@ mod consumer;
 mod embedded;
 mod postgres;
 mod status;
+mod walker;
