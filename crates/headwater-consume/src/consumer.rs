@@ -626,10 +626,11 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
         &self.options
     }
 
-    /// Counts events a walk applied.
-    pub(crate) fn count_walked(&self, applied: u64) {
+    /// Counts events a walk applied to `subject`, which is now at `cursor`.
+    pub(crate) fn count_walked(&self, subject: &Subject, cursor: Sequence, applied: u64) {
         Counters::add(&self.counters.applied, applied);
         Counters::add(&self.counters.reconstituted, applied);
+        self.counters.open.reached(subject, cursor);
     }
 
     /// Counts a walk that went through every subject.

@@ -15,7 +15,7 @@
 //!   cursor + 1) is healed from upstream before the event is applied, `ensure(subject)` bootstraps
 //!   a subject once however many callers ask, `reconstitute()` finds what no delivery brought.
 //! - [`Walker`]: reconstitution as a service runs it — paced, resumable, one walk at a time,
-//!   periodic and on demand ([`admin_router`]: `POST`/`GET /reconstitute`), with progress and
+//!   periodic and on demand ([`walker_router`]: `POST`/`GET /reconstitute`), with progress and
 //!   metrics.
 
 pub mod admin;
@@ -52,5 +52,5 @@ pub use walker::{
     RECONSTITUTE_ROUTE, WALK_BURST_REQUESTS_DEFAULT, WALK_PAGE_SUBJECTS_DEFAULT,
     WALK_PAGE_SUBJECTS_MAX, WALK_REQUESTS_PER_SECOND_DEFAULT, WALK_RETRY_AFTER_INTERRUPTION,
     WalkControl, WalkProgress, WalkState, WalkTrigger, Walker, WalkerNotRunning, WalkerOptions,
-    WalkerStatus, admin_router,
+    WalkerStatus, walker_router,
 };

@@ -17,7 +17,7 @@
 //!   running one otherwise; all requests made during one walk share that one next walk.
 //! - **Observable**: a watch of [`WalkerStatus`] (the running walk's [`WalkProgress`], the last
 //!   one's result), Prometheus metrics ([`Walker::register_metrics`]), admin routes
-//!   ([`admin_router`]).
+//!   ([`walker_router`]).
 
 mod admin;
 mod pace;
@@ -39,7 +39,7 @@ use serde::Serialize;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-pub use admin::{RECONSTITUTE_ROUTE, WalkControl, WalkerNotRunning, admin_router};
+pub use admin::{RECONSTITUTE_ROUTE, WalkControl, WalkerNotRunning, walker_router};
 use pace::Pace;
 
 use crate::consumer::{ConsumeError, Consumer, Reconstitution};
@@ -182,7 +182,7 @@ impl WalkProgress {
             id,
             trigger,
             state: WalkState::Running,
-            started_at: rfc3339(SystemTime::now()),
+            started_at: crate::metrics::rfc3339_text(SystemTime::now()),
             finished_at: None,
             resumed_after: None,
             listed: 0,
@@ -214,7 +214,7 @@ impl WalkProgress {
         self.tick();
         self.state = state;
         self.error = error;
-        self.finished_at = Some(rfc3339(SystemTime::now()));
+        self.finished_at = Some(crate::metrics::rfc3339_text(SystemTime::now()));
     }
 }
 
@@ -475,7 +475,7 @@ async fn catch_up<V: ViewStore, U: Upstream>(
                     .into(),
             }));
         }
-        consumer.count_walked(done.applied);
+        consumer.count_walked(subject, done.cursor, done.applied);
         on(Step::Applied(done.applied));
         applied += done.applied;
         cursor = done.cursor;
@@ -555,11 +555,11 @@ struct Control {
 /// # async fn example(consumer: std::sync::Arc<headwater_consume::Consumer<headwater_consume::MemoryView<u64>, headwater_consume::FeedClient>>) {
 /// use std::sync::Arc;
 /// use std::time::Duration;
-/// use headwater_consume::{Walker, WalkerOptions, admin_router};
+/// use headwater_consume::{Walker, WalkerOptions, walker_router};
 /// let walker = Arc::new(Walker::new(consumer, WalkerOptions::default()));
 /// let mut registry = prometheus_client::registry::Registry::default();
 /// walker.register_metrics(&mut registry);
-/// let routes: axum::Router = admin_router(walker.clone(), None); // merge into the service's router
+/// let routes: axum::Router = walker_router(walker.clone(), None); // merge into the service's router
 /// tokio::spawn(walker.run(Some(Duration::from_secs(300)), std::future::pending()));
 /// # }
 /// ```
@@ -939,55 +939,5 @@ impl<V, U> Drop for Runner<'_, V, U> {
         let running = control.runners > 0;
         drop(control);
         self.walker.status.send_modify(|s| s.runner = running);
-    }
-}
-
-/// RFC 3339 in UTC with milliseconds: `2026-11-27T14:06:59.123Z`.
-fn rfc3339(time: SystemTime) -> String {
-    let millis = time
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    let millis = u64::try_from(millis).unwrap_or(u64::MAX);
-    let seconds = millis / 1_000;
-    let (year, month, day) = civil_from_days(seconds / 86_400);
-    let of_day = seconds % 86_400;
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        of_day / 3600,
-        of_day / 60 % 60,
-        of_day % 60,
-        millis % 1_000
-    )
-}
-
-/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let day_of_era = z % 146_097;
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let mp = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = year_of_era + era * 400 + u64::from(month <= 2);
-    (year, month, day)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn times_are_rfc3339_utc_with_milliseconds() {
-        for (millis, text) in [
-            (0, "1970-01-01T00:00:00.000Z"),
-            (951_782_400_000, "2000-02-29T00:00:00.000Z"),
-            (1_798_380_419_123, "2026-12-27T14:06:59.123Z"),
-        ] {
-            let time = SystemTime::UNIX_EPOCH + Duration::from_millis(millis);
-            assert_eq!(rfc3339(time), text);
-        }
     }
 }

@@ -67,7 +67,7 @@ struct AdminState {
 
 /// The walker's admin routes (`POST`/`GET /reconstitute`, see the module docs); with `token`,
 /// they need it as a bearer token.
-pub fn admin_router(walker: Arc<dyn WalkControl>, token: Option<&str>) -> Router {
+pub fn walker_router(walker: Arc<dyn WalkControl>, token: Option<&str>) -> Router {
     let state = AdminState {
         walker,
         token: token.map(Arc::from),

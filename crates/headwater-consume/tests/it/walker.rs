@@ -14,7 +14,7 @@ use axum::http::{Request, StatusCode};
 use headwater_consume::{
     ConsumeError, Consumer, ConsumerOptions, IntegrationEvent, MemoryUpstream, MemoryView,
     SubjectHead, Upstream, UpstreamError, ViewStore, WalkState, WalkTrigger, Walker, WalkerOptions,
-    WalkerStatus, admin_router,
+    WalkerStatus, walker_router,
 };
 use headwater_core::{FeedId, Sequence, Subject};
 use http_body_util::BodyExt;
@@ -182,12 +182,11 @@ fn walker(view: &Arc<TestView>, probe: &Arc<Probe>, options: WalkerOptions) -> A
 /// Waits (on the test's clock) until the walker's status satisfies `done`.
 async fn until(walker: &TestWalker, done: impl Fn(&WalkerStatus) -> bool) -> WalkerStatus {
     let mut watch = walker.watch();
-    let seen = tokio::time::timeout(Duration::from_secs(3_600), watch.wait_for(|s| done(s)))
+    tokio::time::timeout(Duration::from_secs(3_600), watch.wait_for(|s| done(s)))
         .await
         .expect("the walker got there within the deadline")
         .unwrap()
-        .clone();
-    seen
+        .clone()
 }
 
 #[tokio::test(start_paused = true)]
@@ -352,7 +351,7 @@ async fn the_lost_last_events_of_many_subjects_are_found() {
     let consumer = walker.consumer();
     for e in &events {
         let i: usize = e.subject.as_str()[4..].parse().unwrap();
-        if i % 10 == 0 || (i % 2 == 1 && e.sequence.get() == 3) {
+        if i.is_multiple_of(10) || (i % 2 == 1 && e.sequence.get() == 3) {
             continue;
         }
         consumer.deliver(e.clone()).await.unwrap();
@@ -562,7 +561,7 @@ async fn admin_routes_start_a_walk_and_show_its_progress() {
     produce(&probe, 12, 2);
     let view = view(&[]);
     let walker = walker(&view, &probe, WalkerOptions::default());
-    let router = admin_router(walker.clone(), Some("s3cret"));
+    let router = walker_router(walker.clone(), Some("s3cret"));
 
     for token in [None, Some("wrong")] {
         let (status, headers, body) = call(&router, "GET", token).await;
