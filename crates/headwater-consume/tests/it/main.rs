@@ -4,5 +4,6 @@ mod client;
 mod consumer;
 mod embedded;
 mod postgres;
+mod processes;
 mod status;
 mod walker;
