@@ -24,6 +24,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 
+use crate::upstream::{FeedListing, FeedReader, Refusal};
 use crate::{IntegrationEvent, SubjectHead, Upstream, UpstreamError};
 
 /// How long one request may take by default, connecting and reading the whole answer included
@@ -51,17 +52,6 @@ pub enum ClientError {
     /// The token is empty, too long or not visible ASCII (it is not quoted).
     #[error("the token is not usable: it must be 1 to {TOKEN_BYTES_MAX} bytes of visible ASCII")]
     Token,
-}
-
-/// One feed of the producer's listing (`GET /feeds`), as far as a consumer needs it: whether a
-/// new version is live yet and how far its head is (G10).
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct FeedListing {
-    pub feed: FeedId,
-    pub status: FeedStatus,
-    /// The feed's last position.
-    pub head: u64,
 }
 
 /// A client of one producer's feed API (`http://host:port`), implementing [`Upstream`].
@@ -161,8 +151,8 @@ impl FeedClient {
         &self.base
     }
 
-    /// `GET /feeds`: the feeds the token may read, with their status and head, in the API's
-    /// order (by name, then version).
+    /// `GET /feeds`: the feeds the token may read, with their status, head and readers, in the
+    /// API's order (by name, then version).
     ///
     /// # Errors
     /// As [`FeedClient::read_subject`]; [`UpstreamError::Malformed`] also for a listing whose
@@ -177,6 +167,16 @@ impl FeedClient {
             version: u32,
             status: String,
             head: u64,
+            #[serde(default)]
+            readers: Vec<WireReader>,
+        }
+        #[derive(Deserialize)]
+        struct WireReader {
+            reader: String,
+            #[serde(default)]
+            reads: u64,
+            #[serde(default)]
+            last_read_at: String,
         }
         let path = "/feeds";
         let body = self.get(path, "application/json", self.timeout).await?;
@@ -190,10 +190,20 @@ impl FeedClient {
                 let version = FeedVersion::new(f.version)
                     .ok_or_else(|| bad(format!("feed {name} has version 0")))?;
                 let status = FeedStatus::parse(&f.status).map_err(|e| bad(e.to_string()))?;
+                let readers = f
+                    .readers
+                    .into_iter()
+                    .map(|r| FeedReader {
+                        reader: quote(&r.reader),
+                        reads: r.reads,
+                        last_read_at: quote(&r.last_read_at),
+                    })
+                    .collect();
                 Ok(FeedListing {
                     feed: FeedId::new(name, version),
                     status,
                     head: f.head,
+                    readers,
                 })
             })
             .collect()
@@ -223,7 +233,9 @@ impl FeedClient {
         let uri: Uri = format!("{}{path_and_query}", self.base)
             .parse()
             .map_err(|e| {
-                UpstreamError::Refused(format!("GET {path_and_query}: not a valid URL: {e}"))
+                UpstreamError::from(Refusal::new(format!(
+                    "GET {path_and_query}: not a valid URL: {e}"
+                )))
             })?;
         let mut retried = false;
         let response = loop {
@@ -235,7 +247,9 @@ impl FeedClient {
                 request = request.header(AUTHORIZATION, authorization.clone());
             }
             let request = request.body(Empty::new()).map_err(|e| {
-                UpstreamError::Refused(format!("GET {path_and_query}: not a valid request: {e}"))
+                UpstreamError::from(Refusal::new(format!(
+                    "GET {path_and_query}: not a valid request: {e}"
+                )))
             })?;
             match self.http.request(request).await {
                 Ok(response) => break response,
@@ -284,14 +298,28 @@ impl FeedClient {
         if status == StatusCode::OK {
             return Ok(body);
         }
+        let problem = Problem::parse(&body).map(|p| p.scrubbed(|t| self.scrub(t)));
         let text = format!(
             "GET {path_and_query}: {status}{}",
-            problem_text(&body).unwrap_or_default()
+            problem.as_ref().map(Problem::text).unwrap_or_default()
         );
         let text = self.scrub(text);
         Err(match status.as_u16() {
             408 | 429 | 500..=599 => UpstreamError::Unavailable(text),
-            400..=499 => UpstreamError::Refused(text),
+            400..=499 => {
+                let problem = problem.unwrap_or_default();
+                UpstreamError::from(Refusal {
+                    status: Some(status.as_u16()),
+                    successor: problem
+                        .successor
+                        .as_deref()
+                        .and_then(|s| FeedId::parse(s).ok()),
+                    problem_type: problem.problem_type,
+                    title: problem.title,
+                    detail: problem.detail,
+                    message: text,
+                })
+            }
             _ => UpstreamError::Malformed(format!("{text} (not an answer of the feed API)")),
         })
     }
@@ -337,7 +365,8 @@ impl Upstream for FeedClient {
     /// [`UpstreamError::Unavailable`] when the producer cannot be reached, does not answer within
     /// the request timeout, or answers 408, 429 or 5xx; [`UpstreamError::Refused`] for a 4xx
     /// (401 bad token, 403 feed outside the token's scope, 404 unknown feed, 410 retired feed,
-    /// 400 bad parameter: the problem's type, title and detail are quoted);
+    /// 400 bad parameter), with the problem in structured form ([`Refusal`]: status, type,
+    /// title, detail, and for a retired feed its `successor`);
     /// [`UpstreamError::Malformed`] for an answer that is not HTTP, too large, not a page of
     /// CloudEvents, or not this subject's events `after + 1, after + 2, …` of this feed.
     ///
@@ -491,6 +520,19 @@ impl Upstream for FeedClient {
         }
         Ok(events)
     }
+
+    // --- The producer's feed listing (the v1 → v2 switch, G10) ---
+
+    /// `GET /feeds`, the entry of `feed` (`None` when the token's scope does not list it).
+    ///
+    /// # Errors
+    /// As [`FeedClient::feeds`].
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping the future drops the request; nothing is consumed.
+    async fn feed_listing(&self, feed: &FeedId) -> Result<Option<FeedListing>, UpstreamError> {
+        Ok(self.feeds().await?.into_iter().find(|f| f.feed == *feed))
+    }
 }
 
 fn decode_page(
@@ -566,32 +608,64 @@ fn encode_segment(text: &str) -> String {
     out
 }
 
-/// `: type: title: detail` of an RFC 9457 problem body, each part bounded and without control
-/// characters; `None` when the body is not a problem.
-fn problem_text(body: &[u8]) -> Option<String> {
-    #[derive(Deserialize)]
-    struct Problem {
-        #[serde(rename = "type")]
-        problem_type: Option<String>,
-        title: Option<String>,
-        detail: Option<String>,
-        successor: Option<String>,
+/// The parts of an RFC 9457 problem body a consumer uses, each bounded and without control
+/// characters ([`quote`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Problem {
+    problem_type: Option<String>,
+    title: Option<String>,
+    detail: Option<String>,
+    successor: Option<String>,
+}
+
+impl Problem {
+    /// `None` when the body is not a JSON object.
+    fn parse(body: &[u8]) -> Option<Problem> {
+        #[derive(Deserialize)]
+        struct Wire {
+            #[serde(rename = "type")]
+            problem_type: Option<String>,
+            title: Option<String>,
+            detail: Option<String>,
+            successor: Option<String>,
+        }
+        let wire: Wire = serde_json::from_slice(body).ok()?;
+        let bounded = |part: Option<String>| part.map(|p| quote(&p));
+        Some(Problem {
+            problem_type: bounded(wire.problem_type),
+            title: bounded(wire.title),
+            detail: bounded(wire.detail),
+            successor: bounded(wire.successor),
+        })
     }
-    let problem: Problem = serde_json::from_slice(body).ok()?;
-    let mut text = String::new();
-    for part in [problem.problem_type, problem.title, problem.detail]
-        .into_iter()
-        .flatten()
-    {
-        text.push_str(": ");
-        text.push_str(&quote(&part));
+
+    /// Each part passed through `scrub` (a server that echoed the token).
+    fn scrubbed(self, scrub: impl Fn(String) -> String) -> Problem {
+        Problem {
+            problem_type: self.problem_type.map(&scrub),
+            title: self.title.map(&scrub),
+            detail: self.detail.map(&scrub),
+            successor: self.successor.map(&scrub),
+        }
     }
-    if let Some(successor) = problem.successor {
-        text.push_str(" (successor: ");
-        text.push_str(&quote(&successor));
-        text.push(')');
+
+    /// `: type: title: detail (successor: …)`.
+    fn text(&self) -> String {
+        let mut text = String::new();
+        for part in [&self.problem_type, &self.title, &self.detail]
+            .into_iter()
+            .flatten()
+        {
+            text.push_str(": ");
+            text.push_str(part);
+        }
+        if let Some(successor) = &self.successor {
+            text.push_str(" (successor: ");
+            text.push_str(successor);
+            text.push(')');
+        }
+        text
     }
-    Some(text)
 }
 
 /// At most [`QUOTE_BYTES_MAX`] bytes of `text` (cut at a character boundary), control
@@ -708,13 +782,15 @@ mod tests {
     #[test]
     fn problems_are_quoted_bounded() {
         let body = br#"{"type":"https://headwater.dev/problems/feed-retired","title":"Feed retired","status":410,"detail":"a\nb","successor":"accounts.v2"}"#;
+        let problem = Problem::parse(body).unwrap();
         assert_eq!(
-            problem_text(body).unwrap(),
+            problem.text(),
             ": https://headwater.dev/problems/feed-retired: Feed retired: a\u{fffd}b (successor: accounts.v2)"
         );
-        assert_eq!(problem_text(b"<html>"), None);
+        assert_eq!(problem.successor.as_deref(), Some("accounts.v2"));
+        assert_eq!(Problem::parse(b"<html>"), None);
         let long = format!(r#"{{"detail":"{}"}}"#, "é".repeat(QUOTE_BYTES_MAX));
-        let text = problem_text(long.as_bytes()).unwrap();
+        let text = Problem::parse(long.as_bytes()).unwrap().text();
         assert!(text.len() <= QUOTE_BYTES_MAX + 8, "{}", text.len());
     }
 }

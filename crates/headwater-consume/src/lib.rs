@@ -17,6 +17,9 @@
 //! - [`Walker`]: reconstitution as a service runs it — paced, resumable, one walk at a time,
 //!   periodic and on demand ([`walker_router`]: `POST`/`GET /reconstitute`), with progress and
 //!   metrics.
+//! - [`VersionedConsumer`]: the consumer of one projection across its versions (G10): builds a
+//!   new version's view beside the active one while that one keeps serving, flips atomically and
+//!   durably, then stops reading the old version; readers read through [`ActiveFeed`].
 
 pub mod admin;
 mod client;
@@ -26,12 +29,13 @@ mod event;
 mod memory;
 mod metrics;
 mod postgres;
+mod switch;
 mod upstream;
 mod view;
 mod walker;
 
 pub use client::{
-    ClientError, FeedClient, FeedListing, LONG_POLL_WAIT_MAX, REQUEST_TIMEOUT_DEFAULT,
+    ClientError, FeedClient, LONG_POLL_WAIT_MAX, REQUEST_TIMEOUT_DEFAULT,
     RESPONSE_BYTES_MAX_DEFAULT, TOKEN_BYTES_MAX,
 };
 pub use consumer::{
@@ -43,7 +47,13 @@ pub use event::{DecodeError, IntegrationEvent};
 pub use memory::{MemoryUpstream, MemoryView};
 pub use metrics::{OPEN_GAPS_TRACKED_MAX, OpenGap};
 pub use postgres::{PgHandler, PgView};
-pub use upstream::{SubjectHead, Upstream, UpstreamError};
+pub use switch::{
+    ACTIVE_MARK_PREFIX, ActiveFeed, CONSUMER_NAME_BYTES_MAX, SWITCH_POLL_INTERVAL_DEFAULT,
+    SwitchError, SwitchOptions, SwitchPhase, SwitchStatus, VersionedConsumer,
+};
+pub use upstream::{
+    FeedListing, FeedReader, PROBLEM_FEED_RETIRED, Refusal, SubjectHead, Upstream, UpstreamError,
+};
 pub use view::{
     Applied, MARK_KEY_BYTES_MAX, MARK_VALUE_BYTES_MAX, ViewError, ViewStore, check_contiguous,
     check_mark,

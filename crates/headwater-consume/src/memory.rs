@@ -295,4 +295,21 @@ impl Upstream for MemoryUpstream {
             }
         }
     }
+
+    // --- The producer's feed listing (the v1 → v2 switch) ---
+
+    /// `live` with its last position when the feed holds events; `None` otherwise.
+    async fn feed_listing(
+        &self,
+        feed: &FeedId,
+    ) -> Result<Option<crate::upstream::FeedListing>, UpstreamError> {
+        self.answer(feed, |events| {
+            events.last().map(|last| crate::upstream::FeedListing {
+                feed: feed.clone(),
+                status: headwater_core::FeedStatus::Live,
+                head: last.position,
+                readers: Vec::new(),
+            })
+        })
+    }
 }

@@ -126,7 +126,7 @@ fn client(server: &Server) -> FeedClient {
 
 fn refused(result: Result<impl std::fmt::Debug, UpstreamError>) -> String {
     match result {
-        Err(UpstreamError::Refused(text)) => text,
+        Err(UpstreamError::Refused(refusal)) => refusal.message,
         other => panic!("not refused: {other:?}"),
     }
 }
