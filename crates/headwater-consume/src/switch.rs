@@ -32,7 +32,8 @@
 //! durable; the walk skips what is caught up). After the flip it names the target: a restart
 //! follows the target alone.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use headwater_core::{FeedId, FeedStatus, FeedVersion};
@@ -248,7 +249,7 @@ pub struct VersionedConsumer<V, U> {
     upstream: Arc<U>,
     options: SwitchOptions,
     active: watch::Sender<Arc<Consumer<V, U>>>,
-    target: Mutex<FeedId>,
+    target: watch::Sender<FeedId>,
     status: watch::Sender<SwitchStatus>,
 }
 
@@ -259,12 +260,6 @@ impl<V, U> std::fmt::Debug for VersionedConsumer<V, U> {
             .field("status", &*self.status.borrow())
             .finish_non_exhaustive()
     }
-}
-
-/// How a move ended.
-enum Moved {
-    Switched,
-    Stopped,
 }
 
 impl<V: ViewStore, U: Upstream> VersionedConsumer<V, U> {
@@ -332,7 +327,7 @@ impl<V: ViewStore, U: Upstream> VersionedConsumer<V, U> {
             upstream,
             options,
             active: watch::channel(consumer).0,
-            target: Mutex::new(feed),
+            target: watch::channel(feed).0,
             status: watch::channel(status).0,
         })
     }
@@ -351,15 +346,26 @@ impl<V: ViewStore, U: Upstream> VersionedConsumer<V, U> {
 
     /// The version asked for.
     pub fn target(&self) -> FeedId {
-        self.target
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.target.borrow().clone()
+    }
+
+    /// Asks for another version while running (an operator's command, a demo): a running
+    /// [`VersionedConsumer::run`] stops following the active version's transport only once the
+    /// new one is built and flipped to. Asking for the active version abandons a move in progress
+    /// (what it built stays, for a later move to resume). Not durable: a restart moves to the
+    /// version given to [`VersionedConsumer::open`].
+    pub fn switch_to(&self, feed: FeedId) {
+        self.set_target(feed);
     }
 
     /// What it is doing.
     pub fn status(&self) -> SwitchStatus {
         self.status.borrow().clone()
+    }
+
+    /// What it is doing, as it changes.
+    pub fn watch_status(&self) -> watch::Receiver<SwitchStatus> {
+        self.status.subscribe()
     }
 
     /// Follows the active version until `stop` resolves; when the target is another version,
@@ -398,19 +404,31 @@ impl<V: ViewStore, U: Upstream> VersionedConsumer<V, U> {
         loop {
             let active = Arc::clone(&self.active.borrow());
             let target = self.target();
-            if *active.feed() != target {
-                match self.move_to(&active, &target, stop.as_mut()).await? {
-                    Moved::Switched => continue,
-                    Moved::Stopped => return Ok(()),
+            // What ends this round: the caller's stop, or another target asked for.
+            let stopped = AtomicBool::new(false);
+            let mut targets = self.target.subscribe();
+            let interrupt = async {
+                tokio::select! {
+                    () = stop.as_mut() => stopped.store(true, Ordering::Relaxed),
+                    _ = targets.wait_for(|t| *t != target) => {}
                 }
+            };
+            tokio::pin!(interrupt);
+            if *active.feed() != target {
+                self.move_to(&active, &target, interrupt.as_mut()).await?;
+                if stopped.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                continue;
             }
             self.status
                 .send_modify(|s| s.phase = SwitchPhase::Following);
             match active
-                .follow_feed(self.options.feed_wait, stop.as_mut())
+                .follow_feed(self.options.feed_wait, interrupt.as_mut())
                 .await
             {
-                Ok(()) => return Ok(()),
+                Ok(()) if stopped.load(Ordering::Relaxed) => return Ok(()),
+                Ok(()) => {}
                 Err(ConsumeError::Upstream(e)) => match self.successor_to_follow(&target, &e) {
                     Some(successor) => {
                         tracing::warn!(consumer = %self.name, retired = %target, %successor, "the active feed is retired; moving to its successor");
@@ -436,7 +454,7 @@ impl<V: ViewStore, U: Upstream> VersionedConsumer<V, U> {
 
     fn set_target(&self, feed: FeedId) {
         let text = feed.to_string();
-        *self.target.lock().unwrap_or_else(|e| e.into_inner()) = feed;
+        self.target.send_replace(feed);
         self.status.send_modify(|s| s.target = text);
     }
 
@@ -446,13 +464,13 @@ impl<V: ViewStore, U: Upstream> VersionedConsumer<V, U> {
     }
 
     /// Builds `target` beside `active` (whose transport keeps running), flips, stops the old
-    /// transport.
+    /// transport; or returns early, before the flip, when `stop` resolves.
     async fn move_to(
         &self,
         active: &Arc<Consumer<V, U>>,
         target: &FeedId,
         mut stop: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
-    ) -> Result<Moved, SwitchError> {
+    ) -> Result<(), SwitchError> {
         tracing::info!(consumer = %self.name, from = %active.feed(), to = %target, "moving to another feed version; the active one keeps serving");
         let old = Transport::spawn(Arc::clone(active), self.options.feed_wait);
         let new_consumer = Arc::new(Consumer::new(
@@ -467,7 +485,7 @@ impl<V: ViewStore, U: Upstream> VersionedConsumer<V, U> {
             .send_modify(|s| s.phase = SwitchPhase::WaitingForLive);
         let Some(head) = self.listed_head(target, stop.as_mut()).await? else {
             old.stop().await.ok();
-            return Ok(Moved::Stopped);
+            return Ok(());
         };
 
         // 2. The live transport starts at the head listed now; the walk brings what is before.
@@ -485,7 +503,7 @@ impl<V: ViewStore, U: Upstream> VersionedConsumer<V, U> {
                 () = stop.as_mut() => {
                     new.stop().await.ok();
                     old.stop().await.ok();
-                    return Ok(Moved::Stopped);
+                    return Ok(());
                 }
                 walk = new_consumer.reconstitute() => walk,
             };
@@ -497,7 +515,7 @@ impl<V: ViewStore, U: Upstream> VersionedConsumer<V, U> {
                     if !self.pause(stop.as_mut()).await {
                         new.stop().await.ok();
                         old.stop().await.ok();
-                        return Ok(Moved::Stopped);
+                        return Ok(());
                     }
                 }
                 Err(e) => {
@@ -520,7 +538,7 @@ impl<V: ViewStore, U: Upstream> VersionedConsumer<V, U> {
             None => {
                 new.stop().await.ok();
                 old.stop().await.ok();
-                return Ok(Moved::Stopped);
+                return Ok(());
             }
             Some(None) => {}
             Some(Some(head)) => loop {
@@ -539,7 +557,7 @@ impl<V: ViewStore, U: Upstream> VersionedConsumer<V, U> {
                     () = stop.as_mut() => {
                         new.stop().await.ok();
                         old.stop().await.ok();
-                        return Ok(Moved::Stopped);
+                        return Ok(());
                     }
                     () = tokio::time::sleep(CATCH_UP_POLL_INTERVAL) => {}
                 }
@@ -562,7 +580,7 @@ impl<V: ViewStore, U: Upstream> VersionedConsumer<V, U> {
             tracing::warn!(consumer = %self.name, feed = %active.feed(), error = %e, "the old version's transport had failed");
         }
         new.stop().await?;
-        Ok(Moved::Switched)
+        Ok(())
     }
 
     /// The target's head as the producer lists it once it is live (`Some(None)` when the
@@ -667,10 +685,13 @@ impl Transport {
     /// Stops it (it finishes the page it is delivering) and says how it ended.
     async fn stop(mut self) -> Result<(), SwitchError> {
         self.stop.send_replace(true);
-        let Some(task) = self.task.take() else {
+        // Awaited in place: if this future is dropped, `Drop` still aborts the task.
+        let Some(task) = self.task.as_mut() else {
             return Ok(());
         };
-        match task.await {
+        let ended = task.await;
+        self.task = None;
+        match ended {
             Ok(result) => result.map_err(SwitchError::from),
             Err(e) => Err(SwitchError::Transport {
                 feed: self.feed.clone(),

@@ -6,4 +6,5 @@ mod embedded;
 mod postgres;
 mod processes;
 mod status;
+mod switch;
 mod walker;
