@@ -2,7 +2,8 @@
 //! view of the producer's feed — in a SQLite file (`EmbeddedView`) or a PostgreSQL schema
 //! (`PgView`) — with `Consumer::follow_feed` over `FeedClient`, and beside it a lossy path that
 //! delivers the newest events with drops, duplicates and swaps, so that gaps are healed all the
-//! time. Or, in its last run, it only reconstitutes. The parent kills it, restarts it, and reads
+//! time. Or it walks: reconstitutes again and again (killed in the middle of walks); or, in its
+//! last run, it reconstitutes once. The parent kills it, restarts it, and reads
 //! its view.
 //!
 //! The view records what the handler did, so that "exactly once" can be checked: `applied` gets
@@ -35,7 +36,8 @@ const API_ENV: &str = "HEADWATER_CONSUME_CONSUMER_API";
 /// Set in the child: the view, `sqlite:PATH` or `postgres:SCHEMA` (on the server of
 /// `HEADWATER_TEST_POSTGRES_URL`).
 const VIEW_ENV: &str = "HEADWATER_CONSUME_CONSUMER_VIEW";
-/// Set in the child: `follow` or `reconstitute`.
+/// Set in the child: `follow`, `walk` (reconstitution walks, one after another) or
+/// `reconstitute` (one walk).
 const MODE_ENV: &str = "HEADWATER_CONSUME_CONSUMER_MODE";
 /// Set in the child: the seed of its lossy path.
 const SEED_ENV: &str = "HEADWATER_CONSUME_CONSUMER_SEED";
@@ -187,9 +189,9 @@ fn options() -> ConsumerOptions {
         .with_page_events(PAGE_EVENTS)
 }
 
-/// The child: opens the view, then either follows the feed (and runs the lossy path) saying
-/// `READY` and a `STATUS …` line every [`STATUS_INTERVAL_MILLIS`], or reconstitutes and says
-/// `RECONSTITUTED …`. On any error it says `FAILED …`. It runs until killed. Does nothing in a
+/// The child: opens the view, then either follows the feed (and runs the lossy path) or walks,
+/// saying `READY` and a `STATUS …` line every [`STATUS_INTERVAL_MILLIS`]; or it reconstitutes
+/// once and says `RECONSTITUTED …`. On any error it says `FAILED …`. It runs until killed. Does nothing in a
 /// normal test run.
 #[test]
 fn child_consumer() {
@@ -198,7 +200,7 @@ fn child_consumer() {
     };
     let api: SocketAddr = api.to_str().unwrap().parse().unwrap();
     let view = ViewAt::from_env(&std::env::var(VIEW_ENV).unwrap());
-    let reconstitute = std::env::var(MODE_ENV).unwrap() == "reconstitute";
+    let mode = std::env::var(MODE_ENV).unwrap();
     let seed: u64 = std::env::var(SEED_ENV).unwrap().parse().unwrap();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -216,21 +218,21 @@ fn child_consumer() {
         match view {
             ViewAt::Sqlite(path) => {
                 let view = Arc::new(open_embedded(&path));
-                run(view, api, reconstitute, seed).await;
+                run(view, api, &mode, seed).await;
             }
             ViewAt::Postgres(schema) => {
                 let view = Arc::new(open_postgres(&schema).await);
-                run(view, api, reconstitute, seed).await;
+                run(view, api, &mode, seed).await;
             }
         }
     });
 }
 
-async fn run<V: ViewStore>(view: Arc<V>, api: SocketAddr, reconstitute: bool, seed: u64) {
+async fn run<V: ViewStore>(view: Arc<V>, api: SocketAddr, mode: &str, seed: u64) {
     let client =
         Arc::new(FeedClient::new(&format!("http://{api}"), Some(TOKEN.to_owned())).unwrap());
     let consumer = Arc::new(Consumer::new(feed(), view, Arc::clone(&client), options()));
-    if reconstitute {
+    if mode == "reconstitute" {
         match consumer.reconstitute().await {
             Ok(walk) => say(&format!(
                 "RECONSTITUTED subjects={} behind={} applied={}",
@@ -240,28 +242,38 @@ async fn run<V: ViewStore>(view: Arc<V>, api: SocketAddr, reconstitute: bool, se
         }
         std::future::pending::<()>().await;
     }
-    let mut follower = {
+    let mut tasks = Vec::new();
+    if mode == "walk" {
         let consumer = Arc::clone(&consumer);
-        tokio::spawn(async move {
-            consumer
+        tasks.push(tokio::spawn(async move {
+            loop {
+                if let Err(e) = consumer.reconstitute().await {
+                    return format!("reconstitute: {e}");
+                }
+            }
+        }));
+    } else {
+        let follower = Arc::clone(&consumer);
+        tasks.push(tokio::spawn(async move {
+            let ended = follower
                 .follow_feed(
                     Duration::from_millis(FEED_WAIT_MILLIS),
                     std::future::pending(),
                 )
-                .await
-        })
-    };
-    let mut lossy = tokio::spawn(lossy(Arc::clone(&consumer), client, seed));
+                .await;
+            format!("follow_feed: {ended:?}")
+        }));
+        let lossy = lossy(Arc::clone(&consumer), client, seed);
+        tasks.push(tokio::spawn(async move {
+            format!("the lossy path: {:?}", lossy.await)
+        }));
+    }
     say("READY");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(CHILD_LIFETIME_SECS);
     while tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(STATUS_INTERVAL_MILLIS)).await;
-        if follower.is_finished() || lossy.is_finished() {
-            let why = if follower.is_finished() {
-                format!("follow_feed: {:?}", (&mut follower).await)
-            } else {
-                format!("the lossy path: {:?}", (&mut lossy).await)
-            };
+        if let Some(ended) = tasks.iter_mut().find(|t| t.is_finished()) {
+            let why = format!("{:?}", ended.await);
             say(&format!("FAILED {}", why.replace('\n', " ")));
             std::future::pending::<()>().await;
         }
@@ -389,7 +401,17 @@ impl ConsumerProcess {
     /// Starts a consumer following the producer at `api` into `view`, and waits until it is
     /// ready.
     pub(crate) fn follow(api: SocketAddr, view: &ViewAt, seed: u64) -> ConsumerProcess {
-        let mut child = spawn(api, view, "follow", seed);
+        ConsumerProcess::start(api, view, "follow", seed)
+    }
+
+    /// Starts a consumer that walks (reconstitutes again and again) into `view`, and waits until
+    /// it is ready.
+    pub(crate) fn walk(api: SocketAddr, view: &ViewAt) -> ConsumerProcess {
+        ConsumerProcess::start(api, view, "walk", 0)
+    }
+
+    fn start(api: SocketAddr, view: &ViewAt, mode: &str, seed: u64) -> ConsumerProcess {
+        let mut child = spawn(api, view, mode, seed);
         child.wait_for("READY", Duration::from_secs(START_TIMEOUT_SECS), failed);
         ConsumerProcess {
             child,

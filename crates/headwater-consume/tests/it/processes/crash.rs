@@ -1,5 +1,6 @@
-//! G7 under `kill -9`: a consumer process following a busy producer is killed with SIGKILL at
-//! random moments and started again, at least 20 times; after every kill its view holds each
+//! G7 under `kill -9`: a consumer process following a busy producer (the HTTP feed, plus a lossy
+//! path whose gaps it heals) or walking it (reconstitution after reconstitution) is killed with
+//! SIGKILL at random moments and started again, at least 20 times; after every kill its view holds each
 //! subject's events 1 ..= cursor exactly once; at the end, once the producer stops appending and
 //! the consumer has reconstituted, its view equals the producer's feed read over HTTP — every
 //! subject's events applied exactly once, in order (same checksum of their ids).
@@ -32,6 +33,9 @@ const LIGHTER: Workload = Workload {
 };
 /// A consumer is killed this long after it said it is ready, in milliseconds.
 const KILL_AFTER_MILLIS: std::ops::Range<u64> = 0..800;
+/// Of the consumers, this many percent walk (reconstitute again and again) instead of following
+/// the feed: kills land in the middle of walks too.
+const WALKING_PERCENT: u32 = 25;
 /// The longest the producer may take to project what was appended once it stops, in seconds.
 const STOP_SECS_MAX: u64 = 60;
 /// The longest the last consumer's reconstitution may take, in seconds.
@@ -51,10 +55,16 @@ fn crash_loop(view: &ViewAt, workload: Workload, cycles: usize) {
     let mut producer = Producer::start(dir.path(), seed, workload);
     let started = Instant::now();
     let mut before: BTreeMap<String, u64> = BTreeMap::new();
-    let (mut progressed, mut behind) = (0, 0);
+    let (mut progressed, mut behind, mut walks) = (0, 0, 0);
     let (mut handled, mut gaps, mut healed, mut duplicates) = (0, 0, 0, 0);
     for cycle in 0..cycles {
-        let mut consumer = ConsumerProcess::follow(producer.api, view, rng.random());
+        let walking = rng.random_range(0..100) < WALKING_PERCENT;
+        walks += usize::from(walking);
+        let mut consumer = if walking {
+            ConsumerProcess::walk(producer.api, view)
+        } else {
+            ConsumerProcess::follow(producer.api, view, rng.random())
+        };
         let kill_after = Duration::from_millis(rng.random_range(KILL_AFTER_MILLIS));
         consumer.run_until(Instant::now() + kill_after);
         let status = consumer.kill();
@@ -92,7 +102,7 @@ fn crash_loop(view: &ViewAt, workload: Workload, cycles: usize) {
     let applied = check_consistent(&state, "after reconstitution");
     let held: u64 = before.values().sum();
     eprintln!(
-        "{cycles} kills in {loop_secs:.1} s: the feed grew to {} events over {} subjects; {progressed} \
+        "{cycles} kills ({walks} of walking consumers) in {loop_secs:.1} s: the feed grew to {} events over {} subjects; {progressed} \
          cycles moved the view, {behind} kills caught the consumer behind the producer; the \
          consumers applied {handled} events, saw {gaps} gaps, healed {healed} events, skipped {duplicates} duplicates; \
          the view held {held} events at the last kill; {walk}",
