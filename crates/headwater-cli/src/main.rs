@@ -1,4 +1,5 @@
-//! `headwater`, the operator's tool: inspect a store, verify its integrity, run the benchmarks.
+//! `headwater`, the operator's tool: inspect a store, verify its integrity, run the benchmarks,
+//! ask a consumer service for a reconstitution walk.
 //!
 //! Exit codes: 0 when the work is done, 1 when it failed or a check found damage (`verify`),
 //! 2 on usage errors.
@@ -8,6 +9,7 @@ mod feed_http;
 mod feed_open;
 mod feed_tools;
 mod pg_tools;
+mod reconstitute;
 mod store_arg;
 mod store_tools;
 mod text;
@@ -60,6 +62,15 @@ enum Command {
     /// or when no newer version is live, unless `--force`. An embedded store must not be open
     /// in its service.
     Retire(feed_tools::RetireArgs),
+    /// Ask a running consumer service for a reconstitution walk now and follow it: every
+    /// subject its producer lists is compared with the service's cursor and what is behind is
+    /// fetched (the walker's `POST /reconstitute`, then `GET /reconstitute` until it ends).
+    ///
+    /// A walk running already is not disturbed: the request is served by the next walk, which
+    /// starts right after it. Exits 0 when the walk went through every subject without a
+    /// failure, 1 when some subjects could not be caught up, the walk was interrupted, or the
+    /// service could not be reached.
+    Reconstitute(reconstitute::ReconstituteArgs),
 }
 
 fn main() -> ExitCode {
@@ -72,6 +83,7 @@ fn main() -> ExitCode {
         Command::Feeds(args) => feed_tools::feeds(&args),
         Command::Tail(args) => feed_tools::tail(&args),
         Command::Retire(args) => feed_tools::retire(&args),
+        Command::Reconstitute(args) => reconstitute::reconstitute(&args),
     };
     match outcome {
         Ok(code) => code,

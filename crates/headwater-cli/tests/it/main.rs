@@ -1,6 +1,8 @@
 //! The `headwater` binary, run as an operator runs it. No timing is asserted anywhere: the
 //! benchmark's figures are checked for presence and shape only.
 
+mod reconstitute;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
