@@ -169,6 +169,8 @@ pub struct Consumer<V, U> {
     /// Bootstraps in progress: later callers for the same subject wait for the first one's.
     ensuring: Mutex<HashMap<Subject, EnsureWatch>>,
     counters: Counters,
+    /// Dead letters: the parked subjects and counters (src/dead.rs).
+    pub(crate) dead: crate::dead::DeadLetters,
 }
 
 impl<V, U> std::fmt::Debug for Consumer<V, U> {
@@ -193,6 +195,7 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
                 .collect(),
             ensuring: Mutex::new(HashMap::new()),
             counters,
+            dead: crate::dead::DeadLetters::default(),
         }
     }
 
@@ -356,11 +359,19 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
             map: &self.ensuring,
             subject,
         };
-        let result = self.catch_up(subject).await;
+        let mut result = self.catch_up(subject).await;
         if let Ok((_, applied)) = &result {
             Counters::add(&self.counters.bootstraps, 1);
             Counters::add(&self.counters.applied, *applied);
         }
+        // Dead letters: a success resolves the subject's, a failure retrying does not fix parks it.
+        result = match result {
+            Ok(done) => self.resolve_parked(subject).await.map(|()| done),
+            Err(e) => match self.dead_letter_catch_up(subject, &e, "ensure").await {
+                Ok(()) => Err(e),
+                Err(view) => Err(view.into()),
+            },
+        };
         tx.send_replace(Some(
             result
                 .as_ref()
@@ -427,12 +438,15 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
     /// The HTTP feed transport: long-polls the producer's feed from the saved feed position and
     /// delivers every event, until `stop` resolves. A producer that is down is waited for
     /// (capped backoff, for as long as it takes: the view keeps serving what it has); a delivery
-    /// that cannot heal its gap yet is tried again, so nothing is skipped. The feed position is
-    /// saved after each page (a restart re-reads at most one page: duplicates, skipped).
+    /// that cannot heal its gap yet (or that the view store failed to commit) is tried again, so
+    /// nothing is skipped. An event that fails for a reason retrying does not fix (the handler
+    /// refuses it, the producer's heal is refused or inconsistent) is dead-lettered and its
+    /// subject parked ([`Consumer::handle_event`]); the other subjects go on. The feed position
+    /// is saved after each page (a restart re-reads at most one page: duplicates, skipped).
     ///
     /// # Errors
-    /// [`ConsumeError`] for what waiting cannot fix: the producer refuses (a bad token, an
-    /// unknown or retired feed), answers out of order, or the view refuses an event.
+    /// [`ConsumeError`] for what waiting cannot fix: the producer refuses to serve the feed (a
+    /// bad token, an unknown or retired feed) or its page is not understood.
     ///
     /// # Cancel safety
     /// Cancel safe in effect (as [`Consumer::deliver`]); prefer `stop`, which saves the position.
@@ -470,10 +484,12 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
             };
             for event in page {
                 loop {
-                    match self.deliver(event.clone()).await {
+                    // An event that fails for a reason retrying does not fix is dead-lettered
+                    // (its subject parked), and the others go on.
+                    match self.handle_event(event.clone(), None, "http").await {
                         Ok(_) => break,
-                        Err(ConsumeError::Upstream(e)) if e.is_transient() => {
-                            tracing::warn!(feed = %self.feed, subject = %event.subject, error = %e, "a gap cannot be healed yet; trying again");
+                        Err(e) if crate::dead::is_transient(&e) => {
+                            tracing::warn!(feed = %self.feed, subject = %event.subject, error = %e, "a gap cannot be healed yet or the view store failed; trying again");
                             tokio::select! {
                                 () = &mut stop => return Ok(()),
                                 () = tokio::time::sleep(self.options.backoff_max) => {}

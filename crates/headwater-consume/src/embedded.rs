@@ -9,6 +9,7 @@ use headwater_core::{FeedId, Sequence, Subject};
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
 use crate::IntegrationEvent;
+use crate::dead::{DEAD_LETTERS_MAX, DeadLetter, DeadLetterKind, NewDeadLetter};
 use crate::view::{Applied, ViewError, ViewStore, check_contiguous, check_mark};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -70,6 +71,7 @@ impl EmbeddedView {
             .map_err(backend)?;
         let tx = connection.transaction().map_err(backend)?;
         tx.execute_batch(CURSORS_TABLE).map_err(backend)?;
+        tx.execute_batch(DEAD_LETTERS_TABLE).map_err(backend)?;
         setup(&tx).map_err(backend)?;
         tx.commit().map_err(backend)?;
         Ok(EmbeddedView {
@@ -292,5 +294,201 @@ impl ViewStore for EmbeddedView {
             Ok(())
         })
         .await
+    }
+
+    // --- Dead letters ---
+
+    async fn record_dead_letter(&self, letter: &NewDeadLetter) -> Result<u64, ViewError> {
+        let letter = letter.clone();
+        self.blocking(move |connection| {
+            let tx = connection
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(backend)?;
+            let id: i64 = tx
+                .query_row(
+                    "INSERT INTO headwater_dead_letters (feed, subject, sequence, event_id, kind,
+                         reason, transport, body, first_at_ms, last_at_ms, count)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, 1)
+                     ON CONFLICT (feed, subject, sequence) DO UPDATE SET
+                         reason = excluded.reason, transport = excluded.transport,
+                         body = coalesce(excluded.body, body), last_at_ms = excluded.last_at_ms,
+                         count = count + 1
+                     RETURNING id",
+                    params![
+                        letter.feed.to_string(),
+                        letter.subject.as_ref().map(Subject::as_str),
+                        letter
+                            .sequence
+                            .map(|s| i64::try_from(s.get()).unwrap_or(i64::MAX)),
+                        letter.event_id,
+                        letter.kind.as_str(),
+                        letter.reason,
+                        letter.transport,
+                        letter.body,
+                        i64::try_from(letter.at_ms).unwrap_or(i64::MAX),
+                    ],
+                    |row| row.get(0),
+                )
+                .map_err(backend)?;
+            tx.execute(
+                "DELETE FROM headwater_dead_letters WHERE feed = ?1 AND id <= (
+                     SELECT id FROM headwater_dead_letters WHERE feed = ?1
+                     ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+                params![
+                    letter.feed.to_string(),
+                    i64::try_from(DEAD_LETTERS_MAX).unwrap_or(i64::MAX)
+                ],
+            )
+            .map_err(backend)?;
+            tx.commit().map_err(backend)?;
+            Ok(u64::try_from(id).unwrap_or(0))
+        })
+        .await
+    }
+
+    async fn dead_letters(
+        &self,
+        feed: &FeedId,
+        after: u64,
+        limit: u64,
+    ) -> Result<Vec<DeadLetter>, ViewError> {
+        let feed = feed.clone();
+        self.blocking(move |connection| {
+            let mut statement = connection
+                .prepare_cached(
+                    "SELECT id, subject, sequence, event_id, kind, reason, transport, body,
+                         first_at_ms, last_at_ms, count
+                     FROM headwater_dead_letters WHERE feed = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+                )
+                .map_err(backend)?;
+            let rows = statement
+                .query_map(
+                    params![
+                        feed.to_string(),
+                        i64::try_from(after).unwrap_or(i64::MAX),
+                        i64::try_from(limit).unwrap_or(i64::MAX)
+                    ],
+                    |row| {
+                        Ok(StoredLetter {
+                            id: row.get(0)?,
+                            subject: row.get(1)?,
+                            sequence: row.get(2)?,
+                            event_id: row.get(3)?,
+                            kind: row.get(4)?,
+                            reason: row.get(5)?,
+                            transport: row.get(6)?,
+                            body: row.get(7)?,
+                            first_at_ms: row.get(8)?,
+                            last_at_ms: row.get(9)?,
+                            count: row.get(10)?,
+                        })
+                    },
+                )
+                .map_err(backend)?;
+            let mut letters = Vec::new();
+            for row in rows {
+                letters.push(row.map_err(backend)?.into_letter(&feed)?);
+            }
+            Ok(letters)
+        })
+        .await
+    }
+
+    async fn resolve_dead_letters(
+        &self,
+        feed: &FeedId,
+        subject: &Subject,
+        through: Sequence,
+    ) -> Result<u64, ViewError> {
+        let (feed, subject) = (feed.to_string(), subject.as_str().to_owned());
+        let through = i64::try_from(through.get()).unwrap_or(i64::MAX);
+        self.blocking(move |connection| {
+            let removed = connection
+                .execute(
+                    "DELETE FROM headwater_dead_letters
+                     WHERE feed = ?1 AND subject = ?2 AND sequence <= ?3",
+                    params![feed, subject, through],
+                )
+                .map_err(backend)?;
+            Ok(removed as u64)
+        })
+        .await
+    }
+
+    async fn discard_dead_letter(&self, feed: &FeedId, id: u64) -> Result<bool, ViewError> {
+        let feed = feed.to_string();
+        let id = i64::try_from(id).unwrap_or(i64::MAX);
+        self.blocking(move |connection| {
+            let removed = connection
+                .execute(
+                    "DELETE FROM headwater_dead_letters WHERE feed = ?1 AND id = ?2",
+                    params![feed, id],
+                )
+                .map_err(backend)?;
+            Ok(removed > 0)
+        })
+        .await
+    }
+}
+
+// --- Dead letters ---
+
+/// The dead letters, beside the cursors (`ViewStore::record_dead_letter`).
+const DEAD_LETTERS_TABLE: &str = "CREATE TABLE IF NOT EXISTS headwater_dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    feed TEXT NOT NULL,
+    subject TEXT,
+    sequence INTEGER,
+    event_id TEXT,
+    kind TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    transport TEXT NOT NULL,
+    body BLOB,
+    first_at_ms INTEGER NOT NULL,
+    last_at_ms INTEGER NOT NULL,
+    count INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS headwater_dead_letters_event
+    ON headwater_dead_letters (feed, subject, sequence);
+CREATE INDEX IF NOT EXISTS headwater_dead_letters_feed ON headwater_dead_letters (feed, id)";
+
+/// A row of `headwater_dead_letters`.
+struct StoredLetter {
+    id: i64,
+    subject: Option<String>,
+    sequence: Option<i64>,
+    event_id: Option<String>,
+    kind: String,
+    reason: String,
+    transport: String,
+    body: Option<Vec<u8>>,
+    first_at_ms: i64,
+    last_at_ms: i64,
+    count: i64,
+}
+
+impl StoredLetter {
+    fn into_letter(self, feed: &FeedId) -> Result<DeadLetter, ViewError> {
+        let unsigned = |v: i64| u64::try_from(v).unwrap_or(0);
+        Ok(DeadLetter {
+            id: unsigned(self.id),
+            feed: feed.clone(),
+            subject: self
+                .subject
+                .map(Subject::new)
+                .transpose()
+                .map_err(|e| ViewError::Backend(Box::new(e)))?,
+            sequence: self.sequence.map(|s| Sequence(unsigned(s))),
+            event_id: self.event_id,
+            kind: DeadLetterKind::parse(&self.kind).ok_or_else(|| {
+                ViewError::Backend(format!("a dead letter of unknown kind {:?}", self.kind).into())
+            })?,
+            reason: self.reason,
+            transport: self.transport,
+            body: self.body,
+            first_at_ms: unsigned(self.first_at_ms),
+            last_at_ms: unsigned(self.last_at_ms),
+            count: unsigned(self.count),
+        })
     }
 }

@@ -64,3 +64,17 @@ pub use walker::{
     WalkControl, WalkProgress, WalkState, WalkTrigger, Walker, WalkerNotRunning, WalkerOptions,
     WalkerStatus, walker_router,
 };
+
+// Dead letters and the broker transports (docs/design/consumer.md, "Transports", "Dead letters").
+mod dead;
+pub use dead::{
+    DEAD_LETTER_ATTEMPTS_DEFAULT, DEAD_LETTER_BODY_BYTES_MAX, DEAD_LETTER_REASON_BYTES_MAX,
+    DEAD_LETTERS_MAX, DeadLetter, DeadLetterKind, DeadLetterStatus, Handled, NewDeadLetter,
+};
+mod amqp;
+mod transport;
+pub use amqp::{AmqpSource, amqp_exchange, amqp_queue};
+pub use transport::{
+    LANES_DEFAULT, LANES_MAX, PREFETCH_DEFAULT, SOURCE_NAME_BYTES_MAX, TransportError,
+    TransportOptions, TransportStats,
+};

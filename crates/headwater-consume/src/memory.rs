@@ -28,6 +28,7 @@ struct Inner<S> {
     cursors: BTreeMap<(FeedId, Subject), Sequence>,
     positions: BTreeMap<FeedId, u64>,
     marks: BTreeMap<String, String>,
+    dead: crate::dead::DeadLetterBook,
 }
 
 impl<S> std::fmt::Debug for MemoryView<S> {
@@ -47,6 +48,7 @@ impl<S: Clone + Send + 'static> MemoryView<S> {
                 cursors: BTreeMap::new(),
                 positions: BTreeMap::new(),
                 marks: BTreeMap::new(),
+                dead: crate::dead::DeadLetterBook::default(),
             }),
             handler: Box::new(handler),
         }
@@ -152,6 +154,37 @@ impl<S: Clone + Send + Sync + 'static> ViewStore for MemoryView<S> {
             None => inner.marks.remove(key),
         };
         Ok(())
+    }
+
+    // --- Dead letters ---
+
+    async fn record_dead_letter(
+        &self,
+        letter: &crate::dead::NewDeadLetter,
+    ) -> Result<u64, ViewError> {
+        Ok(self.lock().dead.record(letter))
+    }
+
+    async fn dead_letters(
+        &self,
+        feed: &FeedId,
+        after: u64,
+        limit: u64,
+    ) -> Result<Vec<crate::dead::DeadLetter>, ViewError> {
+        Ok(self.lock().dead.list(feed, after, limit))
+    }
+
+    async fn resolve_dead_letters(
+        &self,
+        feed: &FeedId,
+        subject: &Subject,
+        through: Sequence,
+    ) -> Result<u64, ViewError> {
+        Ok(self.lock().dead.resolve(feed, subject, through))
+    }
+
+    async fn discard_dead_letter(&self, feed: &FeedId, id: u64) -> Result<bool, ViewError> {
+        Ok(self.lock().dead.discard(feed, id))
     }
 }
 

@@ -7,6 +7,7 @@ use tokio::sync::{Mutex, MutexGuard};
 use tokio_postgres::{Client, NoTls, Transaction};
 
 use crate::IntegrationEvent;
+use crate::dead::{DEAD_LETTERS_MAX, DeadLetter, DeadLetterKind, NewDeadLetter};
 use crate::view::{Applied, ViewError, ViewStore, check_contiguous, check_mark};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -105,6 +106,9 @@ impl<H: PgHandler> PgView<H> {
             ))
             .await
             .map_err(backend)?;
+            tx.batch_execute(DEAD_LETTERS_TABLE)
+                .await
+                .map_err(backend)?;
             tx.batch_execute(setup).await.map_err(backend)?;
             tx.commit().await.map_err(backend)?;
         }
@@ -321,4 +325,153 @@ impl<H: PgHandler> ViewStore for PgView<H> {
         .map_err(backend)?;
         Ok(())
     }
+
+    // --- Dead letters ---
+
+    async fn record_dead_letter(&self, letter: &NewDeadLetter) -> Result<u64, ViewError> {
+        let mut guard = self.client().await?;
+        let client = guard.as_mut().ok_or_else(lost)?;
+        let tx = client.transaction().await.map_err(backend)?;
+        let feed = letter.feed.to_string();
+        let row = tx
+            .query_one(
+                "INSERT INTO headwater_dead_letters (feed, subject, sequence, event_id, kind,
+                     reason, transport, body, first_at_ms, last_at_ms, count)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, 1)
+                 ON CONFLICT (feed, subject, sequence) DO UPDATE SET
+                     reason = excluded.reason, transport = excluded.transport,
+                     body = coalesce(excluded.body, headwater_dead_letters.body),
+                     last_at_ms = excluded.last_at_ms,
+                     count = headwater_dead_letters.count + 1
+                 RETURNING id",
+                &[
+                    &feed,
+                    &letter.subject.as_ref().map(Subject::as_str),
+                    &letter
+                        .sequence
+                        .map(|s| i64::try_from(s.get()).unwrap_or(i64::MAX)),
+                    &letter.event_id,
+                    &letter.kind.as_str(),
+                    &letter.reason,
+                    &letter.transport,
+                    &letter.body,
+                    &i64::try_from(letter.at_ms).unwrap_or(i64::MAX),
+                ],
+            )
+            .await
+            .map_err(backend)?;
+        tx.execute(
+            "DELETE FROM headwater_dead_letters WHERE feed = $1 AND id <= (
+                 SELECT id FROM headwater_dead_letters WHERE feed = $1
+                 ORDER BY id DESC LIMIT 1 OFFSET $2)",
+            &[&feed, &i64::try_from(DEAD_LETTERS_MAX).unwrap_or(i64::MAX)],
+        )
+        .await
+        .map_err(backend)?;
+        tx.commit().await.map_err(backend)?;
+        Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+    }
+
+    async fn dead_letters(
+        &self,
+        feed: &FeedId,
+        after: u64,
+        limit: u64,
+    ) -> Result<Vec<DeadLetter>, ViewError> {
+        let guard = self.client().await?;
+        let client = guard.as_ref().ok_or_else(lost)?;
+        let rows = client
+            .query(
+                "SELECT id, subject, sequence, event_id, kind, reason, transport, body,
+                     first_at_ms, last_at_ms, count
+                 FROM headwater_dead_letters WHERE feed = $1 AND id > $2 ORDER BY id LIMIT $3",
+                &[
+                    &feed.to_string(),
+                    &i64::try_from(after).unwrap_or(i64::MAX),
+                    &i64::try_from(limit).unwrap_or(i64::MAX),
+                ],
+            )
+            .await
+            .map_err(backend)?;
+        let unsigned = |v: i64| u64::try_from(v).unwrap_or(0);
+        rows.iter()
+            .map(|row| {
+                let kind: String = row.get(4);
+                Ok(DeadLetter {
+                    id: unsigned(row.get(0)),
+                    feed: feed.clone(),
+                    subject: row
+                        .get::<_, Option<String>>(1)
+                        .map(Subject::new)
+                        .transpose()
+                        .map_err(|e| ViewError::Backend(Box::new(e)))?,
+                    sequence: row.get::<_, Option<i64>>(2).map(|s| Sequence(unsigned(s))),
+                    event_id: row.get(3),
+                    kind: DeadLetterKind::parse(&kind).ok_or_else(|| {
+                        ViewError::Backend(format!("a dead letter of unknown kind {kind:?}").into())
+                    })?,
+                    reason: row.get(5),
+                    transport: row.get(6),
+                    body: row.get(7),
+                    first_at_ms: unsigned(row.get(8)),
+                    last_at_ms: unsigned(row.get(9)),
+                    count: unsigned(row.get(10)),
+                })
+            })
+            .collect()
+    }
+
+    async fn resolve_dead_letters(
+        &self,
+        feed: &FeedId,
+        subject: &Subject,
+        through: Sequence,
+    ) -> Result<u64, ViewError> {
+        let guard = self.client().await?;
+        let client = guard.as_ref().ok_or_else(lost)?;
+        client
+            .execute(
+                "DELETE FROM headwater_dead_letters
+                 WHERE feed = $1 AND subject = $2 AND sequence <= $3",
+                &[
+                    &feed.to_string(),
+                    &subject.as_str(),
+                    &i64::try_from(through.get()).unwrap_or(i64::MAX),
+                ],
+            )
+            .await
+            .map_err(backend)
+    }
+
+    async fn discard_dead_letter(&self, feed: &FeedId, id: u64) -> Result<bool, ViewError> {
+        let guard = self.client().await?;
+        let client = guard.as_ref().ok_or_else(lost)?;
+        let removed = client
+            .execute(
+                "DELETE FROM headwater_dead_letters WHERE feed = $1 AND id = $2",
+                &[&feed.to_string(), &i64::try_from(id).unwrap_or(i64::MAX)],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(removed > 0)
+    }
 }
+
+// --- Dead letters ---
+
+/// The dead letters, beside the cursors (`ViewStore::record_dead_letter`).
+const DEAD_LETTERS_TABLE: &str = "CREATE TABLE IF NOT EXISTS headwater_dead_letters (
+    id BIGSERIAL PRIMARY KEY,
+    feed TEXT NOT NULL,
+    subject TEXT COLLATE \"C\",
+    sequence BIGINT,
+    event_id TEXT,
+    kind TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    transport TEXT NOT NULL,
+    body BYTEA,
+    first_at_ms BIGINT NOT NULL,
+    last_at_ms BIGINT NOT NULL,
+    count BIGINT NOT NULL,
+    UNIQUE (feed, subject, sequence));
+CREATE INDEX IF NOT EXISTS headwater_dead_letters_feed ON headwater_dead_letters (feed, id);";

@@ -4,6 +4,7 @@ use async_trait::async_trait;
 use headwater_core::{FeedId, Sequence, Subject};
 
 use crate::IntegrationEvent;
+use crate::dead::{DeadLetter, NewDeadLetter};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -111,6 +112,42 @@ pub trait ViewStore: Send + Sync + 'static {
     /// # Durability
     /// On `Ok`, the mark is durable (one transaction of its own), as the backend documents.
     async fn set_mark(&self, key: &str, value: Option<&str>) -> Result<(), ViewError>;
+
+    // --- Dead letters (src/dead.rs; docs/design/consumer.md, "Dead letters") ---
+
+    /// Records a dead letter and returns its id. Idempotent per (feed, subject, sequence): a
+    /// letter of a subject and sequence that is already open is updated (reason, transport,
+    /// body when given, last time, count + 1), not added. A feed keeps at most
+    /// [`crate::DEAD_LETTERS_MAX`] letters: recording one more drops the oldest.
+    ///
+    /// # Durability
+    /// On `Ok`, the letter is durable as an apply is.
+    ///
+    /// # Cancel safety
+    /// Dropping the future may still record it (one transaction).
+    async fn record_dead_letter(&self, letter: &NewDeadLetter) -> Result<u64, ViewError>;
+
+    /// The feed's open dead letters with an id above `after`, in id order, at most `limit`.
+    async fn dead_letters(
+        &self,
+        feed: &FeedId,
+        after: u64,
+        limit: u64,
+    ) -> Result<Vec<DeadLetter>, ViewError>;
+
+    /// Resolves (removes) `subject`'s dead letters at or below `through`; returns how many.
+    ///
+    /// # Durability
+    /// As [`ViewStore::record_dead_letter`].
+    async fn resolve_dead_letters(
+        &self,
+        feed: &FeedId,
+        subject: &Subject,
+        through: Sequence,
+    ) -> Result<u64, ViewError>;
+
+    /// Removes the dead letter `id` of `feed` (the operator dealt with it); whether it was there.
+    async fn discard_dead_letter(&self, feed: &FeedId, id: u64) -> Result<bool, ViewError>;
 }
 
 /// The longest key of a mark, in bytes.

@@ -364,8 +364,16 @@ async fn walk<V: ViewStore, U: Upstream>(
                 on(Step::Request);
             }
             match caught {
-                Ok(applied) => tally.applied += applied,
+                Ok(applied) => {
+                    tally.applied += applied;
+                    // Dead letters (src/dead.rs): a parked subject caught up is resolved.
+                    consumer.resolve_parked(&head.subject).await?;
+                }
                 Err(error) if fails_one_subject(&error) => {
+                    // Dead letters: the subject is parked with the reason, for the operator.
+                    consumer
+                        .dead_letter_catch_up(&head.subject, &error, "walk")
+                        .await?;
                     tally.failed += 1;
                     on(Step::Failed(&head.subject));
                     if tally.failed <= FAILURES_LOGGED_MAX {

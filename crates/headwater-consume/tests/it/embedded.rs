@@ -16,7 +16,7 @@ fn feed() -> FeedId {
 
 /// A view with a table `applied(subject, sequence)`; the handler refuses an event that is not the
 /// subject's next, and one whose data says `"fail": true`.
-fn open(dir: &std::path::Path) -> EmbeddedView {
+pub(crate) fn open(dir: &std::path::Path) -> EmbeddedView {
     EmbeddedView::open(
         dir.join("view.sqlite3"),
         |tx| {

@@ -1,7 +1,10 @@
 //! The integration tests of `headwater-consume`, in one binary.
 
+mod amqp;
+mod broker_kit;
 mod client;
 mod consumer;
+mod dead;
 mod embedded;
 mod postgres;
 mod processes;

@@ -22,7 +22,7 @@ fn feed() -> FeedId {
 
 /// A table `applied(subject, sequence)`; the handler refuses an event that is not the subject's
 /// next, and one whose data says `"fail"`.
-struct Applier;
+pub(crate) struct Applier;
 
 #[async_trait]
 impl PgHandler for Applier {
@@ -50,20 +50,20 @@ impl PgHandler for Applier {
 }
 
 /// A schema of the test's own, dropped at the end.
-struct Schema {
+pub(crate) struct Schema {
     url: String,
     name: String,
 }
 
 impl Schema {
-    fn new() -> Schema {
+    pub(crate) fn new() -> Schema {
         Schema {
             url: headwater_testkit::postgres::url(),
             name: headwater_testkit::postgres::fresh_schema(),
         }
     }
 
-    async fn open(&self) -> PgView<Applier> {
+    pub(crate) async fn open(&self) -> PgView<Applier> {
         PgView::connect(
             &self.url,
             &self.name,
