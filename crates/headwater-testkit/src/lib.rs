@@ -6,10 +6,13 @@
 //!
 //! [`broker`]: private RabbitMQ and NATS processes a test stops, kills and starts again.
 //!
+//! [`http`]: a plain GET to a feed API, independent of the client under test.
+//!
 //! [`postgres`]: the test server's URL and schemas of a test's own, dropped at its end.
 //!
 //! Architecture invariant: nothing here is linked into a library or a binary users run.
 
 pub mod broker;
+pub mod http;
 pub mod postgres;
 pub mod process;

@@ -29,7 +29,7 @@ const CALLERS_PER_SUBJECT: usize = 8;
 /// Events the consumer asks per page: a bootstrap takes several.
 const PAGE_EVENTS: u64 = 100;
 /// What the proxy adds to every request, in milliseconds: a slow network.
-const PROXY_DELAY_MILLIS: u64 = 50;
+const PROXY_DELAY_MILLIS: u64 = 100;
 /// The request metric of the producer's subject reads.
 const SUBJECT_ROUTE: &str = "route=\"/feeds/{name}/{version}/subjects/{subject}\"";
 

@@ -324,34 +324,7 @@ impl Producer {
 
 /// `GET path` on the feed API at `api` with the token: the status code and the body.
 pub(crate) fn http_get(api: SocketAddr, path: &str) -> (u16, Vec<u8>) {
-    use std::io::{Read, Write};
-    let mut socket = std::net::TcpStream::connect(api).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_secs(START_TIMEOUT_SECS)))
-        .unwrap();
-    write!(
-        socket,
-        "GET {path} HTTP/1.1\r\nHost: {api}\r\nAuthorization: Bearer {TOKEN}\r\n\
-         Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = Vec::new();
-    socket.read_to_end(&mut response).unwrap();
-    let split = response
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("an HTTP response with a head");
-    let head = String::from_utf8_lossy(&response[..split]).to_ascii_lowercase();
-    assert!(
-        !head.contains("transfer-encoding: chunked"),
-        "a chunked response: {head}"
-    );
-    let code = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status code in {head:?}"));
-    (code, response[split + 4..].to_vec())
+    headwater_testkit::http::get(api, path, TOKEN)
 }
 
 /// `GET path`, which must answer 200 with a JSON array.
