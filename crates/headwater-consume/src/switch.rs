@@ -37,6 +37,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use headwater_core::{FeedId, FeedStatus, FeedVersion};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -230,6 +233,17 @@ impl<V: ViewStore, U: Upstream> ActiveFeed<V, U> {
         self.active.borrow().feed().clone()
     }
 
+    /// Waits until the active version changes (a flip since this handle last looked) and returns
+    /// the new one; `None` when the [`VersionedConsumer`] is gone. For what is bound to one
+    /// version's consumer — a `Walker`, a metrics view — and must follow the flip.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn changed(&mut self) -> Option<FeedId> {
+        self.active.changed().await.ok()?;
+        Some(self.active.borrow_and_update().feed().clone())
+    }
+
     /// Waits until the active version is `feed` (returns at once if it is).
     ///
     /// # Cancel safety
@@ -250,7 +264,19 @@ pub struct VersionedConsumer<V, U> {
     options: SwitchOptions,
     active: watch::Sender<Arc<Consumer<V, U>>>,
     target: watch::Sender<FeedId>,
+    /// The consumer of the version being (or last) moved to: made once per version, so its
+    /// counters and registered metrics carry over a stopped and resumed move.
+    prepared: std::sync::Mutex<Option<Arc<Consumer<V, U>>>>,
     status: watch::Sender<SwitchStatus>,
+    metrics: SwitchMetrics,
+}
+
+/// The switch's metrics (`headwater_consumer_…`, labelled with the consumer's name).
+#[derive(Debug, Default)]
+struct SwitchMetrics {
+    switches: Counter,
+    active_version: Gauge,
+    moving: Gauge,
 }
 
 impl<V, U> std::fmt::Debug for VersionedConsumer<V, U> {
@@ -304,12 +330,18 @@ impl<V: ViewStore, U: Upstream> VersionedConsumer<V, U> {
                 active
             }
         };
-        let consumer = Arc::new(Consumer::new(
-            active.clone(),
-            Arc::clone(&view),
-            Arc::clone(&upstream),
-            options.consumer.clone(),
-        ));
+        let make = |feed: &FeedId| {
+            Arc::new(Consumer::new(
+                feed.clone(),
+                Arc::clone(&view),
+                Arc::clone(&upstream),
+                options.consumer.clone(),
+            ))
+        };
+        let consumer = make(&active);
+        let prepared = (active != feed).then(|| make(&feed));
+        let metrics = SwitchMetrics::default();
+        metrics.active_version.set(i64::from(active.version.get()));
         let status = SwitchStatus {
             consumer: name.to_owned(),
             active: active.to_string(),
@@ -328,7 +360,9 @@ impl<V: ViewStore, U: Upstream> VersionedConsumer<V, U> {
             options,
             active: watch::channel(consumer).0,
             target: watch::channel(feed).0,
+            prepared: std::sync::Mutex::new(prepared),
             status: watch::channel(status).0,
+            metrics,
         })
     }
 
@@ -361,6 +395,61 @@ impl<V: ViewStore, U: Upstream> VersionedConsumer<V, U> {
     /// What it is doing.
     pub fn status(&self) -> SwitchStatus {
         self.status.borrow().clone()
+    }
+
+    /// Registers the metrics into `registry`: the switch's own, labelled with the consumer's
+    /// name — `headwater_consumer_switches_total` (flips), `headwater_consumer_active_version`,
+    /// `headwater_consumer_switch_moving` (1 while a move is under way) — and those of the
+    /// active version's [`Consumer`] and, when a move is asked for at open, of the target's
+    /// (labelled by feed: [`Consumer::register_metrics`]). A consumer made later (a move to a
+    /// successor asked for while running) is not registered. Register once.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        let r = registry
+            .sub_registry_with_prefix("headwater_consumer")
+            .sub_registry_with_label(("consumer".into(), self.name.clone().into()));
+        r.register(
+            "switches",
+            "Flips of the active feed version",
+            self.metrics.switches.clone(),
+        );
+        r.register(
+            "active_version",
+            "The feed version readers read",
+            self.metrics.active_version.clone(),
+        );
+        r.register(
+            "switch_moving",
+            "1 while a new feed version is built beside the active one",
+            self.metrics.moving.clone(),
+        );
+        let active = Arc::clone(&self.active.borrow());
+        active.register_metrics(registry);
+        let prepared = self
+            .prepared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(prepared) = prepared.filter(|p| p.feed() != active.feed()) {
+            prepared.register_metrics(registry);
+        }
+    }
+
+    /// The consumer of `feed` for a move: the one made before for it, or a new one.
+    fn consumer_for(&self, feed: &FeedId) -> Arc<Consumer<V, U>> {
+        let mut prepared = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
+        match &*prepared {
+            Some(consumer) if consumer.feed() == feed => Arc::clone(consumer),
+            _ => {
+                let consumer = Arc::new(Consumer::new(
+                    feed.clone(),
+                    Arc::clone(&self.view),
+                    Arc::clone(&self.upstream),
+                    self.options.consumer.clone(),
+                ));
+                *prepared = Some(Arc::clone(&consumer));
+                consumer
+            }
+        }
     }
 
     /// What it is doing, as it changes.
@@ -472,13 +561,10 @@ impl<V: ViewStore, U: Upstream> VersionedConsumer<V, U> {
         mut stop: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
     ) -> Result<(), SwitchError> {
         tracing::info!(consumer = %self.name, from = %active.feed(), to = %target, "moving to another feed version; the active one keeps serving");
+        self.metrics.moving.set(1);
+        let _moving = Moving(&self.metrics.moving);
         let old = Transport::spawn(Arc::clone(active), self.options.feed_wait);
-        let new_consumer = Arc::new(Consumer::new(
-            target.clone(),
-            Arc::clone(&self.view),
-            Arc::clone(&self.upstream),
-            self.options.consumer.clone(),
-        ));
+        let new_consumer = self.consumer_for(target);
 
         // 1. The target must be live: a backfilling version does not hold the whole history yet.
         self.status
@@ -568,11 +654,16 @@ impl<V: ViewStore, U: Upstream> VersionedConsumer<V, U> {
         self.view
             .set_mark(&self.mark, Some(&target.to_string()))
             .await?;
-        self.active.send_replace(new_consumer);
+        self.metrics.switches.inc();
+        self.metrics
+            .active_version
+            .set(i64::from(target.version.get()));
         self.status.send_modify(|s| {
             s.active = target.to_string();
             s.switches += 1;
         });
+        self.active.send_replace(new_consumer);
+        self.metrics.moving.set(0);
         tracing::info!(consumer = %self.name, from = %active.feed(), to = %target, "switched: readers read the new version");
 
         // 6. The old version is no longer read; the new one's transport is restarted by `run`.
@@ -646,6 +737,15 @@ async fn earlier_version_held<V: ViewStore + ?Sized>(
         }
     }
     Ok(None)
+}
+
+/// Sets the `moving` gauge back to 0 however a move ends.
+struct Moving<'a>(&'a Gauge);
+
+impl Drop for Moving<'_> {
+    fn drop(&mut self) {
+        self.0.set(0);
+    }
 }
 
 /// A version's HTTP feed transport on a task of its own, stopped when asked or dropped.

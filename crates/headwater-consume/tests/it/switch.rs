@@ -892,11 +892,29 @@ async fn a_crash_before_the_flip_keeps_v1_active_and_the_build_resumes() {
     assert!(view.feed_position(&v2()).await.unwrap() > 0);
     let consumer = open_consumer(&producer, &view, v2()).await;
     assert_eq!(consumer.active().feed(), v1());
+    let mut registry = prometheus_client::registry::Registry::default();
+    consumer.register_metrics(&mut registry);
     check_rows(&v1(), &read_view(&view, &v1()).await, &producer.history()).unwrap();
+    let mut changes = consumer.active();
     let running = run(&consumer);
-    tokio::time::timeout(PROMPT, consumer.active().wait_for(&v2()))
+    let changed = tokio::time::timeout(PROMPT, changes.changed())
         .await
         .expect("the resumed move did not switch");
+    assert_eq!(changed, Some(v2()));
+    assert_eq!(consumer.active().feed(), v2());
+    let mut metrics = String::new();
+    prometheus_client::encoding::text::encode(&mut metrics, &registry).unwrap();
+    for line in [
+        r#"headwater_consumer_switches_total{consumer="statements"} 1"#,
+        r#"headwater_consumer_active_version{consumer="statements"} 2"#,
+        r#"headwater_consumer_switch_moving{consumer="statements"} 0"#,
+    ] {
+        assert!(metrics.contains(line), "{line} not in {metrics}");
+    }
+    for feed in ["accounts.v1", "accounts.v2"] {
+        let applied = format!(r#"headwater_consumer_events_applied_total{{feed="{feed}"}} "#);
+        assert!(metrics.contains(&applied), "{applied} not in {metrics}");
+    }
     for (subject, sequence) in built {
         assert!(view.cursor(&v2(), &subject).await.unwrap() >= sequence);
     }
