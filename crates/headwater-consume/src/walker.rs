@@ -43,7 +43,7 @@ pub use admin::{RECONSTITUTE_ROUTE, WalkControl, WalkerNotRunning, walker_router
 use pace::Pace;
 
 use crate::consumer::{ConsumeError, Consumer, Reconstitution};
-use crate::upstream::{Upstream, UpstreamError};
+use crate::upstream::{SubjectHead, Upstream, UpstreamError};
 use crate::view::{ViewError, ViewStore};
 
 /// Upstream requests per second a walker makes by default: listing pages and subject pages.
@@ -359,7 +359,7 @@ async fn walk<V: ViewStore, U: Upstream>(
             }
             tally.behind += 1;
             on(Step::Behind(&head.subject));
-            let caught = catch_up(consumer, &head.subject, plan.pace, &requests, on).await;
+            let caught = catch_up(consumer, head, plan.pace, &requests, on).await;
             for _ in 0..requests.swap(0, Ordering::Relaxed) {
                 on(Step::Request);
             }
@@ -445,12 +445,13 @@ async fn local_cursors<V: ViewStore, U: Upstream>(
 /// deliveries of the subject go on meanwhile (the view store skips what they applied first).
 async fn catch_up<V: ViewStore, U: Upstream>(
     consumer: &Consumer<V, U>,
-    subject: &Subject,
+    head: &SubjectHead,
     pace: Option<&Pace>,
     requests: &AtomicU64,
     on: &mut (dyn FnMut(Step<'_>) + Send),
 ) -> Result<u64, ConsumeError> {
     let feed = consumer.feed();
+    let subject = &head.subject;
     let limit = consumer.options().page_events;
     let mut cursor = consumer.view().cursor(feed, subject).await?;
     let mut applied = 0;
@@ -469,6 +470,17 @@ async fn catch_up<V: ViewStore, U: Upstream>(
             .await?;
         consumer.check_page(subject, cursor, &page)?;
         let Some(last) = page.last().map(|e| e.sequence) else {
+            if cursor < head.sequence {
+                // The listing said more than the subject's events hold.
+                return Err(ConsumeError::Inconsistent {
+                    subject: subject.clone(),
+                    detail: format!(
+                        "listed with its head at #{}, but its events end at #{}",
+                        head.sequence.get(),
+                        cursor.get()
+                    ),
+                });
+            }
             return Ok(applied);
         };
         let done = {

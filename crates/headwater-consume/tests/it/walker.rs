@@ -66,6 +66,8 @@ struct Probe {
     fail_listing_from: AtomicU64,
     /// This subject's pages lose their first event (upstream inconsistent).
     garbled: Mutex<Option<String>>,
+    /// This subject's reads answer nothing, though the listing shows its head.
+    silent: Mutex<Option<String>>,
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
 }
@@ -107,6 +109,9 @@ impl Upstream for Probe {
         let mut page = self.inner.read_subject(feed, subject, after, limit).await?;
         if self.garbled.lock().unwrap().as_deref() == Some(subject.as_str()) && !page.is_empty() {
             page.remove(0);
+        }
+        if self.silent.lock().unwrap().as_deref() == Some(subject.as_str()) {
+            page.clear();
         }
         Ok(page)
     }
@@ -400,8 +405,9 @@ async fn a_failing_subject_does_not_stop_the_walk() {
     let probe = Arc::new(Probe::default());
     produce(&probe, 20, 2);
     // acc-005: the view's handler refuses its events; acc-007: the producer answers it with a
-    // hole.
+    // hole; acc-011: the producer lists it but answers none of its events.
     *probe.garbled.lock().unwrap() = Some("acc-007".into());
+    *probe.silent.lock().unwrap() = Some("acc-011".into());
     let view = view(&["acc-005"]);
     let walker = walker(
         &view,
@@ -412,11 +418,11 @@ async fn a_failing_subject_does_not_stop_the_walk() {
     assert_eq!(report.state, WalkState::Finished);
     assert_eq!(
         (report.listed, report.behind, report.applied, report.failed),
-        (20, 20, 36, 2)
+        (20, 20, 34, 3)
     );
     assert_eq!(
         view.read(Clone::clone),
-        complete(20, 2, &["acc-005", "acc-007"])
+        complete(20, 2, &["acc-005", "acc-007", "acc-011"])
     );
     assert_eq!(view.mark("walk/accounts.v1").await.unwrap(), None);
 
@@ -427,7 +433,7 @@ async fn a_failing_subject_does_not_stop_the_walk() {
     assert!(error.to_string().contains("acc-005"), "{error}");
     assert_eq!(
         fresh.read(Clone::clone),
-        complete(20, 2, &["acc-005", "acc-007"])
+        complete(20, 2, &["acc-005", "acc-007", "acc-011"])
     );
 }
 
@@ -626,4 +632,60 @@ async fn admin_routes_start_a_walk_and_show_its_progress() {
         "https://headwater.dev/problems/method-not-allowed"
     );
     runner.abort();
+}
+
+#[tokio::test]
+async fn a_walk_resumes_from_the_mark_in_a_reopened_embedded_view() {
+    use headwater_consume::EmbeddedView;
+    let dir = tempfile::tempdir().unwrap();
+    let open = || {
+        Arc::new(
+            EmbeddedView::open(
+                dir.path().join("view.sqlite3"),
+                |tx| {
+                    tx.execute_batch(
+                        "CREATE TABLE IF NOT EXISTS seen (subject TEXT, sequence INTEGER)",
+                    )
+                },
+                |tx, e: &IntegrationEvent| {
+                    tx.execute(
+                        "INSERT INTO seen (subject, sequence) VALUES (?1, ?2)",
+                        rusqlite::params![e.subject.as_str(), e.sequence.get() as i64],
+                    )?;
+                    Ok(())
+                },
+            )
+            .unwrap(),
+        )
+    };
+    let probe = Arc::new(Probe::default());
+    produce(&probe, 50, 2);
+    probe.fail_listing_from.store(3, Ordering::SeqCst);
+    let options = ConsumerOptions::default().with_heal_attempts(1);
+    let walker_on = |view: &Arc<EmbeddedView>| {
+        Walker::new(
+            Arc::new(Consumer::new(
+                feed(),
+                Arc::clone(view),
+                Arc::clone(&probe),
+                options.clone(),
+            )),
+            WalkerOptions::default().unpaced().with_page_subjects(10),
+        )
+    };
+    let view = open();
+    walker_on(&view).walk().await.unwrap_err();
+    drop(view);
+
+    probe.fail_listing_from.store(0, Ordering::SeqCst);
+    let view = open();
+    let report = walker_on(&view).walk().await.unwrap();
+    assert_eq!(report.resumed_after.as_deref(), Some("acc-019"));
+    assert_eq!((report.listed, report.behind, report.applied), (30, 30, 60));
+    let rows: i64 = view
+        .read(|c| c.query_row("SELECT count(*) FROM seen", [], |row| row.get(0)))
+        .await
+        .unwrap();
+    assert_eq!(rows, 100, "every event once");
+    assert_eq!(view.mark("walk/accounts.v1").await.unwrap(), None);
 }
