@@ -3,8 +3,7 @@
 //! (`PgView`) — with `Consumer::follow_feed` over `FeedClient`, and beside it a lossy path that
 //! delivers the newest events with drops, duplicates and swaps, so that gaps are healed all the
 //! time. Or it walks: reconstitutes again and again (killed in the middle of walks); or, in its
-//! last run, it reconstitutes once. The parent kills it, restarts it, and reads
-//! its view.
+//! last run, it reconstitutes once. The parent kills it, restarts it, and reads its view.
 //!
 //! The view records what the handler did, so that "exactly once" can be checked: `applied` gets
 //! a row per handled event (no key: an event handled twice leaves two rows), and `totals` per
@@ -58,15 +57,19 @@ const LOSSY_DROP_PERCENT: u32 = 30;
 const LOSSY_DUPLICATE_PERCENT: u32 = 10;
 /// … and swaps this many percent with their neighbour.
 const LOSSY_SWAP_PERCENT: u32 = 20;
+/// The lossy path asks again this long after the producer did not answer.
+const RETRY_AFTER: Duration = Duration::from_millis(50);
 
 /// The view's tables.
 const SQLITE_SETUP: &str = "
-    CREATE TABLE IF NOT EXISTS applied (subject TEXT NOT NULL, sequence INTEGER NOT NULL, id TEXT NOT NULL);
+    CREATE TABLE IF NOT EXISTS applied (
+        subject TEXT NOT NULL, sequence INTEGER NOT NULL, id TEXT NOT NULL);
     CREATE TABLE IF NOT EXISTS totals (
         subject TEXT PRIMARY KEY, applied INTEGER NOT NULL, last_sequence INTEGER NOT NULL,
         checksum INTEGER NOT NULL) WITHOUT ROWID";
 const POSTGRES_SETUP: &str = "
-    CREATE TABLE IF NOT EXISTS applied (subject TEXT NOT NULL, sequence BIGINT NOT NULL, id TEXT NOT NULL);
+    CREATE TABLE IF NOT EXISTS applied (
+        subject TEXT NOT NULL, sequence BIGINT NOT NULL, id TEXT NOT NULL);
     CREATE TABLE IF NOT EXISTS totals (
         subject TEXT PRIMARY KEY, applied BIGINT NOT NULL, last_sequence BIGINT NOT NULL,
         checksum BIGINT NOT NULL)";
@@ -124,10 +127,15 @@ pub(crate) fn open_embedded(path: &std::path::Path) -> EmbeddedView {
                 .optional()?;
             let sum = checksum(previous.map_or(CHECKSUM_START, from_stored), &id);
             tx.execute(
-                "INSERT INTO totals (subject, applied, last_sequence, checksum) VALUES (?1, 1, ?2, ?3)
+                "INSERT INTO totals (subject, applied, last_sequence, checksum)
+                 VALUES (?1, 1, ?2, ?3)
                  ON CONFLICT (subject) DO UPDATE SET applied = applied + 1,
                      last_sequence = excluded.last_sequence, checksum = excluded.checksum",
-                params![e.subject.as_str(), as_stored(e.sequence.get()), as_stored(sum)],
+                params![
+                    e.subject.as_str(),
+                    as_stored(e.sequence.get()),
+                    as_stored(sum)
+                ],
             )?;
             Ok(())
         },
@@ -191,8 +199,8 @@ fn options() -> ConsumerOptions {
 
 /// The child: opens the view, then either follows the feed (and runs the lossy path) or walks,
 /// saying `READY` and a `STATUS …` line every [`STATUS_INTERVAL_MILLIS`]; or it reconstitutes
-/// once and says `RECONSTITUTED …`. On any error it says `FAILED …`. It runs until killed. Does nothing in a
-/// normal test run.
+/// once and says `RECONSTITUTED …`. On any error it says `FAILED …`. It runs until killed. Does
+/// nothing in a normal test run.
 #[test]
 fn child_consumer() {
     let Some(api) = std::env::var_os(API_ENV) else {
@@ -300,7 +308,7 @@ async fn lossy<V: ViewStore>(
             Ok(feeds) => {
                 break feeds.iter().find(|f| f.feed == feed).map_or(0, |f| f.head);
             }
-            Err(e) if e.is_transient() => {}
+            Err(e) if e.is_transient() => tokio::time::sleep(RETRY_AFTER).await,
             Err(e) => return Err(e.to_string()),
         }
     };
@@ -315,7 +323,10 @@ async fn lossy<V: ViewStore>(
             .await
         {
             Ok(page) => page,
-            Err(e) if e.is_transient() => continue,
+            Err(e) if e.is_transient() => {
+                tokio::time::sleep(RETRY_AFTER).await;
+                continue;
+            }
             Err(e) => return Err(e.to_string()),
         };
         let Some(last) = page.last() else {
@@ -594,7 +605,8 @@ fn describe(sequences: &[u64], cursor: u64) -> String {
     }
     let beyond: Vec<u64> = seen.keys().filter(|s| **s > cursor).copied().collect();
     format!(
-        "{} handled; applied more than once: {twice:?}; missing: {missing:?}; beyond the cursor: {beyond:?}",
+        "{} handled; applied more than once: {twice:?}; missing: {missing:?}; \
+         beyond the cursor: {beyond:?}",
         sequences.len()
     )
 }

@@ -1,9 +1,9 @@
 //! G7 under `kill -9`: a consumer process following a busy producer (the HTTP feed, plus a lossy
 //! path whose gaps it heals) or walking it (reconstitution after reconstitution) is killed with
-//! SIGKILL at random moments and started again, at least 20 times; after every kill its view holds each
-//! subject's events 1 ..= cursor exactly once; at the end, once the producer stops appending and
-//! the consumer has reconstituted, its view equals the producer's feed read over HTTP — every
-//! subject's events applied exactly once, in order (same checksum of their ids).
+//! SIGKILL at random moments and started again, at least 20 times; after every kill its view
+//! holds each subject's events 1 ..= cursor exactly once; at the end, once the producer stops
+//! appending and the consumer has reconstituted, its view equals the producer's feed read over
+//! HTTP — every subject's events applied exactly once, in order (same checksum of their ids).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -68,7 +68,7 @@ fn crash_loop(view: &ViewAt, workload: Workload, cycles: usize) {
         let kill_after = Duration::from_millis(rng.random_range(KILL_AFTER_MILLIS));
         consumer.run_until(Instant::now() + kill_after);
         let status = consumer.kill();
-        let feed_head = producer.status().map_or(0, |s| s.feed);
+        let feed_head = producer.status().feed;
         handled += status.applied;
         gaps += status.gaps;
         healed += status.healed;
@@ -102,10 +102,11 @@ fn crash_loop(view: &ViewAt, workload: Workload, cycles: usize) {
     let applied = check_consistent(&state, "after reconstitution");
     let held: u64 = before.values().sum();
     eprintln!(
-        "{cycles} kills ({walks} of walking consumers) in {loop_secs:.1} s: the feed grew to {} events over {} subjects; {progressed} \
-         cycles moved the view, {behind} kills caught the consumer behind the producer; the \
-         consumers applied {handled} events, saw {gaps} gaps, healed {healed} events, skipped {duplicates} duplicates; \
-         the view held {held} events at the last kill; {walk}",
+        "{cycles} kills ({walks} of walking consumers) in {loop_secs:.1} s: the feed grew to {} \
+         events over {} subjects; {progressed} cycles moved the view, {behind} kills caught the \
+         consumer behind the producer; the consumers applied {handled} events, saw {gaps} gaps, \
+         healed {healed} events, skipped {duplicates} duplicates; the view held {held} events at \
+         the last kill; {walk}",
         stopped.feed,
         expected.len(),
     );

@@ -209,7 +209,7 @@ fn child_producer() {
 }
 
 /// What a `STATUS` line says.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Status {
     /// Appenders still appending.
     pub(crate) appenders: u64,
@@ -257,6 +257,8 @@ pub(crate) struct Producer {
     dir: PathBuf,
     /// The feed API's address.
     pub(crate) api: SocketAddr,
+    /// The last status it reported.
+    last: Status,
 }
 
 impl Producer {
@@ -284,6 +286,7 @@ impl Producer {
             child,
             dir: dir.to_owned(),
             api,
+            last: Status::default(),
         }
     }
 
@@ -307,13 +310,12 @@ impl Producer {
         }
     }
 
-    /// Drains the status lines written so far; returns the last one.
-    pub(crate) fn status(&mut self) -> Option<Status> {
-        let mut last = None;
+    /// Drains the status lines written so far; returns the last one it reported.
+    pub(crate) fn status(&mut self) -> Status {
         while let Some(line) = self.child.line_before(Instant::now()) {
-            last = Status::parse(&line).or(last);
+            self.last = Status::parse(&line).unwrap_or(self.last);
         }
-        last
+        self.last
     }
 
     /// SIGKILLs it.
