@@ -5,6 +5,7 @@
 //! - `system`: the machine and the process's memory, from `/proc`;
 //! - `report`: the figures beside their comparisons, as a markdown table and as JSON.
 
+mod consume;
 mod feeds;
 mod fsync;
 mod postgres;
@@ -58,7 +59,7 @@ pub(crate) struct BenchArgs {
     /// The PostgreSQL server of `--backend postgres` (`postgres://USER@HOST:PORT/DB`). Each run
     /// uses a fresh schema `headwater_bench_<random>`, dropped at its end unless `--keep`.
     /// Put `--dir` on the disk of the server's data directory, so that the fsync bound is that
-    /// disk's.
+    /// disk's. With `--suite consume`, the server of the `PgView` figures (any backend).
     #[arg(long, value_name = "URL", required_if_eq("backend", "postgres"))]
     postgres: Option<String>,
 
@@ -118,7 +119,10 @@ pub(crate) struct BenchArgs {
     /// `feeds` (backfill of a new projection version while appends go on, feed reads over HTTP
     /// with 1 and 16 clients, long-poll wake-up from append to answer) and `publish` (to the
     /// brokers of `--amqp` and `--nats`: the broker's raw publish-with-confirm rate, the
-    /// publisher's throughput and the append → broker latency; not a default: it needs a broker).
+    /// publisher's throughput and the append → broker latency; not a default: it needs a broker)
+    /// and `consume` (the consumer: apply rates of its view stores beside the backend's raw
+    /// commits, heal latency, append → applied through the HTTP feed, reconstitution walk rate;
+    /// its producer is always an embedded store in the working directory).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Suite::Store, Suite::Feeds])]
     suite: Vec<Suite>,
 
@@ -137,6 +141,11 @@ pub(crate) struct BenchArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=EVENTS_MAX))]
     publish_events: Option<u64>,
 
+    /// Subjects of the consume suite's reconstitution walk (one event each).
+    /// [default: 1000000; with --quick: 2000]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=EVENTS_MAX))]
+    walk_subjects: Option<u64>,
+
     /// Also write the results as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -151,6 +160,8 @@ pub(crate) enum Suite {
     Feeds,
     /// Publishing to RabbitMQ and NATS JetStream: raw rate, publisher throughput, latency.
     Publish,
+    /// The self-healing consumer: apply rates, heal latency, append → applied, walk rate.
+    Consume,
 }
 
 /// The stores `headwater bench` can measure.
@@ -235,6 +246,8 @@ pub(crate) struct Plan {
     pub(crate) event_ids: EventIds,
     /// `--publish-events`, when given.
     pub(crate) publish_events: Option<u64>,
+    /// `--walk-subjects`, when given.
+    pub(crate) walk_subjects: Option<u64>,
     /// A `--quick` run: a smoke test whose figures mean little.
     pub(crate) quick: bool,
 }
@@ -260,6 +273,7 @@ impl Plan {
             batch_writers: args.batch_writers,
             event_ids: args.event_ids,
             publish_events: args.publish_events,
+            walk_subjects: args.walk_subjects,
             quick,
         }
     }
@@ -317,6 +331,8 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let store_suite = args.suite.contains(&Suite::Store);
     let feeds_suite = args.suite.contains(&Suite::Feeds);
     let publish_suite = args.suite.contains(&Suite::Publish);
+    let consume_suite = args.suite.contains(&Suite::Consume);
+    let mut consume_results = Vec::new();
     let mut results = Vec::new();
     let mut feed_results = Vec::new();
     let mut publish_results = Vec::new();
@@ -362,6 +378,14 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         if publish_suite {
             publish_results.push(measure_publish(&runtime, args, &targets, &run_dir, &plan)?);
         }
+        if consume_suite {
+            consume_results.push(runtime.block_on(consume::measure(
+                &run_dir.join("consume"),
+                args.postgres.as_deref(),
+                args.keep,
+                &plan,
+            ))?);
+        }
         // The next run starts on an empty disk, as this one did.
         if !args.keep && run < args.runs {
             std::fs::remove_dir_all(&run_dir)
@@ -396,6 +420,12 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
             publish::markdown(args.backend.name(), &plan, &feed_machine, &publish_results)
         );
     }
+    if consume_suite {
+        print!(
+            "{}",
+            consume::markdown(&plan, &feed_machine, &consume_results)
+        );
+    }
     if let Some(path) = &args.json {
         // The store report's fields at the top level (as before the feeds suite), `feeds` beside.
         let mut json = match &report {
@@ -412,6 +442,12 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
             json["publish"] = serde_json::json!({
                 "runs": publish_results,
                 "median": publish::median(&publish_results),
+            });
+        }
+        if consume_suite {
+            json["consume"] = serde_json::json!({
+                "runs": consume_results,
+                "median": consume::median(&consume_results),
             });
         }
         std::fs::write(path, serde_json::to_vec_pretty(&json)?)

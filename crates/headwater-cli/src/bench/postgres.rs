@@ -9,7 +9,7 @@ use headwater_postgres::{Options, PostgresStore};
 use super::{Plan, Results};
 
 /// The prefix of the benchmark's schemas.
-const SCHEMA_PREFIX: &str = "headwater_bench_";
+pub(crate) const SCHEMA_PREFIX: &str = "headwater_bench_";
 
 pub(crate) async fn measure(
     url: &str,
@@ -54,7 +54,7 @@ pub(crate) async fn measure_feeds(
     results
 }
 
-async fn drop_schema(url: &str, schema: &str) -> anyhow::Result<()> {
+pub(crate) async fn drop_schema(url: &str, schema: &str) -> anyhow::Result<()> {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
         .context("cannot connect to PostgreSQL")?;
