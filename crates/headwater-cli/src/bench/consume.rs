@@ -2,7 +2,8 @@
 //!
 //! 1. **Apply rate** of the consumer's view stores with a realistic handler (a balance upsert
 //!    per event: the event's JSON data parsed, one `INSERT … ON CONFLICT DO UPDATE`), beside the
-//!    backend's raw bound measured in the same run on the same disk or server:
+//!    backend's raw bound measured in the same run on the same disk or server, the three taking
+//!    turns in 5 slices of the phase (the disk's speed drifts on a shared machine):
 //!    - `EmbeddedView`: one event per apply through `Consumer::deliver` (a transport's
 //!      delivery: the cursor read, then the apply transaction), and pages of 100 events of one
 //!      subject through `ViewStore::apply` (what a bootstrap or a heal commits per page);
@@ -60,6 +61,9 @@ const AIM_HEAL_P99_US: u64 = 20_000;
 /// SPEC's aim for append → consumer applied through the HTTP feed on loopback, p99, in
 /// microseconds.
 const AIM_APPLIED_P99_US: u64 = 10_000;
+/// The prefix of the `PgView` figures' schemas (not the store suite's `headwater_bench_`: a
+/// run of each side by side must not see the other's schema).
+const PG_SCHEMA_PREFIX: &str = "headwater_consume_bench_";
 /// The bearer token of the suite's feed API.
 const TOKEN: &str = "headwater-bench-consume-token";
 /// The CloudEvents `source` of the suite's producer.
@@ -169,6 +173,9 @@ pub(crate) struct WalkFigures {
     pub(crate) subjects: u64,
     /// Backfilling the walk's feed from its log, events per second (context).
     pub(crate) fill_per_sec: f64,
+    /// Subjects per second of the listing alone (`FeedClient::subjects`, the walk's page size):
+    /// the bound of a walk that finds nothing to fetch.
+    pub(crate) listing_per_sec: f64,
     /// Subjects per second, the view caught up.
     pub(crate) caught_up_per_sec: f64,
     /// Subjects per second, 1 % of the subjects missing from the view.
@@ -330,176 +337,199 @@ fn local_consumer<V: ViewStore>(view: Arc<V>) -> Consumer<V, headwater_consume::
     )
 }
 
-/// One event per `Consumer::deliver`, for `phase`, subjects in rotation; then pages of
-/// [`BATCH_EVENTS`] of fresh subjects per `ViewStore::apply`, for `phase`. Events are made
-/// between the timed calls; each rate is events over the time spent in the calls.
-async fn apply_rates<V: ViewStore>(
-    view: Arc<V>,
-    label: &str,
-    phase: Duration,
-) -> anyhow::Result<(f64, Histogram<u64>, f64, Histogram<u64>)> {
-    let consumer = local_consumer(Arc::clone(&view));
-    let bar = super::progress_bar(
-        &format!("consume: {label}, 1 event per delivery"),
-        phase.as_millis() as u64,
-        "ms",
-    );
-    let mut one = histogram()?;
-    let mut spent = Duration::ZERO;
-    let mut delivered = 0_u64;
-    while spent < phase {
-        let subject = format!("account-{}", delivered % DELIVERY_SUBJECTS);
-        let sequence = delivered / DELIVERY_SUBJECTS + 1;
-        let event = deposit(&subject, sequence, delivered + 1)?;
-        let started = Instant::now();
-        let outcome = consumer.deliver(event).await.context("a delivery")?;
-        let took = started.elapsed();
-        if outcome != (Delivery::Applied { healed: 0 }) {
-            bail!("delivery {delivered} was not applied as is: {outcome:?}");
-        }
-        spent += took;
-        one.saturating_record(micros(took));
-        delivered += 1;
-        bar.set_position(spent.as_millis() as u64);
-    }
-    bar.finish_and_clear();
-    let deliver_per_sec = delivered as f64 / spent.as_secs_f64().max(f64::MIN_POSITIVE);
-
-    let bar = super::progress_bar(
-        &format!("consume: {label}, pages of {BATCH_EVENTS}"),
-        phase.as_millis() as u64,
-        "ms",
-    );
-    let feed = feed_id();
-    let mut pages = histogram()?;
-    let mut spent = Duration::ZERO;
-    let mut applied = 0_u64;
-    let mut page_number = 0_u64;
-    while spent < phase {
-        let subject = format!("batch-{page_number}");
-        let page = (1..=BATCH_EVENTS)
-            .map(|sequence| deposit(&subject, sequence, sequence))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let subject = Subject::new(subject)?;
-        let started = Instant::now();
-        let done = view.apply(&feed, &subject, &page).await.context("a page")?;
-        let took = started.elapsed();
-        if done.applied != BATCH_EVENTS {
-            bail!("page {page_number} applied {} events", done.applied);
-        }
-        spent += took;
-        pages.saturating_record(micros(took));
-        applied += BATCH_EVENTS;
-        page_number += 1;
-        bar.set_position(spent.as_millis() as u64);
-    }
-    bar.finish_and_clear();
-    let batch_per_sec = applied as f64 / spent.as_secs_f64().max(f64::MIN_POSITIVE);
-    Ok((deliver_per_sec, one, batch_per_sec, pages))
+/// The backend's own single-row commits: the bound of a view store that commits each event.
+enum RawBound {
+    /// A fresh SQLite file beside the view (WAL, `synchronous=FULL`), on a blocking thread.
+    Sqlite(Option<rusqlite::Connection>),
+    /// One connection to the view's server, a table in the view's schema.
+    Postgres(tokio_postgres::Client, tokio_postgres::Statement),
 }
 
-fn apply_figures(
-    load1: f64,
-    raw_per_sec: f64,
-    (deliver_per_sec, one, batch_per_sec, pages): (f64, Histogram<u64>, f64, Histogram<u64>),
-) -> ApplyFigures {
-    ApplyFigures {
-        load1,
-        raw_per_sec,
-        deliver_per_sec,
-        deliver_p50_us: one.value_at_quantile(0.5),
-        deliver_p99_us: one.value_at_quantile(0.99),
-        batch_per_sec,
-        batch_p50_us: pages.value_at_quantile(0.5),
-        batch_p99_us: pages.value_at_quantile(0.99),
+impl RawBound {
+    fn sqlite(dir: &Path) -> anyhow::Result<RawBound> {
+        let path = dir.join("raw.sqlite");
+        let connection = rusqlite::Connection::open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        connection.pragma_update(None, "journal_mode", "WAL")?;
+        connection.pragma_update(None, "synchronous", "FULL")?;
+        connection.execute_batch(
+            "CREATE TABLE raw (id INTEGER PRIMARY KEY, account TEXT NOT NULL, \
+             cents INTEGER NOT NULL)",
+        )?;
+        Ok(RawBound::Sqlite(Some(connection)))
+    }
+
+    /// A connection to `url` and a table in `schema` (which exists); the connection's task.
+    async fn postgres(
+        url: &str,
+        schema: &str,
+    ) -> anyhow::Result<(RawBound, tokio::task::JoinHandle<()>)> {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .context("cannot connect to PostgreSQL (--postgres)")?;
+        let connection = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE {schema}.raw (id BIGSERIAL PRIMARY KEY, account TEXT NOT NULL, \
+                 cents BIGINT NOT NULL)"
+            ))
+            .await
+            .context("create the raw table")?;
+        let insert = client
+            .prepare(&format!(
+                "INSERT INTO {schema}.raw (account, cents) VALUES ($1, $2)"
+            ))
+            .await?;
+        Ok((RawBound::Postgres(client, insert), connection))
+    }
+
+    /// Single-row commits for `slice`; how many.
+    async fn run(&mut self, slice: Duration) -> anyhow::Result<u64> {
+        match self {
+            RawBound::Sqlite(slot) => {
+                let connection = slot.take().context("the raw SQLite connection is gone")?;
+                let (connection, commits) = tokio::task::spawn_blocking(move || {
+                    let commits = sqlite_commits(&connection, slice);
+                    (connection, commits)
+                })
+                .await
+                .context("the raw SQLite loop")?;
+                *slot = Some(connection);
+                commits
+            }
+            RawBound::Postgres(client, insert) => {
+                let started = Instant::now();
+                let mut commits = 0_u64;
+                while started.elapsed() < slice {
+                    let account = format!("account-{}", commits % DELIVERY_SUBJECTS);
+                    client.execute(&*insert, &[&account, &100_i64]).await?;
+                    commits += 1;
+                }
+                Ok(commits)
+            }
+        }
     }
 }
 
-/// SQLite's own single-row commits per second (WAL, `synchronous=FULL`), on a fresh file in
-/// `dir`, for `phase`: the bound of an embedded view that commits each event.
-fn sqlite_raw(dir: &Path, phase: Duration) -> anyhow::Result<f64> {
-    let path = dir.join("raw.sqlite");
-    let connection = rusqlite::Connection::open(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
-    connection.pragma_update(None, "journal_mode", "WAL")?;
-    connection.pragma_update(None, "synchronous", "FULL")?;
-    connection.execute_batch(
-        "CREATE TABLE raw (id INTEGER PRIMARY KEY, account TEXT NOT NULL, cents INTEGER NOT NULL)",
-    )?;
-    let mut insert = connection.prepare("INSERT INTO raw (account, cents) VALUES (?1, ?2)")?;
+fn sqlite_commits(connection: &rusqlite::Connection, slice: Duration) -> anyhow::Result<u64> {
+    let mut insert =
+        connection.prepare_cached("INSERT INTO raw (account, cents) VALUES (?1, ?2)")?;
     let started = Instant::now();
     let mut commits = 0_u64;
-    while started.elapsed() < phase {
+    while started.elapsed() < slice {
         let account = format!("account-{}", commits % DELIVERY_SUBJECTS);
         insert.execute(rusqlite::params![account, 100])?;
         commits += 1;
     }
-    Ok(commits as f64 / started.elapsed().as_secs_f64())
+    Ok(commits)
+}
+
+/// Slices of each phase: the raw bound, the deliveries and the pages take turns, so that the
+/// three see the same disk (this machine's is shared and its speed drifts).
+const APPLY_SLICES: u32 = 5;
+
+/// In [`APPLY_SLICES`] turns of `phase / APPLY_SLICES` each: the backend's raw single-row
+/// commits; one event per `Consumer::deliver`, subjects in rotation; pages of [`BATCH_EVENTS`]
+/// events of a fresh subject per `ViewStore::apply`. Events are made between the timed calls;
+/// each rate is events over the time spent in the calls.
+async fn apply_rates<V: ViewStore>(
+    view: Arc<V>,
+    raw: &mut RawBound,
+    label: &str,
+    phase: Duration,
+) -> anyhow::Result<ApplyFigures> {
+    let load1 = load1();
+    let consumer = local_consumer(Arc::clone(&view));
+    let feed = feed_id();
+    let slice = phase / APPLY_SLICES;
+    let bar = super::progress_bar(
+        &format!("consume: {label}: raw, deliveries, pages"),
+        u64::from(APPLY_SLICES) * 3,
+        "slices",
+    );
+    let mut raw_commits = 0_u64;
+    let mut raw_spent = Duration::ZERO;
+    let mut one = histogram()?;
+    let mut one_spent = Duration::ZERO;
+    let mut delivered = 0_u64;
+    let mut pages = histogram()?;
+    let mut pages_spent = Duration::ZERO;
+    let mut page_number = 0_u64;
+    for turn in 1..=APPLY_SLICES {
+        let started = Instant::now();
+        raw_commits += raw.run(slice).await?;
+        raw_spent += started.elapsed();
+        bar.inc(1);
+
+        while one_spent < slice * turn {
+            let subject = format!("account-{}", delivered % DELIVERY_SUBJECTS);
+            let sequence = delivered / DELIVERY_SUBJECTS + 1;
+            let event = deposit(&subject, sequence, delivered + 1)?;
+            let started = Instant::now();
+            let outcome = consumer.deliver(event).await.context("a delivery")?;
+            let took = started.elapsed();
+            if outcome != (Delivery::Applied { healed: 0 }) {
+                bail!("delivery {delivered} was not applied as is: {outcome:?}");
+            }
+            one_spent += took;
+            one.saturating_record(micros(took));
+            delivered += 1;
+        }
+        bar.inc(1);
+
+        while pages_spent < slice * turn {
+            let subject = format!("batch-{page_number}");
+            let page = (1..=BATCH_EVENTS)
+                .map(|sequence| deposit(&subject, sequence, sequence))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let subject = Subject::new(subject)?;
+            let started = Instant::now();
+            let done = view.apply(&feed, &subject, &page).await.context("a page")?;
+            let took = started.elapsed();
+            if done.applied != BATCH_EVENTS {
+                bail!("page {page_number} applied {} events", done.applied);
+            }
+            pages_spent += took;
+            pages.saturating_record(micros(took));
+            page_number += 1;
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let per_sec = |n: u64, spent: Duration| n as f64 / spent.as_secs_f64().max(f64::MIN_POSITIVE);
+    Ok(ApplyFigures {
+        load1,
+        raw_per_sec: per_sec(raw_commits, raw_spent),
+        deliver_per_sec: per_sec(delivered, one_spent),
+        deliver_p50_us: one.value_at_quantile(0.5),
+        deliver_p99_us: one.value_at_quantile(0.99),
+        batch_per_sec: per_sec(page_number * BATCH_EVENTS, pages_spent),
+        batch_p50_us: pages.value_at_quantile(0.5),
+        batch_p99_us: pages.value_at_quantile(0.99),
+    })
 }
 
 async fn embedded_apply(dir: &Path, phase: Duration) -> anyhow::Result<ApplyFigures> {
-    let load1 = load1();
-    let raw_dir = dir.to_path_buf();
-    let spinner = spinner("consume: SQLite's own single-row commits");
-    let raw = tokio::task::spawn_blocking(move || sqlite_raw(&raw_dir, phase))
-        .await
-        .context("the raw SQLite loop")??;
-    spinner.finish_and_clear();
+    let mut raw = RawBound::sqlite(dir)?;
     let view = Arc::new(balance_view(&dir.join("apply-view.sqlite"))?);
-    let rates = apply_rates(view, "EmbeddedView", phase).await?;
-    Ok(apply_figures(load1, raw, rates))
-}
-
-/// PostgreSQL's own single-row `INSERT` commits per second on one connection, for `phase`, in
-/// `schema` (which exists).
-async fn postgres_raw(url: &str, schema: &str, phase: Duration) -> anyhow::Result<f64> {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .context("cannot connect to PostgreSQL (--postgres)")?;
-    let connection = tokio::spawn(connection);
-    client
-        .batch_execute(&format!(
-            "CREATE TABLE {schema}.raw (id BIGSERIAL PRIMARY KEY, account TEXT NOT NULL, \
-             cents BIGINT NOT NULL)"
-        ))
-        .await
-        .context("create the raw table")?;
-    let insert = client
-        .prepare(&format!(
-            "INSERT INTO {schema}.raw (account, cents) VALUES ($1, $2)"
-        ))
-        .await?;
-    let started = Instant::now();
-    let mut commits = 0_u64;
-    while started.elapsed() < phase {
-        let account = format!("account-{}", commits % DELIVERY_SUBJECTS);
-        client.execute(&insert, &[&account, &100_i64]).await?;
-        commits += 1;
-    }
-    let rate = commits as f64 / started.elapsed().as_secs_f64();
-    drop(client);
-    let _ = connection.await;
-    Ok(rate)
+    apply_rates(view, &mut raw, "EmbeddedView", phase).await
 }
 
 async fn postgres_apply(url: &str, keep: bool, phase: Duration) -> anyhow::Result<ApplyFigures> {
-    let schema = format!(
-        "{}{:016x}",
-        super::postgres::SCHEMA_PREFIX,
-        rand::random::<u64>()
-    );
-    let load1 = load1();
+    let schema = format!("{PG_SCHEMA_PREFIX}{:016x}", rand::random::<u64>());
     let measured = async {
         let view = Arc::new(
             PgView::connect(url, &schema, BALANCES_POSTGRES, PgBalance)
                 .await
                 .context("cannot connect the PgView (--postgres)")?,
         );
-        let spinner = spinner("consume: PostgreSQL's own single-row commits");
-        let raw = postgres_raw(url, &schema, phase).await?;
-        spinner.finish_and_clear();
-        let rates = apply_rates(view, "PgView", phase).await?;
-        anyhow::Ok(apply_figures(load1, raw, rates))
+        let (mut raw, connection) = RawBound::postgres(url, &schema).await?;
+        let figures = apply_rates(view, &mut raw, "PgView", phase).await;
+        drop(raw);
+        let _ = connection.await;
+        figures
     }
     .await;
     if keep {
@@ -1040,14 +1070,16 @@ async fn walk(dir: &Path, subjects: u64) -> anyhow::Result<WalkFigures> {
             .await
             .context("filling the view")??;
         spinner.finish_and_clear();
-        let client = FeedClient::new(&url, Some(TOKEN.to_owned())).context("the feed client")?;
+        let client =
+            Arc::new(FeedClient::new(&url, Some(TOKEN.to_owned())).context("the feed client")?);
         let consumer = Consumer::new(
             feed.clone(),
             view,
-            Arc::new(client),
+            Arc::clone(&client),
             ConsumerOptions::default(),
         );
         let load1 = load1();
+        let listing_per_sec = listing(&client, subjects).await?;
         let caught_up = timed_walk(&consumer, subjects, "consume: walk, view caught up").await?;
         if caught_up.1 != 0 {
             bail!("the walk of a caught-up view found {} behind", caught_up.1);
@@ -1075,6 +1107,7 @@ async fn walk(dir: &Path, subjects: u64) -> anyhow::Result<WalkFigures> {
             load1,
             subjects,
             fill_per_sec,
+            listing_per_sec,
             caught_up_per_sec: caught_up.0,
             behind_per_sec: behind.0,
             behind: behind.1,
@@ -1084,6 +1117,37 @@ async fn walk(dir: &Path, subjects: u64) -> anyhow::Result<WalkFigures> {
     let _ = stop.send(());
     let _ = server.await;
     measured
+}
+
+/// Pages through the producer's whole subject listing as a walk does (same page size), and
+/// nothing else; subjects per second.
+async fn listing(client: &FeedClient, subjects: u64) -> anyhow::Result<f64> {
+    let spinner = spinner("consume: the subject listing alone");
+    let feed = feed_id();
+    let started = Instant::now();
+    let mut after: Option<Subject> = None;
+    let mut listed = 0_u64;
+    loop {
+        let page = headwater_consume::Upstream::subjects(
+            client,
+            &feed,
+            after.as_ref(),
+            headwater_consume::PAGE_EVENTS_DEFAULT,
+        )
+        .await
+        .context("the subject listing")?;
+        let Some(last) = page.last() else {
+            break;
+        };
+        listed += page.len() as u64;
+        after = Some(last.subject.clone());
+    }
+    let elapsed = started.elapsed();
+    spinner.finish_and_clear();
+    if listed != subjects {
+        bail!("the listing has {listed} subjects, not {subjects}");
+    }
+    Ok(subjects as f64 / elapsed.as_secs_f64().max(f64::MIN_POSITIVE))
 }
 
 /// One `Consumer::reconstitute`; `(subjects per second, subjects behind)`.
@@ -1379,7 +1443,13 @@ pub(crate) fn markdown(
     row(
         format!("reconstitution walk over {subjects} subjects, view caught up"),
         format!("{} subjects/s", group(m(&|r| r.walk.caught_up_per_sec))),
-        "`Consumer::reconstitute` through `FeedClient`".to_owned(),
+        format!(
+            "{:.0} % of paging through the listing alone ({} subjects/s); `Consumer::reconstitute` \
+             through `FeedClient`",
+            m(&|r| r.walk.caught_up_per_sec / r.walk.listing_per_sec.max(f64::MIN_POSITIVE))
+                * 100.0,
+            group(m(&|r| r.walk.listing_per_sec))
+        ),
         loads(&|r| r.walk.load1),
         each(&|r| group(r.walk.caught_up_per_sec)),
     );

@@ -9,7 +9,7 @@ use headwater_postgres::{Options, PostgresStore};
 use super::{Plan, Results};
 
 /// The prefix of the benchmark's schemas.
-pub(crate) const SCHEMA_PREFIX: &str = "headwater_bench_";
+const SCHEMA_PREFIX: &str = "headwater_bench_";
 
 pub(crate) async fn measure(
     url: &str,

@@ -40,6 +40,7 @@ const BENCH_FLAGS: &[&str] = &[
     "--amqp",
     "--nats",
     "--publish-events",
+    "--walk-subjects",
     "--runs",
     "--json",
 ];
@@ -407,6 +408,113 @@ fn bench_runs_against_postgres_in_a_schema_it_drops() {
 
     // The run's schema is gone.
     assert_eq!(bench_schemas(), before, "a schema was left behind");
+}
+
+/// The rows of the consume suite, by the words that start them.
+const CONSUME_ROWS: &[&str] = &[
+    "| EmbeddedView: raw bound, SQLite single-row commits",
+    "| EmbeddedView: 1 event per apply (`Consumer::deliver`)",
+    "| EmbeddedView: pages of 100 per apply",
+    "| PgView: raw bound, PostgreSQL single-row INSERT commits",
+    "| PgView: 1 event per apply (`Consumer::deliver`)",
+    "| PgView: pages of 100 per apply",
+    "| heal a gap of 1 ",
+    "| heal a gap of 100 ",
+    "| append → applied in the view, HTTP feed, p50 / p99 (max) |",
+    "| reconstitution walk over 300 subjects, view caught up |",
+    "| reconstitution walk over 300 subjects, 1 % missing from the view |",
+];
+
+/// The consume suite at tiny sizes, twice, with its `PgView` figures on the tests' PostgreSQL
+/// (which it must leave without its schemas): every row, each run's figure, the JSON medians.
+#[test]
+fn quick_consume_bench_measures_every_figure() {
+    let url = std::env::var(POSTGRES_URL_ENV).unwrap_or_else(|_| {
+        panic!(
+            "{POSTGRES_URL_ENV} is not set: run ./scripts/test (it starts a private PostgreSQL), \
+             or set it to a PostgreSQL 15+ where tests may create and drop schemas"
+        )
+    });
+    let parent = tempfile::tempdir().unwrap();
+    let json = parent.path().join("consume.json");
+    let out = headwater(&[
+        "bench",
+        "--suite",
+        "consume",
+        "--quick",
+        "--phase-secs",
+        "0.05",
+        "--walk-subjects",
+        "300",
+        "--runs",
+        "2",
+        "--postgres",
+        &url,
+        "--dir",
+        parent.path().to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}\n{stdout}");
+    assert!(stdout.contains("#### Consuming"), "{stdout}");
+    for row in CONSUME_ROWS {
+        let line = stdout
+            .lines()
+            .find(|line| line.starts_with(row))
+            .unwrap_or_else(|| panic!("no row {row:?} in:\n{stdout}"));
+        // figure, measured, compared to, load, runs.
+        assert_eq!(line.matches(" | ").count(), 4, "{line}");
+        // Each run's figure, in the last column.
+        let runs_cell = line.trim_end_matches(" |").rsplit(" | ").next().unwrap();
+        assert_eq!(runs_cell.matches(" / ").count(), 1, "{line}");
+    }
+    assert!(!stderr.contains("could not drop"), "{stderr}");
+
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let consume = &results["consume"];
+    assert_eq!(consume["runs"].as_array().unwrap().len(), 2, "{results}");
+    let median = &consume["median"];
+    for pointer in [
+        "/embedded/raw_per_sec",
+        "/embedded/deliver_per_sec",
+        "/embedded/batch_per_sec",
+        "/postgres/raw_per_sec",
+        "/postgres/deliver_per_sec",
+        "/postgres/batch_per_sec",
+        "/heal_one/p99_us",
+        "/heal_large/p99_us",
+        "/applied/latency/p99_us",
+        "/walk/caught_up_per_sec",
+        "/walk/behind_per_sec",
+    ] {
+        let value = median.pointer(pointer).and_then(serde_json::Value::as_f64);
+        assert!(value.is_some_and(|v| v > 0.0), "{pointer} in {median}");
+    }
+    assert_eq!(
+        median.pointer("/walk/behind"),
+        Some(&serde_json::json!(3.0))
+    );
+
+    // Nothing of the consume suite's PostgreSQL schemas is left.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let left: i64 = runtime.block_on(async {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+            .query_one(
+                "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'headwater\\_consume\\_bench\\_%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    });
+    assert_eq!(left, 0, "a consume bench schema was left behind");
 }
 
 /// The rows of the publish suite, per broker label.
