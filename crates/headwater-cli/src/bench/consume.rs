@@ -21,8 +21,7 @@
 //!    its integration event in the view (taken when the view store's apply returns).
 //! 4. **Reconstitution walk** over a feed of `--walk-subjects` subjects (1,000,000 by default;
 //!    the log filled in batches of 100, then backfilled by a projection that makes one subject of
-//!    each event): `Consumer::reconstitute`
-//!    through `FeedClient`, (a) on a view caught up with every subject (the walk lists and
+//!    each event): one walk of the `Walker` (unpaced) through `FeedClient`, (a) on a view caught up with every subject (the walk lists and
 //!    compares cursors), (b) on the same view with 1 % of its subjects missing (the walk fetches
 //!    and applies them). The view's cursors are written in bulk beforehand (one SQLite
 //!    transaction: the rows an apply of each subject's event would have left).
@@ -40,7 +39,7 @@ use hdrhistogram::Histogram;
 use headwater_api::{ApiConfig, FeedApi, Tokens};
 use headwater_consume::{
     Applied, Consumer, ConsumerOptions, Delivery, EmbeddedView, FeedClient, IntegrationEvent,
-    PgHandler, PgView, ViewError, ViewStore,
+    PgHandler, PgView, ViewError, ViewStore, Walker, WalkerOptions,
 };
 use headwater_core::{
     EventId, EventType, ExpectedVersion, FeedId, NewEvent, Sequence, StreamName, Subject,
@@ -164,6 +163,9 @@ pub(crate) struct AppliedLatency {
     /// The appends themselves (start → return), for context.
     pub(crate) append_p50_us: u64,
     pub(crate) append_p99_us: u64,
+    /// The view's applies and feed-position saves over the figure (each one commit).
+    pub(crate) applies: u64,
+    pub(crate) position_saves: u64,
 }
 
 /// The reconstitution walks.
@@ -176,6 +178,9 @@ pub(crate) struct WalkFigures {
     /// Subjects per second of the listing alone (`FeedClient::subjects`, the walk's page size):
     /// the bound of a walk that finds nothing to fetch.
     pub(crate) listing_per_sec: f64,
+    /// Subjects per second of `Consumer::reconstitute` on the caught-up view (a cursor read per
+    /// subject), beside the walker's.
+    pub(crate) reconstitute_per_sec: f64,
     /// Subjects per second, the view caught up.
     pub(crate) caught_up_per_sec: f64,
     /// Subjects per second, 1 % of the subjects missing from the view.
@@ -746,6 +751,10 @@ struct TimedView<V> {
     /// By the event's number in its data (`"n"`): when its apply returned.
     applied_at: Mutex<Vec<Option<Instant>>>,
     applied: AtomicU64,
+    /// Applies (each one commit).
+    applies: AtomicU64,
+    /// Feed positions saved (each one commit of its own).
+    saves: AtomicU64,
 }
 
 /// What the timed view reads of an event.
@@ -768,6 +777,7 @@ impl<V: ViewStore> ViewStore for TimedView<V> {
     ) -> Result<Applied, ViewError> {
         let done = self.inner.apply(feed, subject, events).await?;
         let now = Instant::now();
+        self.applies.fetch_add(1, Ordering::Relaxed);
         let skip = usize::try_from(done.duplicates).unwrap_or(usize::MAX);
         let take = usize::try_from(done.applied).unwrap_or(0);
         let mut applied_at = self.applied_at.lock().unwrap_or_else(|e| e.into_inner());
@@ -797,7 +807,16 @@ impl<V: ViewStore> ViewStore for TimedView<V> {
     }
 
     async fn save_feed_position(&self, feed: &FeedId, position: u64) -> Result<(), ViewError> {
+        self.saves.fetch_add(1, Ordering::Relaxed);
         self.inner.save_feed_position(feed, position).await
+    }
+
+    async fn mark(&self, key: &str) -> Result<Option<String>, ViewError> {
+        self.inner.mark(key).await
+    }
+
+    async fn set_mark(&self, key: &str, value: Option<&str>) -> Result<(), ViewError> {
+        self.inner.set_mark(key, value).await
     }
 }
 
@@ -814,6 +833,8 @@ async fn append_to_applied(
         inner: balance_view(&dir.join("follow-view.sqlite"))?,
         applied_at: Mutex::new(vec![None; total]),
         applied: AtomicU64::new(0),
+        applies: AtomicU64::new(0),
+        saves: AtomicU64::new(0),
     });
     // The follower starts at the feed's head: the heal figures' events are not its business.
     producer.projected("append → applied").await?;
@@ -890,6 +911,8 @@ async fn append_to_applied(
         append_rate,
         append_p50_us: append_latencies.value_at_quantile(0.5),
         append_p99_us: append_latencies.value_at_quantile(0.99),
+        applies: view.applies.load(Ordering::Relaxed),
+        position_saves: view.saves.load(Ordering::Relaxed),
     })
 }
 
@@ -1078,12 +1101,19 @@ async fn walk(dir: &Path, subjects: u64) -> anyhow::Result<WalkFigures> {
             Arc::clone(&client),
             ConsumerOptions::default(),
         );
+        let walker = Walker::new(Arc::new(consumer), WalkerOptions::default().unpaced());
         let load1 = load1();
         let listing_per_sec = listing(&client, subjects).await?;
-        let caught_up = timed_walk(&consumer, subjects, "consume: walk, view caught up").await?;
+        let caught_up = timed_walk(&walker, subjects, "consume: walk, view caught up").await?;
         if caught_up.1 != 0 {
             bail!("the walk of a caught-up view found {} behind", caught_up.1);
         }
+        let reconstitute_per_sec = timed_reconstitute(
+            walker.consumer(),
+            subjects,
+            "consume: Consumer::reconstitute, view caught up",
+        )
+        .await?;
         let forget_path = path.clone();
         tokio::task::spawn_blocking(move || {
             forget(&forget_path, subjects, |n| n % WALK_BEHIND_EVERY == 0)
@@ -1091,12 +1121,8 @@ async fn walk(dir: &Path, subjects: u64) -> anyhow::Result<WalkFigures> {
         .await
         .context("forgetting subjects")??;
         let expected = subjects / WALK_BEHIND_EVERY;
-        let behind = timed_walk(
-            &consumer,
-            subjects,
-            "consume: walk, 1 % of the view missing",
-        )
-        .await?;
+        let behind =
+            timed_walk(&walker, subjects, "consume: walk, 1 % of the view missing").await?;
         if behind.1 != expected {
             bail!(
                 "the walk found {} subjects behind, not {expected}",
@@ -1108,6 +1134,7 @@ async fn walk(dir: &Path, subjects: u64) -> anyhow::Result<WalkFigures> {
             subjects,
             fill_per_sec,
             listing_per_sec,
+            reconstitute_per_sec,
             caught_up_per_sec: caught_up.0,
             behind_per_sec: behind.0,
             behind: behind.1,
@@ -1150,27 +1177,64 @@ async fn listing(client: &FeedClient, subjects: u64) -> anyhow::Result<f64> {
     Ok(subjects as f64 / elapsed.as_secs_f64().max(f64::MIN_POSITIVE))
 }
 
-/// One `Consumer::reconstitute`; `(subjects per second, subjects behind)`.
-async fn timed_walk<V: ViewStore>(
-    consumer: &Consumer<V, FeedClient>,
+/// One walk of the walker (unpaced); `(subjects per second, subjects behind)`.
+async fn timed_walk<V: ViewStore, U: headwater_consume::Upstream>(
+    walker: &Walker<V, U>,
     subjects: u64,
     label: &str,
 ) -> anyhow::Result<(f64, u64)> {
-    let spinner = spinner(label);
+    let bar = super::progress_bar(label, subjects, "subjects");
+    let mut watch = walker.watch();
+    let shown = bar.clone();
+    let progress = tokio::spawn(async move {
+        while watch.changed().await.is_ok() {
+            let listed = watch.borrow_and_update().running.as_ref().map(|r| r.listed);
+            if let Some(listed) = listed {
+                shown.set_position(listed);
+            }
+        }
+    });
     let started = Instant::now();
-    let report = consumer.reconstitute().await.context("the walk")?;
+    let report = walker.walk().await;
+    progress.abort();
+    let report = report.context("the walk")?;
     let elapsed = started.elapsed();
-    spinner.finish_and_clear();
-    if report.subjects != subjects {
+    bar.finish_and_clear();
+    if report.listed != subjects || report.failed != 0 {
         bail!(
-            "the walk listed {} subjects, not {subjects}",
-            report.subjects
+            "the walk listed {} subjects (not {subjects}), {} failed",
+            report.listed,
+            report.failed
         );
     }
     Ok((
         subjects as f64 / elapsed.as_secs_f64().max(f64::MIN_POSITIVE),
         report.behind,
     ))
+}
+
+/// One `Consumer::reconstitute`; subjects per second.
+async fn timed_reconstitute<V: ViewStore, U: headwater_consume::Upstream>(
+    consumer: &Consumer<V, U>,
+    subjects: u64,
+    label: &str,
+) -> anyhow::Result<f64> {
+    let spinner = spinner(label);
+    let started = Instant::now();
+    let report = consumer
+        .reconstitute()
+        .await
+        .context("the reconstitution")?;
+    let elapsed = started.elapsed();
+    spinner.finish_and_clear();
+    if report.subjects != subjects || report.behind != 0 {
+        bail!(
+            "the reconstitution listed {} subjects (not {subjects}), {} behind",
+            report.subjects,
+            report.behind
+        );
+    }
+    Ok(subjects as f64 / elapsed.as_secs_f64().max(f64::MIN_POSITIVE))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1240,13 +1304,14 @@ pub(crate) fn markdown(
     let p = ConsumePlan::from_plan(plan);
     let several = runs.len() > 1;
     let m = |get: &dyn Fn(&ConsumeFigures) -> f64| med(runs.iter().map(get).collect());
-    let each = |get: &dyn Fn(&ConsumeFigures) -> String| {
+    let each_with = |separator: &str, get: &dyn Fn(&ConsumeFigures) -> String| {
         if several {
-            runs.iter().map(get).collect::<Vec<_>>().join(" / ")
+            runs.iter().map(get).collect::<Vec<_>>().join(separator)
         } else {
             String::new()
         }
     };
+    let each = |get: &dyn Fn(&ConsumeFigures) -> String| each_with(" / ", get);
     let loads = |get: &dyn Fn(&ConsumeFigures) -> f64| {
         runs.iter()
             .map(|r| format!("{:.1}", get(r)))
@@ -1401,7 +1466,8 @@ pub(crate) fn markdown(
                 verdict(p99, AIM_HEAL_P99_US)
             ),
             loads(&|r| get(r).load1),
-            each(&|r| {
+            // Each run's p50 / p99, runs apart by "; ".
+            each_with("; ", &|r| {
                 format!(
                     "{} / {}",
                     ms(get(r).p50_us as f64),
@@ -1423,15 +1489,18 @@ pub(crate) fn markdown(
                 .fold(0.0, f64::max)),
         ),
         format!(
-            "aim p99 ≤ {} ms: {}; {} appends/s achieved; the append itself {} / {} ms",
+            "aim p99 ≤ {} ms: {}; {} appends/s achieved; the append itself {} / {} ms; the view \
+             committed {:.2} times per event (applies and feed-position saves)",
             AIM_APPLIED_P99_US / 1_000,
             verdict(p99, AIM_APPLIED_P99_US),
             group(m(&|r| r.applied.append_rate)),
             ms(m(&|r| r.applied.append_p50_us as f64)),
             ms(m(&|r| r.applied.append_p99_us as f64)),
+            m(&|r| (r.applied.applies + r.applied.position_saves) as f64
+                / (r.applied.latency.rounds as f64).max(1.0)),
         ),
         loads(&|r| r.applied.latency.load1),
-        each(&|r| {
+        each_with("; ", &|r| {
             format!(
                 "{} / {}",
                 ms(r.applied.latency.p50_us as f64),
@@ -1444,11 +1513,12 @@ pub(crate) fn markdown(
         format!("reconstitution walk over {subjects} subjects, view caught up"),
         format!("{} subjects/s", group(m(&|r| r.walk.caught_up_per_sec))),
         format!(
-            "{:.0} % of paging through the listing alone ({} subjects/s); `Consumer::reconstitute` \
-             through `FeedClient`",
+            "{:.0} % of paging through the listing alone ({} subjects/s); \
+             `Consumer::reconstitute` on the same view: {} subjects/s",
             m(&|r| r.walk.caught_up_per_sec / r.walk.listing_per_sec.max(f64::MIN_POSITIVE))
                 * 100.0,
-            group(m(&|r| r.walk.listing_per_sec))
+            group(m(&|r| r.walk.listing_per_sec)),
+            group(m(&|r| r.walk.reconstitute_per_sec)),
         ),
         loads(&|r| r.walk.load1),
         each(&|r| group(r.walk.caught_up_per_sec)),
