@@ -38,8 +38,9 @@ use async_trait::async_trait;
 use hdrhistogram::Histogram;
 use headwater_api::{ApiConfig, FeedApi, Tokens};
 use headwater_consume::{
-    Applied, Consumer, ConsumerOptions, Delivery, EmbeddedView, FeedClient, IntegrationEvent,
-    PgHandler, PgView, ViewError, ViewStore, Walker, WalkerOptions,
+    Applied, Consumer, ConsumerOptions, DeadLetter, Delivery, EmbeddedView, FeedClient,
+    IntegrationEvent, NewDeadLetter, PgHandler, PgView, ViewError, ViewStore, Walker,
+    WalkerOptions,
 };
 use headwater_core::{
     EventId, EventType, ExpectedVersion, FeedId, NewEvent, Sequence, StreamName, Subject,
@@ -745,7 +746,8 @@ async fn heal(
 // ---------------------------------------------------------------------------------------------
 // 3. Append → applied.
 
-/// A view store that notes when each benchmark event's apply returned (committed).
+/// A view store that notes when each benchmark event's apply returned (committed). Every other
+/// method is the inner store's (a method added to `ViewStore` must be delegated here).
 struct TimedView<V> {
     inner: V,
     /// By the event's number in its data (`"n"`): when its apply returned.
@@ -817,6 +819,34 @@ impl<V: ViewStore> ViewStore for TimedView<V> {
 
     async fn set_mark(&self, key: &str, value: Option<&str>) -> Result<(), ViewError> {
         self.inner.set_mark(key, value).await
+    }
+
+    async fn record_dead_letter(&self, letter: &NewDeadLetter) -> Result<u64, ViewError> {
+        self.inner.record_dead_letter(letter).await
+    }
+
+    async fn dead_letters(
+        &self,
+        feed: &FeedId,
+        after: u64,
+        limit: u64,
+    ) -> Result<Vec<DeadLetter>, ViewError> {
+        self.inner.dead_letters(feed, after, limit).await
+    }
+
+    async fn resolve_dead_letters(
+        &self,
+        feed: &FeedId,
+        subject: &Subject,
+        through: Sequence,
+    ) -> Result<u64, ViewError> {
+        self.inner
+            .resolve_dead_letters(feed, subject, through)
+            .await
+    }
+
+    async fn discard_dead_letter(&self, feed: &FeedId, id: u64) -> Result<bool, ViewError> {
+        self.inner.discard_dead_letter(feed, id).await
     }
 }
 
