@@ -327,4 +327,7 @@ impl Incoming for AmqpMessage {
     }
 
     async fn in_progress(&self) {}
+
+    /// Closing the channel gives it back.
+    async fn release(&self) {}
 }

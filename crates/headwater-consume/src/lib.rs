@@ -72,8 +72,10 @@ pub use dead::{
     DEAD_LETTERS_MAX, DeadLetter, DeadLetterKind, DeadLetterStatus, Handled, NewDeadLetter,
 };
 mod amqp;
+mod nats;
 mod transport;
 pub use amqp::{AmqpSource, amqp_exchange, amqp_queue};
+pub use nats::{ACK_WAIT_DEFAULT, NatsSource, nats_stream, nats_stream_subjects};
 pub use transport::{
     LANES_DEFAULT, LANES_MAX, PREFETCH_DEFAULT, SOURCE_NAME_BYTES_MAX, TransportError,
     TransportOptions, TransportStats,

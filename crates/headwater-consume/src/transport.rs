@@ -173,6 +173,8 @@ pub(crate) trait Incoming: Send + Sync + 'static {
     async fn ack(&self) -> Result<(), String>;
     /// Still working on it (a retry after a failure that may pass): the broker keeps waiting.
     async fn in_progress(&self);
+    /// Not handled (the session ends): the broker may deliver it again at once.
+    async fn release(&self);
 }
 
 /// How a session ended.
@@ -276,6 +278,7 @@ async fn lane<M: Incoming, V: ViewStore, U: Upstream>(
     while let Some(work) = rx.recv().await {
         if *ended.borrow() {
             // Not handled, not acked: delivered again to the next session.
+            work.message.release().await;
             continue;
         }
         let mut delay = options.backoff_min;
@@ -305,7 +308,10 @@ async fn lane<M: Incoming, V: ViewStore, U: Upstream>(
                     tracing::warn!(transport, feed = %consumer.feed(), error = %e, "a delivery failed for a reason that may pass; trying it again");
                     work.message.in_progress().await;
                     tokio::select! {
-                        _ = ended.wait_for(|ended| *ended) => break,
+                        _ = ended.wait_for(|ended| *ended) => {
+                            work.message.release().await;
+                            break;
+                        }
                         () = tokio::time::sleep(delay) => {}
                     }
                     delay = (delay * 2).min(options.backoff_max);

@@ -38,6 +38,10 @@ pub(crate) fn amqp_url() -> String {
     env("HEADWATER_TEST_AMQP_URL")
 }
 
+pub(crate) fn nats_url() -> String {
+    env("HEADWATER_TEST_NATS_URL")
+}
+
 /// A feed nobody else uses: `{prefix}_{16 hex}.v1`.
 pub(crate) fn unique_feed(prefix: &str) -> FeedId {
     let id = uuid::Uuid::new_v4().simple().to_string();

@@ -6,6 +6,7 @@ mod client;
 mod consumer;
 mod dead;
 mod embedded;
+mod nats;
 mod postgres;
 mod processes;
 mod status;
