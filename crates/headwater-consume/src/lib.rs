@@ -49,7 +49,8 @@ pub use metrics::{OPEN_GAPS_TRACKED_MAX, OpenGap};
 pub use postgres::{PgHandler, PgView};
 pub use switch::{
     ACTIVE_MARK_PREFIX, ActiveFeed, CONSUMER_NAME_BYTES_MAX, SWITCH_POLL_INTERVAL_DEFAULT,
-    SwitchError, SwitchOptions, SwitchPhase, SwitchStatus, VersionedConsumer,
+    SWITCH_RETRY_INTERVAL_DEFAULT, SwitchError, SwitchOptions, SwitchPhase, SwitchStatus,
+    VersionedConsumer,
 };
 pub use upstream::{
     FeedListing, FeedReader, PROBLEM_FEED_RETIRED, Refusal, SubjectHead, Upstream, UpstreamError,

@@ -56,6 +56,9 @@ pub const CONSUMER_NAME_BYTES_MAX: usize = 128;
 /// How often a move asks the producer again, by default, while the target is backfilling or the
 /// producer is unavailable.
 pub const SWITCH_POLL_INTERVAL_DEFAULT: Duration = Duration::from_millis(500);
+/// How long a move that failed waits before it tries again, by default (the active version
+/// serves meanwhile).
+pub const SWITCH_RETRY_INTERVAL_DEFAULT: Duration = Duration::from_secs(30);
 /// How often a move looks whether the target's transport reached the head.
 const CATCH_UP_POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// With no mark yet, this many versions below the target are looked at for cursors (a view
@@ -73,6 +76,9 @@ pub struct SwitchOptions {
     /// How often a move asks again while the target is backfilling or the producer is
     /// unavailable ([`SWITCH_POLL_INTERVAL_DEFAULT`]).
     pub poll_interval: Duration,
+    /// How long a move that failed (the target retired or refused, an event of it refused by the
+    /// view) waits before it tries again ([`SWITCH_RETRY_INTERVAL_DEFAULT`]).
+    pub retry_interval: Duration,
     /// When the active feed is retired by the producer (410) with a successor of the same
     /// projection, move to the successor (default `true`); otherwise [`VersionedConsumer::run`]
     /// ends with the refusal, whose [`crate::Refusal::successor`] names it.
@@ -85,6 +91,7 @@ impl Default for SwitchOptions {
             consumer: ConsumerOptions::default(),
             feed_wait: FEED_WAIT_DEFAULT,
             poll_interval: SWITCH_POLL_INTERVAL_DEFAULT,
+            retry_interval: SWITCH_RETRY_INTERVAL_DEFAULT,
             follow_successor: true,
         }
     }
@@ -106,6 +113,12 @@ impl SwitchOptions {
     #[must_use]
     pub fn with_poll_interval(mut self, interval: Duration) -> SwitchOptions {
         self.poll_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    #[must_use]
+    pub fn with_retry_interval(mut self, interval: Duration) -> SwitchOptions {
+        self.retry_interval = interval.max(Duration::from_millis(1));
         self
     }
 
@@ -462,10 +475,16 @@ impl<V: ViewStore, U: Upstream> VersionedConsumer<V, U> {
     /// then follows it. When the active feed is retired with a successor of the same projection
     /// and [`SwitchOptions::follow_successor`] is set, moves to the successor.
     ///
+    /// A move never takes the active version down: a target that cannot be built yet (retired,
+    /// refused, one of its events refused by the view) is tried again every
+    /// [`SwitchOptions::retry_interval`] while the active version keeps serving, the reason in
+    /// [`SwitchStatus::last_error`].
+    ///
     /// # Errors
-    /// [`SwitchError`] for what waiting cannot fix: the producer refuses (a bad token, an unknown
-    /// feed, a retired feed without a successor to move to, a retired target), the view refuses
-    /// an event, a transport panicked. A producer that is unavailable is waited for.
+    /// [`SwitchError`] for what ends the active version's transport and waiting cannot fix: the
+    /// producer refuses it (a bad token, an unknown feed, a retired feed without a successor to
+    /// move to), a transport panicked, the view store fails. A producer that is unavailable is
+    /// waited for.
     ///
     /// # Cancel safety
     /// Cancel safe in effect: every step is durable where it must be (cursors, feed positions,
@@ -553,7 +572,13 @@ impl<V: ViewStore, U: Upstream> VersionedConsumer<V, U> {
     }
 
     /// Builds `target` beside `active` (whose transport keeps running), flips, stops the old
-    /// transport; or returns early, before the flip, when `stop` resolves.
+    /// transport; or returns early, before the flip, when `stop` resolves. A build that fails
+    /// (the target retired or refused, an event of it refused by the view, its transport ended)
+    /// is tried again after [`SwitchOptions::retry_interval`] while the active version keeps
+    /// serving: a move never takes the active version down.
+    ///
+    /// # Errors
+    /// Only what ends the active version's transport (other than its feed being retired).
     async fn move_to(
         &self,
         active: &Arc<Consumer<V, U>>,
@@ -563,15 +588,79 @@ impl<V: ViewStore, U: Upstream> VersionedConsumer<V, U> {
         tracing::info!(consumer = %self.name, from = %active.feed(), to = %target, "moving to another feed version; the active one keeps serving");
         self.metrics.moving.set(1);
         let _moving = Moving(&self.metrics.moving);
-        let old = Transport::spawn(Arc::clone(active), self.options.feed_wait);
+        let mut old = Some(Transport::spawn(Arc::clone(active), self.options.feed_wait));
         let new_consumer = self.consumer_for(target);
+        let new = loop {
+            match self.build(target, &new_consumer, stop.as_mut()).await {
+                Ok(Some(new)) => break new,
+                Ok(None) => {
+                    if let Some(old) = old {
+                        old.stop().await.ok();
+                    }
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(consumer = %self.name, feed = %target, error = %e, retry_in = ?self.options.retry_interval, "the new version cannot be built yet; the active one keeps serving");
+                    self.note_error(&e);
+                }
+            }
+            // The active version's transport must go on while the move waits; if its feed was
+            // retired, its view just stays as it is.
+            if let Some(ended) = old.take_if(|t| t.finished()) {
+                match ended.stop().await {
+                    Err(e) if !is_retired(&e) => return Err(e),
+                    _ => {}
+                }
+            }
+            if !pause(self.options.retry_interval, stop.as_mut()).await {
+                if let Some(old) = old {
+                    old.stop().await.ok();
+                }
+                return Ok(());
+            }
+        };
 
+        // 5. The flip: durable first, then readers see the new version in one step.
+        self.view
+            .set_mark(&self.mark, Some(&target.to_string()))
+            .await?;
+        self.metrics.switches.inc();
+        self.metrics
+            .active_version
+            .set(i64::from(target.version.get()));
+        self.status.send_modify(|s| {
+            s.active = target.to_string();
+            s.switches += 1;
+            s.last_error = None;
+        });
+        self.metrics.moving.set(0);
+        self.active.send_replace(new_consumer);
+        tracing::info!(consumer = %self.name, from = %active.feed(), to = %target, "switched: readers read the new version");
+
+        // 6. The old version is no longer read; the new one's transport is restarted by `run`.
+        if let Some(old) = old
+            && let Err(e) = old.stop().await
+        {
+            tracing::warn!(consumer = %self.name, feed = %active.feed(), error = %e, "the old version's transport had failed");
+        }
+        new.stop().await?;
+        Ok(())
+    }
+
+    /// Steps 1 to 4 of a move: `target`'s view built beside the active one, its transport
+    /// running at the head. `Some(that transport)` when it is ready to flip to; `None` when
+    /// stopped first.
+    async fn build(
+        &self,
+        target: &FeedId,
+        consumer: &Arc<Consumer<V, U>>,
+        mut stop: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    ) -> Result<Option<Transport>, SwitchError> {
         // 1. The target must be live: a backfilling version does not hold the whole history yet.
         self.status
             .send_modify(|s| s.phase = SwitchPhase::WaitingForLive);
         let Some(head) = self.listed_head(target, stop.as_mut()).await? else {
-            old.stop().await.ok();
-            return Ok(());
+            return Ok(None);
         };
 
         // 2. The live transport starts at the head listed now; the walk brings what is before.
@@ -580,7 +669,7 @@ impl<V: ViewStore, U: Upstream> VersionedConsumer<V, U> {
         {
             self.view.save_feed_position(target, head).await?;
         }
-        let new = Transport::spawn(Arc::clone(&new_consumer), self.options.feed_wait);
+        let new = Transport::spawn(Arc::clone(consumer), self.options.feed_wait);
 
         // 3. The walk: every subject the producer lists, caught up to at least its listed head.
         self.status.send_modify(|s| s.phase = SwitchPhase::Walking);
@@ -588,25 +677,22 @@ impl<V: ViewStore, U: Upstream> VersionedConsumer<V, U> {
             let walk = tokio::select! {
                 () = stop.as_mut() => {
                     new.stop().await.ok();
-                    old.stop().await.ok();
-                    return Ok(());
+                    return Ok(None);
                 }
-                walk = new_consumer.reconstitute() => walk,
+                walk = consumer.reconstitute() => walk,
             };
             match walk {
                 Ok(report) => break report,
                 Err(ConsumeError::Upstream(e)) if e.is_transient() => {
                     tracing::warn!(consumer = %self.name, feed = %target, error = %e, "the walk of the new version waits for the producer");
                     self.note_error(&e);
-                    if !self.pause(stop.as_mut()).await {
+                    if !pause(self.options.poll_interval, stop.as_mut()).await {
                         new.stop().await.ok();
-                        old.stop().await.ok();
-                        return Ok(());
+                        return Ok(None);
                     }
                 }
                 Err(e) => {
                     new.stop().await.ok();
-                    old.stop().await.ok();
                     return Err(e.into());
                 }
             }
@@ -620,21 +706,17 @@ impl<V: ViewStore, U: Upstream> VersionedConsumer<V, U> {
         // 4. The live transport has reached the head listed after the walk.
         self.status
             .send_modify(|s| s.phase = SwitchPhase::CatchingUp);
-        match self.listed_head(target, stop.as_mut()).await? {
-            None => {
-                new.stop().await.ok();
-                old.stop().await.ok();
-                return Ok(());
-            }
-            Some(None) => {}
-            Some(Some(head)) => loop {
+        let Some(head) = self.listed_head(target, stop.as_mut()).await? else {
+            new.stop().await.ok();
+            return Ok(None);
+        };
+        if let Some(head) = head {
+            loop {
                 if new.finished() {
-                    old.stop().await.ok();
-                    new.stop().await?;
-                    return Err(SwitchError::Transport {
+                    return Err(new.stop().await.err().unwrap_or(SwitchError::Transport {
                         feed: target.clone(),
                         reason: "it stopped before the flip".into(),
-                    });
+                    }));
                 }
                 if self.view.feed_position(target).await? >= head {
                     break;
@@ -642,36 +724,13 @@ impl<V: ViewStore, U: Upstream> VersionedConsumer<V, U> {
                 tokio::select! {
                     () = stop.as_mut() => {
                         new.stop().await.ok();
-                        old.stop().await.ok();
-                        return Ok(());
+                        return Ok(None);
                     }
                     () = tokio::time::sleep(CATCH_UP_POLL_INTERVAL) => {}
                 }
-            },
+            }
         }
-
-        // 5. The flip: durable first, then readers see the new version in one step.
-        self.view
-            .set_mark(&self.mark, Some(&target.to_string()))
-            .await?;
-        self.metrics.switches.inc();
-        self.metrics
-            .active_version
-            .set(i64::from(target.version.get()));
-        self.status.send_modify(|s| {
-            s.active = target.to_string();
-            s.switches += 1;
-        });
-        self.active.send_replace(new_consumer);
-        self.metrics.moving.set(0);
-        tracing::info!(consumer = %self.name, from = %active.feed(), to = %target, "switched: readers read the new version");
-
-        // 6. The old version is no longer read; the new one's transport is restarted by `run`.
-        if let Err(e) = old.stop().await {
-            tracing::warn!(consumer = %self.name, feed = %active.feed(), error = %e, "the old version's transport had failed");
-        }
-        new.stop().await?;
-        Ok(())
+        Ok(Some(new))
     }
 
     /// The target's head as the producer lists it once it is live (`Some(None)` when the
@@ -703,18 +762,31 @@ impl<V: ViewStore, U: Upstream> VersionedConsumer<V, U> {
                     return Err(SwitchError::Consume(ConsumeError::Upstream(e)));
                 }
             }
-            if !self.pause(stop.as_mut()).await {
+            if !pause(self.options.poll_interval, stop.as_mut()).await {
                 return Ok(None);
             }
         }
     }
+}
 
-    /// Waits the poll interval; `false` when stopped first.
-    async fn pause(&self, stop: std::pin::Pin<&mut impl std::future::Future<Output = ()>>) -> bool {
-        tokio::select! {
-            () = stop => false,
-            () = tokio::time::sleep(self.options.poll_interval) => true,
-        }
+/// Waits `interval`; `false` when `stop` resolved first.
+async fn pause(
+    interval: Duration,
+    stop: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) -> bool {
+    tokio::select! {
+        () = stop => false,
+        () = tokio::time::sleep(interval) => true,
+    }
+}
+
+/// Whether `error` is the producer's refusal of a retired feed.
+fn is_retired(error: &SwitchError) -> bool {
+    match error {
+        SwitchError::Consume(ConsumeError::Upstream(e)) => e
+            .refusal()
+            .is_some_and(crate::upstream::Refusal::is_retired),
+        _ => false,
     }
 }
 

@@ -344,11 +344,16 @@ CREATE TABLE IF NOT EXISTS balances_v2 (
     sequence INTEGER NOT NULL);";
 
 fn open_view(path: &Path) -> Arc<EmbeddedView> {
+    open_view_refusing(path, Arc::new(AtomicBool::new(false)))
+}
+
+/// The view, whose handler refuses every event of v2 while `refuse_v2` is set.
+fn open_view_refusing(path: &Path, refuse_v2: Arc<AtomicBool>) -> Arc<EmbeddedView> {
     Arc::new(
         EmbeddedView::open(
             path,
             |tx| tx.execute_batch(TABLES),
-            |tx, event: &IntegrationEvent| {
+            move |tx, event: &IntegrationEvent| {
                 #[derive(serde::Deserialize)]
                 struct Data {
                     #[serde(default)]
@@ -359,6 +364,9 @@ fn open_view(path: &Path) -> Arc<EmbeddedView> {
                     balance: i64,
                     #[serde(default)]
                     owner: String,
+                }
+                if refuse_v2.load(Ordering::SeqCst) && event.feed.version.get() == 2 {
+                    return Err("v2 refused on purpose".into());
                 }
                 let data: Data = event.data_as()?;
                 let account = event.subject.as_str();
@@ -1053,6 +1061,62 @@ async fn a_retired_feed_is_a_structured_refusal_and_the_consumer_moves_to_its_su
         SwitchError::Consume(ConsumeError::Upstream(UpstreamError::Refused(_)))
     ));
 
+    producer.stop_appending().await;
+    assert_v2_converges(&producer, &view).await;
+    running.stop().await;
+}
+
+/// A move that cannot complete (the view refuses v2's events for a while) never takes v1 down:
+/// v1 keeps serving and moving, the status says why, and the move completes once v2 can be
+/// built.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_that_cannot_complete_keeps_v1_serving_and_tries_again() {
+    let producer = Producer::start(&[1, 2]).await;
+    producer.start_appending(19);
+    let directory = tempfile::tempdir().unwrap();
+    let refuse = Arc::new(AtomicBool::new(true));
+    let view = open_view_refusing(&directory.path().join("view.sqlite"), Arc::clone(&refuse));
+    let consumer = Arc::new(
+        VersionedConsumer::open(
+            CONSUMER,
+            v1(),
+            Arc::clone(&view),
+            Arc::new(producer.client()),
+            options().with_retry_interval(Duration::from_millis(50)),
+        )
+        .await
+        .unwrap(),
+    );
+    let running = run(&consumer);
+    poll("the v1 view to fill", || async {
+        read_view(&view, &v1()).await.len() as u64 >= ACCOUNTS / 2
+    })
+    .await;
+
+    consumer.switch_to(v2());
+    poll("the move to fail", || async {
+        consumer
+            .status()
+            .last_error
+            .is_some_and(|e| e.contains("v2 refused on purpose"))
+    })
+    .await;
+    let sum = |rows: Rows| rows.iter().map(|(_, _, s)| s).sum::<u64>();
+    let before = sum(read_view(&view, &v1()).await);
+    poll("v1 to keep moving while the move fails", || async {
+        sum(read_view(&view, &v1()).await) > before
+    })
+    .await;
+    assert_eq!(consumer.active().feed(), v1());
+    assert!(!running.task.is_finished());
+    check_rows(&v1(), &read_view(&view, &v1()).await, &producer.history()).unwrap();
+
+    refuse.store(false, Ordering::SeqCst);
+    tokio::time::timeout(PROMPT, consumer.active().wait_for(&v2()))
+        .await
+        .expect("the move did not complete once v2 could be built");
+    assert_eq!(consumer.status().last_error, None);
+    producer.wait_appends(20).await;
     producer.stop_appending().await;
     assert_v2_converges(&producer, &view).await;
     running.stop().await;
