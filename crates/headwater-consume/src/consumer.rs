@@ -482,6 +482,9 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
             let Some(last) = page.last().map(|e| e.position) else {
                 continue;
             };
+            // What simply continues its subject is applied in one transaction; the rest one by
+            // one below (duplicates, gaps to heal, parked subjects).
+            let page = self.apply_page(page).await;
             for event in page {
                 loop {
                     // An event that fails for a reason retrying does not fix is dead-lettered
@@ -502,6 +505,74 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
             after = last;
             self.view.save_feed_position(&self.feed, after).await?;
         }
+    }
+
+    /// Applies, in one `ViewStore::apply_many`, the events of `page` that continue their
+    /// subject's cursor exactly (after any leading duplicates): one transaction — one commit —
+    /// for a whole page where the view store can. Returns the events it left, in page order, for
+    /// the one-by-one path: those of subjects with a gap, a parked subject, another feed, or all
+    /// of them when the batch fails (they are then applied or dead-lettered one by one;
+    /// duplicates of what the batch applied are skipped there).
+    async fn apply_page(&self, page: Vec<IntegrationEvent>) -> Vec<IntegrationEvent> {
+        if page.len() < 2 {
+            return page;
+        }
+        let mut by_subject: std::collections::BTreeMap<Subject, Vec<IntegrationEvent>> =
+            std::collections::BTreeMap::new();
+        let mut rest = Vec::new();
+        for event in page {
+            if event.feed == self.feed {
+                by_subject
+                    .entry(event.subject.clone())
+                    .or_default()
+                    .push(event);
+            } else {
+                rest.push(event);
+            }
+        }
+        // Hold every subject's lock stripe, taken in stripe order (no deadlock with another
+        // page applying at once).
+        let mut stripes: Vec<usize> = by_subject.keys().map(|s| self.stripe_of(s)).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let mut held = Vec::with_capacity(stripes.len());
+        for stripe in stripes {
+            held.push(self.locks[stripe].lock().await);
+        }
+        let mut batch = Vec::with_capacity(by_subject.len());
+        for (subject, events) in by_subject {
+            // A store that fails here fails again below, where the one-by-one path waits.
+            let continues = match self.view.cursor(&self.feed, &subject).await {
+                Ok(cursor) => {
+                    crate::view::check_contiguous(&subject, cursor, &events).is_ok()
+                        && matches!(self.parked_at(&subject).await, Ok(None))
+                }
+                Err(_) => false,
+            };
+            if continues {
+                batch.push((subject, events));
+            } else {
+                rest.extend(events);
+            }
+        }
+        if !batch.is_empty() {
+            match self.view.apply_many(&self.feed, &batch).await {
+                Ok(applied) => {
+                    for ((subject, _), applied) in batch.iter().zip(&applied) {
+                        Counters::add(&self.counters.applied, applied.applied);
+                        Counters::add(&self.counters.duplicates, applied.duplicates);
+                        self.counters.open.reached(subject, applied.cursor);
+                    }
+                }
+                Err(error) => {
+                    tracing::debug!(feed = %self.feed, %error, "a page could not be applied at once; applying its events one by one");
+                    rest.extend(batch.into_iter().flat_map(|(_, events)| events));
+                }
+            }
+        }
+        drop(held);
+        rest.sort_by_key(|e| e.position);
+        rest
     }
 
     /// Fetches and applies everything of `subject` after its cursor, holding its lock.
@@ -598,11 +669,14 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
     }
 
     pub(crate) fn lock_of(&self, subject: &Subject) -> &tokio::sync::Mutex<()> {
+        &self.locks[self.stripe_of(subject)]
+    }
+
+    fn stripe_of(&self, subject: &Subject) -> usize {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         subject.hash(&mut hasher);
-        let stripe = usize::try_from(hasher.finish() % LOCK_STRIPES as u64).unwrap_or(0);
-        &self.locks[stripe]
+        usize::try_from(hasher.finish() % LOCK_STRIPES as u64).unwrap_or(0)
     }
 }
 

@@ -598,7 +598,7 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
     }
 
     /// The highest sequence among `subject`'s open dead letters, if it is parked.
-    async fn parked_at(&self, subject: &Subject) -> Result<Option<Sequence>, ViewError> {
+    pub(crate) async fn parked_at(&self, subject: &Subject) -> Result<Option<Sequence>, ViewError> {
         Ok(self
             .parked()
             .await?

@@ -134,6 +134,50 @@ fn cursor_in(
     ))
 }
 
+/// Applies `events` of `subject` in `tx` (not committed): the handler on each new one, then the
+/// cursor.
+fn apply_in(
+    tx: &Transaction<'_>,
+    handler: &Handler,
+    feed: &FeedId,
+    subject: &Subject,
+    events: &[IntegrationEvent],
+) -> Result<Applied, ViewError> {
+    let cursor = cursor_in(tx, feed, subject)?;
+    let duplicates = check_contiguous(subject, cursor, events)?;
+    let new = &events[duplicates..];
+    let Some(last) = new.last() else {
+        return Ok(Applied {
+            cursor,
+            applied: 0,
+            duplicates: duplicates as u64,
+        });
+    };
+    for event in new {
+        handler(tx, event).map_err(|e| ViewError::Handler {
+            subject: subject.clone(),
+            sequence: event.sequence,
+            reason: e.to_string(),
+        })?;
+    }
+    let sequence = i64::try_from(last.sequence.get()).map_err(|_| ViewError::NotContiguous {
+        subject: subject.clone(),
+        cursor,
+        detail: "a sequence above 2^63".into(),
+    })?;
+    tx.execute(
+        "INSERT INTO headwater_cursors (feed, subject, sequence) VALUES (?1, ?2, ?3)
+         ON CONFLICT (feed, subject) DO UPDATE SET sequence = excluded.sequence",
+        params![feed.to_string(), subject.as_str(), sequence],
+    )
+    .map_err(backend)?;
+    Ok(Applied {
+        cursor: last.sequence,
+        applied: new.len() as u64,
+        duplicates: duplicates as u64,
+    })
+}
+
 #[async_trait]
 impl ViewStore for EmbeddedView {
     async fn cursor(&self, feed: &FeedId, subject: &Subject) -> Result<Sequence, ViewError> {
@@ -154,41 +198,34 @@ impl ViewStore for EmbeddedView {
             let tx = connection
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(backend)?;
-            let cursor = cursor_in(&tx, &feed, &subject)?;
-            let duplicates = check_contiguous(&subject, cursor, &events)?;
-            let new = &events[duplicates..];
-            let Some(last) = new.last() else {
-                return Ok(Applied {
-                    cursor,
-                    applied: 0,
-                    duplicates: duplicates as u64,
-                });
-            };
-            for event in new {
-                handler(&tx, event).map_err(|e| ViewError::Handler {
-                    subject: subject.clone(),
-                    sequence: event.sequence,
-                    reason: e.to_string(),
-                })?;
+            let applied = apply_in(&tx, &*handler, &feed, &subject, &events)?;
+            if applied.applied > 0 {
+                tx.commit().map_err(backend)?;
             }
-            let sequence =
-                i64::try_from(last.sequence.get()).map_err(|_| ViewError::NotContiguous {
-                    subject: subject.clone(),
-                    cursor,
-                    detail: "a sequence above 2^63".into(),
-                })?;
-            tx.execute(
-                "INSERT INTO headwater_cursors (feed, subject, sequence) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (feed, subject) DO UPDATE SET sequence = excluded.sequence",
-                params![feed.to_string(), subject.as_str(), sequence],
-            )
-            .map_err(backend)?;
-            tx.commit().map_err(backend)?;
-            Ok(Applied {
-                cursor: last.sequence,
-                applied: new.len() as u64,
-                duplicates: duplicates as u64,
-            })
+            Ok(applied)
+        })
+        .await
+    }
+
+    async fn apply_many(
+        &self,
+        feed: &FeedId,
+        batches: &[(Subject, Vec<IntegrationEvent>)],
+    ) -> Result<Vec<Applied>, ViewError> {
+        let (feed, batches) = (feed.clone(), batches.to_vec());
+        let handler = Arc::clone(&self.handler);
+        self.blocking(move |connection| {
+            let tx = connection
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(backend)?;
+            let applied = batches
+                .iter()
+                .map(|(subject, events)| apply_in(&tx, &*handler, &feed, subject, events))
+                .collect::<Result<Vec<_>, _>>()?;
+            if applied.iter().any(|a| a.applied > 0) {
+                tx.commit().map_err(backend)?;
+            }
+            Ok(applied)
         })
         .await
     }

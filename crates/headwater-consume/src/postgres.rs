@@ -144,6 +144,59 @@ impl<H: PgHandler> PgView<H> {
     }
 }
 
+impl<H: PgHandler> PgView<H> {
+    /// Applies `events` of `subject` in `tx` (not committed) under the subject's advisory lock:
+    /// the handler on each new one, then the cursor.
+    async fn apply_in(
+        &self,
+        tx: &Transaction<'_>,
+        feed: &FeedId,
+        subject: &Subject,
+        events: &[IntegrationEvent],
+    ) -> Result<Applied, ViewError> {
+        // Two processes on one view apply a subject one at a time.
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2, 0))",
+            &[&feed.to_string(), &subject.as_str()],
+        )
+        .await
+        .map_err(backend)?;
+        let cursor = cursor_in(tx, feed, subject).await?;
+        let duplicates = check_contiguous(subject, cursor, events)?;
+        let new = &events[duplicates..];
+        let Some(last) = new.last() else {
+            return Ok(Applied {
+                cursor,
+                applied: 0,
+                duplicates: duplicates as u64,
+            });
+        };
+        for event in new {
+            self.handler
+                .apply(tx, event)
+                .await
+                .map_err(|e| ViewError::Handler {
+                    subject: subject.clone(),
+                    sequence: event.sequence,
+                    reason: e.to_string(),
+                })?;
+        }
+        let sequence = i64::try_from(last.sequence.get()).unwrap_or(i64::MAX);
+        tx.execute(
+            "INSERT INTO headwater_cursors (feed, subject, sequence) VALUES ($1, $2, $3)
+             ON CONFLICT (feed, subject) DO UPDATE SET sequence = excluded.sequence",
+            &[&feed.to_string(), &subject.as_str(), &sequence],
+        )
+        .await
+        .map_err(backend)?;
+        Ok(Applied {
+            cursor: last.sequence,
+            applied: new.len() as u64,
+            duplicates: duplicates as u64,
+        })
+    }
+}
+
 fn lost() -> ViewError {
     ViewError::Backend("no connection to PostgreSQL".into())
 }
@@ -182,47 +235,35 @@ impl<H: PgHandler> ViewStore for PgView<H> {
         let mut guard = self.client().await?;
         let client = guard.as_mut().ok_or_else(lost)?;
         let tx = client.transaction().await.map_err(backend)?;
-        // Two processes on one view apply a subject one at a time.
-        tx.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2, 0))",
-            &[&feed.to_string(), &subject.as_str()],
-        )
-        .await
-        .map_err(backend)?;
-        let cursor = cursor_in(&tx, feed, subject).await?;
-        let duplicates = check_contiguous(subject, cursor, events)?;
-        let new = &events[duplicates..];
-        let Some(last) = new.last() else {
-            return Ok(Applied {
-                cursor,
-                applied: 0,
-                duplicates: duplicates as u64,
-            });
-        };
-        for event in new {
-            self.handler
-                .apply(&tx, event)
-                .await
-                .map_err(|e| ViewError::Handler {
-                    subject: subject.clone(),
-                    sequence: event.sequence,
-                    reason: e.to_string(),
-                })?;
+        let applied = self.apply_in(&tx, feed, subject, events).await?;
+        if applied.applied > 0 {
+            tx.commit().await.map_err(backend)?;
         }
-        let sequence = i64::try_from(last.sequence.get()).unwrap_or(i64::MAX);
-        tx.execute(
-            "INSERT INTO headwater_cursors (feed, subject, sequence) VALUES ($1, $2, $3)
-             ON CONFLICT (feed, subject) DO UPDATE SET sequence = excluded.sequence",
-            &[&feed.to_string(), &subject.as_str(), &sequence],
-        )
-        .await
-        .map_err(backend)?;
-        tx.commit().await.map_err(backend)?;
-        Ok(Applied {
-            cursor: last.sequence,
-            applied: new.len() as u64,
-            duplicates: duplicates as u64,
-        })
+        Ok(applied)
+    }
+
+    async fn apply_many(
+        &self,
+        feed: &FeedId,
+        batches: &[(Subject, Vec<IntegrationEvent>)],
+    ) -> Result<Vec<Applied>, ViewError> {
+        // The advisory locks are taken in subject order, so two processes applying overlapping
+        // batches cannot deadlock; the answers come back in the caller's order.
+        let mut order: Vec<usize> = (0..batches.len()).collect();
+        order.sort_by(|&a, &b| batches[a].0.cmp(&batches[b].0));
+        let mut guard = self.client().await?;
+        let client = guard.as_mut().ok_or_else(lost)?;
+        let tx = client.transaction().await.map_err(backend)?;
+        let mut applied = vec![None; batches.len()];
+        for i in order {
+            let (subject, events) = &batches[i];
+            applied[i] = Some(self.apply_in(&tx, feed, subject, events).await?);
+        }
+        let applied: Vec<Applied> = applied.into_iter().flatten().collect();
+        if applied.iter().any(|a| a.applied > 0) {
+            tx.commit().await.map_err(backend)?;
+        }
+        Ok(applied)
     }
 
     async fn cursors(

@@ -76,6 +76,30 @@ pub trait ViewStore: Send + Sync + 'static {
         events: &[IntegrationEvent],
     ) -> Result<Applied, ViewError>;
 
+    /// Applies the events of several subjects, each element as [`ViewStore::apply`] would — the
+    /// answers in the same order — in ONE transaction where the backend can (`EmbeddedView`,
+    /// `PgView`: one commit, one fsync, for a whole page of a feed). Each subject's events and
+    /// its cursor always commit together (G7); with the default implementation (one `apply` per
+    /// subject) the batch as a whole is not all or nothing.
+    ///
+    /// # Errors
+    /// As [`ViewStore::apply`], for the first subject that fails; in one transaction nothing of
+    /// the batch is written then.
+    ///
+    /// # Durability
+    /// As [`ViewStore::apply`].
+    async fn apply_many(
+        &self,
+        feed: &FeedId,
+        batches: &[(Subject, Vec<IntegrationEvent>)],
+    ) -> Result<Vec<Applied>, ViewError> {
+        let mut applied = Vec::with_capacity(batches.len());
+        for (subject, events) in batches {
+            applied.push(self.apply(feed, subject, events).await?);
+        }
+        Ok(applied)
+    }
+
     /// The cursors of the feed's subjects after `after` (all when `None`), in byte order of the
     /// subject, at most `limit`.
     async fn cursors(

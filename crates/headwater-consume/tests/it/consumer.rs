@@ -394,3 +394,162 @@ pub(crate) async fn marks_behave<V: ViewStore>(view: &V) {
 async fn marks_on_the_memory_view() {
     marks_behave(&*view()).await;
 }
+
+/// `apply_many` on a view store that applies a batch in one transaction: the answers come in the
+/// caller's order, leading duplicates are counted, and when the handler refuses one subject's
+/// event nothing of the batch is written (no cursor moves). `failing` makes an event the
+/// store's handler refuses. Leaves acc-1 at 2, acc-2 at 1, acc-3 at 1 (3 + 1 rows).
+pub(crate) async fn apply_many_is_one_transaction<V: ViewStore>(
+    view: &V,
+    failing: fn(&str, u64) -> IntegrationEvent,
+) {
+    let s = |name: &str| Subject::new(name).unwrap();
+    let applied = view
+        .apply_many(
+            &feed(),
+            &[
+                (s("acc-2"), vec![event(2, "acc-2", 1)]),
+                (s("acc-1"), vec![event(1, "acc-1", 1), event(3, "acc-1", 2)]),
+            ],
+        )
+        .await
+        .unwrap();
+    let got: Vec<_> = applied.iter().map(|a| (a.cursor, a.applied)).collect();
+    assert_eq!(got, vec![(Sequence(1), 1), (Sequence(2), 2)]);
+    // acc-3 fine, acc-1's next refused by the handler: nothing of the batch is written.
+    let error = view
+        .apply_many(
+            &feed(),
+            &[
+                (s("acc-3"), vec![event(4, "acc-3", 1)]),
+                (s("acc-1"), vec![event(3, "acc-1", 2), failing("acc-1", 3)]),
+            ],
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(error, ViewError::Handler { .. }), "{error}");
+    assert_eq!(
+        view.cursor(&feed(), &s("acc-3")).await.unwrap(),
+        Sequence(0)
+    );
+    assert_eq!(
+        view.cursor(&feed(), &s("acc-1")).await.unwrap(),
+        Sequence(2)
+    );
+    // Not contiguous: refused, nothing written either.
+    let error = view
+        .apply_many(
+            &feed(),
+            &[
+                (s("acc-3"), vec![event(4, "acc-3", 1)]),
+                (s("acc-2"), vec![event(5, "acc-2", 3)]),
+            ],
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(error, ViewError::NotContiguous { .. }), "{error}");
+    assert_eq!(
+        view.cursor(&feed(), &s("acc-3")).await.unwrap(),
+        Sequence(0)
+    );
+    // A batch of duplicates and one new event.
+    let applied = view
+        .apply_many(
+            &feed(),
+            &[
+                (s("acc-1"), vec![event(3, "acc-1", 2)]),
+                (s("acc-3"), vec![event(4, "acc-3", 1)]),
+            ],
+        )
+        .await
+        .unwrap();
+    let got: Vec<_> = applied
+        .iter()
+        .map(|a| (a.cursor, a.applied, a.duplicates))
+        .collect();
+    assert_eq!(got, vec![(Sequence(2), 0, 1), (Sequence(1), 1, 0)]);
+}
+
+/// An upstream whose feed answers scripted pages (then nothing); subjects from a memory producer.
+struct ScriptedFeed {
+    producer: Arc<MemoryUpstream>,
+    pages: std::sync::Mutex<Vec<Vec<IntegrationEvent>>>,
+}
+
+#[async_trait::async_trait]
+impl headwater_consume::Upstream for ScriptedFeed {
+    async fn read_subject(
+        &self,
+        feed: &FeedId,
+        subject: &Subject,
+        after: Sequence,
+        limit: u64,
+    ) -> Result<Vec<IntegrationEvent>, UpstreamError> {
+        self.producer
+            .read_subject(feed, subject, after, limit)
+            .await
+    }
+
+    async fn subjects(
+        &self,
+        feed: &FeedId,
+        after: Option<&Subject>,
+        limit: u64,
+    ) -> Result<Vec<headwater_consume::SubjectHead>, UpstreamError> {
+        self.producer.subjects(feed, after, limit).await
+    }
+
+    async fn read_feed(
+        &self,
+        _: &FeedId,
+        _: u64,
+        _: u64,
+        wait: Duration,
+    ) -> Result<Vec<IntegrationEvent>, UpstreamError> {
+        let page = self.pages.lock().unwrap().pop();
+        if page.is_none() {
+            tokio::time::sleep(wait).await;
+        }
+        Ok(page.unwrap_or_default())
+    }
+}
+
+#[tokio::test]
+async fn a_feed_page_is_applied_at_once_and_what_does_not_continue_goes_one_by_one() {
+    // The page holds runs that continue (acc-1 from #2, acc-2), a gap (acc-3 from #2, its #1
+    // lost on the way) and duplicates (acc-1 #1, which the consumer has, and acc-2 #2 twice).
+    let producer = Arc::new(MemoryUpstream::new());
+    let events = produce(&producer, &[1, 2, 1, 3, 3, 2, 1]);
+    let mut page: Vec<_> = events.iter().filter(|e| e.position != 4).cloned().collect();
+    page.push(events[5].clone());
+    let upstream = Arc::new(ScriptedFeed {
+        producer: Arc::clone(&producer),
+        pages: std::sync::Mutex::new(vec![page]),
+    });
+    let view = view();
+    let consumer = Consumer::new(
+        feed(),
+        Arc::clone(&view),
+        upstream,
+        ConsumerOptions::default().with_backoff(Duration::from_millis(1), Duration::from_millis(5)),
+    );
+    consumer.deliver(events[0].clone()).await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let following = consumer.follow_feed(Duration::from_millis(10), async {
+        let _ = stopped.await;
+    });
+    let checker = async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while view.read(|s| s.values().map(Vec::len).sum::<usize>()) < events.len() {
+            assert!(tokio::time::Instant::now() < deadline, "not all applied");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let _ = stop.send(());
+    };
+    let (followed, ()) = tokio::join!(following, checker);
+    followed.unwrap();
+    assert_eq!(view.read(Clone::clone), expected(&events));
+    let stats = consumer.stats();
+    assert_eq!((stats.applied, stats.gaps, stats.healed), (7, 1, 1));
+    assert_eq!(stats.duplicates, 2, "acc-1 #1 and acc-2 #2 delivered twice");
+}

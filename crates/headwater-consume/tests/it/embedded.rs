@@ -8,7 +8,10 @@ use headwater_core::{FeedId, Sequence, Subject};
 use proptest::prelude::*;
 use rusqlite::params;
 
-use crate::consumer::{deliver_lossy_then_reconstitute, event, marks_behave, produce, runtime};
+use crate::consumer::{
+    apply_many_is_one_transaction, deliver_lossy_then_reconstitute, event, marks_behave, produce,
+    runtime,
+};
 
 fn feed() -> FeedId {
     FeedId::parse("accounts.v1").unwrap()
@@ -107,6 +110,14 @@ async fn apply_moves_the_cursor_with_the_rows_and_a_failure_writes_neither() {
     assert_eq!(rows(&view).await.len(), 3);
     let cursors = view.cursors(&feed(), None, 10).await.unwrap();
     assert_eq!(cursors, vec![(s, Sequence(3))]);
+}
+
+#[tokio::test]
+async fn apply_many_is_one_transaction_in_the_embedded_view() {
+    let dir = tempfile::tempdir().unwrap();
+    let view = open(dir.path());
+    apply_many_is_one_transaction(&view, failing).await;
+    assert_eq!(rows(&view).await.len(), 4);
 }
 
 #[tokio::test]

@@ -12,7 +12,10 @@ use headwater_core::{FeedId, Sequence, Subject};
 use proptest::prelude::*;
 use tokio_postgres::Transaction;
 
-use crate::consumer::{deliver_lossy_then_reconstitute, event, marks_behave, produce, runtime};
+use crate::consumer::{
+    apply_many_is_one_transaction, deliver_lossy_then_reconstitute, event, marks_behave, produce,
+    runtime,
+};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -147,6 +150,14 @@ async fn apply_moves_the_cursor_with_the_rows_and_a_failure_writes_neither_postg
         view.cursors(&feed(), None, 10).await.unwrap(),
         vec![(s, Sequence(3))]
     );
+}
+
+#[tokio::test]
+async fn apply_many_is_one_transaction_in_the_postgres_view() {
+    let schema = Schema::new();
+    let view = schema.open().await;
+    apply_many_is_one_transaction(&view, failing).await;
+    assert_eq!(rows(&view).await.len(), 4);
 }
 
 #[tokio::test]
