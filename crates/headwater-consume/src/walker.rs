@@ -440,7 +440,8 @@ async fn local_cursors<V: ViewStore, U: Upstream>(
     }
 }
 
-/// Fetches and applies everything of `subject` after its cursor, a paced page at a time. The
+/// Fetches and applies what follows `subject`'s cursor up to its listed head, a paced page at a
+/// time. The
 /// subject's lock is held only around each apply, not while waiting for the pace or upstream:
 /// deliveries of the subject go on meanwhile (the view store skips what they applied first).
 async fn catch_up<V: ViewStore, U: Upstream>(
@@ -499,6 +500,11 @@ async fn catch_up<V: ViewStore, U: Upstream>(
         on(Step::Applied(done.applied));
         applied += done.applied;
         cursor = done.cursor;
+        if cursor >= head.sequence {
+            // Up to the head listed: done, without asking for the (empty) page after it. Events
+            // appended since the listing come by delivery or the next walk.
+            return Ok(applied);
+        }
     }
 }
 

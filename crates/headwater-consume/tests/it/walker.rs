@@ -224,12 +224,12 @@ async fn pacing_bounds_the_requests_in_every_window() {
     let took = start.elapsed().as_secs_f64();
     sampler.abort();
     // 5 listing pages (the last one empty) and, for each of the 40 subjects, its page of 2
-    // events and the empty page after it.
-    assert_eq!(probe.calls(), 85);
-    assert_eq!(report.requests, 85);
+    // events (which reaches the head listed: no empty page asked after it).
+    assert_eq!(probe.calls(), 45);
+    assert_eq!(report.requests, 45);
     assert_eq!((report.listed, report.behind, report.applied), (40, 40, 80));
     let samples = samples.lock().unwrap().clone();
-    assert!(samples.len() > 30, "{} samples", samples.len());
+    assert!(samples.len() > 15, "{} samples", samples.len());
     for (at, calls) in &samples {
         let bound = f64::from(BURST) + f64::from(RATE) * at;
         #[allow(clippy::cast_precision_loss)]
@@ -239,8 +239,8 @@ async fn pacing_bounds_the_requests_in_every_window() {
             "{calls} calls after {at} s (at most {bound})"
         );
     }
-    // All 85 could not have passed sooner than the pace lets them.
-    let least = (85.0 - f64::from(BURST)) / f64::from(RATE);
+    // All 45 could not have passed sooner than the pace lets them.
+    let least = (45.0 - f64::from(BURST)) / f64::from(RATE);
     assert!(
         took >= least - 1e-6,
         "the walk took {took} s, at least {least} s due"
