@@ -21,9 +21,11 @@ use crate::view::ViewStore;
 /// How long JetStream waits for an ack before it delivers a message again, by default: a message
 /// whose consumer died (or lost its connection) is delivered again after this.
 pub const ACK_WAIT_DEFAULT: Duration = Duration::from_secs(30);
-/// How often the server sends a heartbeat on an idle pull: a connection that went silent is
-/// found within two of them.
-const HEARTBEAT: Duration = Duration::from_secs(5);
+/// How often the server sends a heartbeat on an idle pull: a pull that went silent — seen after a
+/// dropped connection, when the client reconnects but the pull request was lost with it — is
+/// found within two of them and the session starts over (with 5 s, a dropped connection sometimes
+/// stalled the consumer 10 s).
+const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// The feed's stream: `HEADWATER_{NAME}_V{version}` (as the publisher declares it).
 pub fn nats_stream(feed: &FeedId) -> String {
