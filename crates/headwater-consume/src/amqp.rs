@@ -105,6 +105,14 @@ impl AmqpSource {
         self.counters.stats()
     }
 
+    /// Registers this source's counters into `registry` (names prefixed
+    /// `headwater_consumer_broker_`, labelled with the feed and `transport="rabbitmq"`): messages
+    /// received, redelivered, acked, dead-lettered, retries, sessions, session errors. Register
+    /// each source once.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.counters.register(&self.feed, "rabbitmq", registry);
+    }
+
     /// Declares the exchange, the queue and the binding (idempotent), then disconnects. `run`
     /// does it at each connection; this is for a deployment step, or a test that publishes
     /// before the consumer first runs.

@@ -130,6 +130,9 @@ pub struct ConsumerStatus {
     pub untracked_gaps: u64,
     /// The oldest of them (at most [`STATUS_GAPS_MAX`]): each one's lag is `seen − cursor`.
     pub gaps: Vec<OpenGap>,
+    /// Dead letters: parked subjects, letters without a subject, recorded and resolved
+    /// (`Consumer::dead_letters` lists them).
+    pub dead_letters: crate::DeadLetterStatus,
 }
 
 /// How long one long poll of the producer's feed waits for a first event.
@@ -416,9 +419,12 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
     /// Registers the consumer's metrics into `registry` (names prefixed `headwater_consumer_`,
     /// labelled with the feed): events applied, duplicates skipped, gaps detected, events healed,
     /// heals given up, heal latency (a histogram), open gaps and the events missing behind them,
-    /// bootstraps, reconstitutions. Register each consumer once.
+    /// bootstraps, reconstitutions; dead letters recorded (by kind) and resolved, parked subjects.
+    /// Register each consumer once.
     pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
         self.counters.register(registry);
+        // Dead letters (src/dead.rs): recorded by kind, resolved, parked subjects.
+        self.dead.register(&self.feed, registry);
     }
 
     /// A snapshot for an operator: the counters and the gaps seen and not healed yet (per
@@ -432,6 +438,7 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
             open_gaps,
             untracked_gaps,
             gaps,
+            dead_letters: self.dead_letter_status(),
         }
     }
 

@@ -17,6 +17,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use headwater_core::{FeedId, Sequence, Subject};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::sync::OnceCell;
 
@@ -312,6 +317,63 @@ pub(crate) struct DeadLetters {
     loose: AtomicU64,
     recorded: AtomicU64,
     resolved: AtomicU64,
+    metrics: DeadLetterMetrics,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+/// The dead letters' Prometheus metrics (`Consumer::register_metrics`).
+#[derive(Debug, Default)]
+struct DeadLetterMetrics {
+    recorded: Family<KindLabels, Counter>,
+    resolved: Counter,
+    parked_subjects: Gauge,
+    without_subject: Gauge,
+}
+
+impl DeadLetters {
+    /// Registers the dead letters' metrics (prefix `headwater_consumer_`, labelled with the feed).
+    pub(crate) fn register(&self, feed: &FeedId, registry: &mut Registry) {
+        let m = &self.metrics;
+        let r = registry
+            .sub_registry_with_prefix("headwater_consumer")
+            .sub_registry_with_label(("feed".into(), feed.to_string().into()));
+        r.register(
+            "dead_letters_recorded",
+            "Dead letters recorded (or recorded again), by kind: undecodable, wrong_feed, handler, upstream, view, parked",
+            m.recorded.clone(),
+        );
+        r.register(
+            "dead_letters_resolved",
+            "Dead letters resolved by a later success of their subject",
+            m.resolved.clone(),
+        );
+        r.register(
+            "parked_subjects",
+            "Subjects parked behind a dead letter (their cursor stays before the failed event)",
+            m.parked_subjects.clone(),
+        );
+        r.register(
+            "dead_letters_without_subject",
+            "Open dead letters that name no subject (undecodable, another feed's), as this process knows",
+            m.without_subject.clone(),
+        );
+    }
+
+    fn parked_changed(&self, parked: &HashMap<Subject, Sequence>) {
+        self.metrics
+            .parked_subjects
+            .set(i64::try_from(parked.len()).unwrap_or(i64::MAX));
+    }
+
+    fn loose_changed(&self) {
+        self.metrics
+            .without_subject
+            .set(i64::try_from(self.loose.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
+    }
 }
 
 /// What the consumer knows of its dead letters (for `/status`).
@@ -537,6 +599,7 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
             .await?;
         let dead = &self.dead;
         dead.resolved.fetch_add(resolved, Ordering::Relaxed);
+        dead.metrics.resolved.inc_by(resolved);
         if let Some(parked) = dead.parked.get() {
             let mut parked = parked.lock().unwrap_or_else(|e| e.into_inner());
             if parked
@@ -545,6 +608,7 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
             {
                 parked.remove(subject);
             }
+            dead.parked_changed(&parked);
         }
         if resolved > 0 {
             tracing::info!(feed = %self.feed(), %subject, %cursor, resolved, "a parked subject caught up: its dead letters are resolved");
@@ -630,6 +694,8 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
             }
         }
         self.dead.loose.store(loose, Ordering::Relaxed);
+        self.dead.loose_changed();
+        self.dead.parked_changed(&parked);
         Ok(Mutex::new(parked))
     }
 
@@ -660,14 +726,22 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
         let id = self.view().record_dead_letter(&letter).await?;
         let dead = &self.dead;
         dead.recorded.fetch_add(1, Ordering::Relaxed);
+        dead.metrics
+            .recorded
+            .get_or_create(&KindLabels {
+                kind: letter.kind.as_str(),
+            })
+            .inc();
         match (&letter.subject, letter.sequence) {
             (Some(subject), Some(sequence)) => {
                 let mut parked = parked.lock().unwrap_or_else(|e| e.into_inner());
                 let highest = parked.entry(subject.clone()).or_default();
                 *highest = (*highest).max(sequence);
+                dead.parked_changed(&parked);
             }
             _ => {
                 dead.loose.fetch_add(1, Ordering::Relaxed);
+                dead.loose_changed();
             }
         }
         tracing::error!(

@@ -129,6 +129,14 @@ impl NatsSource {
         self.counters.stats()
     }
 
+    /// Registers this source's counters into `registry` (names prefixed
+    /// `headwater_consumer_broker_`, labelled with the feed and `transport="nats"`): messages
+    /// received, redelivered, acked, dead-lettered, retries, sessions, session errors. Register
+    /// each source once.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.counters.register(&self.feed, "nats", registry);
+    }
+
     /// Creates the stream and the durable consumer if missing, then disconnects. `run` does it
     /// at each connection; this is for a deployment step, or a test that publishes before the
     /// consumer first runs.

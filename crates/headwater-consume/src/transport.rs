@@ -5,11 +5,13 @@
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::{Stream, StreamExt};
+use headwater_core::FeedId;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
@@ -96,32 +98,76 @@ pub struct TransportStats {
     pub session_errors: u64,
 }
 
+/// A transport's counters, also its Prometheus metrics (`register_metrics`).
 #[derive(Debug, Default)]
 pub(crate) struct TransportCounters {
-    pub(crate) received: AtomicU64,
-    pub(crate) redelivered: AtomicU64,
-    pub(crate) acked: AtomicU64,
-    pub(crate) dead_lettered: AtomicU64,
-    pub(crate) retries: AtomicU64,
-    pub(crate) sessions: AtomicU64,
-    pub(crate) session_errors: AtomicU64,
+    pub(crate) received: Counter,
+    pub(crate) redelivered: Counter,
+    pub(crate) acked: Counter,
+    pub(crate) dead_lettered: Counter,
+    pub(crate) retries: Counter,
+    pub(crate) sessions: Counter,
+    pub(crate) session_errors: Counter,
 }
 
 impl TransportCounters {
-    pub(crate) fn add(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn add(counter: &Counter) {
+        counter.inc();
     }
 
     pub(crate) fn stats(&self) -> TransportStats {
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         TransportStats {
-            received: get(&self.received),
-            redelivered: get(&self.redelivered),
-            acked: get(&self.acked),
-            dead_lettered: get(&self.dead_lettered),
-            retries: get(&self.retries),
-            sessions: get(&self.sessions),
-            session_errors: get(&self.session_errors),
+            received: self.received.get(),
+            redelivered: self.redelivered.get(),
+            acked: self.acked.get(),
+            dead_lettered: self.dead_lettered.get(),
+            retries: self.retries.get(),
+            sessions: self.sessions.get(),
+            session_errors: self.session_errors.get(),
+        }
+    }
+
+    /// Registers the counters, names prefixed `headwater_consumer_broker_`, labelled with the
+    /// feed and the transport (`rabbitmq`, `nats`).
+    pub(crate) fn register(&self, feed: &FeedId, transport: &'static str, registry: &mut Registry) {
+        let r = registry
+            .sub_registry_with_prefix("headwater_consumer_broker")
+            .sub_registry_with_label(("feed".into(), feed.to_string().into()))
+            .sub_registry_with_label(("transport".into(), transport.into()));
+        for (name, help, counter) in [
+            (
+                "messages_received",
+                "Messages received from the broker (redeliveries included)",
+                &self.received,
+            ),
+            (
+                "messages_redelivered",
+                "Messages the broker had delivered before",
+                &self.redelivered,
+            ),
+            (
+                "messages_acked",
+                "Messages acked after their commit, as duplicates, or as dead letters",
+                &self.acked,
+            ),
+            (
+                "messages_dead_lettered",
+                "Messages recorded as dead letters (and acked)",
+                &self.dead_lettered,
+            ),
+            (
+                "retries",
+                "Messages tried again after a failure that may pass (held unacked meanwhile)",
+                &self.retries,
+            ),
+            ("sessions", "Sessions (connections) opened", &self.sessions),
+            (
+                "session_errors",
+                "Sessions that ended in an error (a lost connection, channel or subscription)",
+                &self.session_errors,
+            ),
+        ] {
+            r.register(name, help, counter.clone());
         }
     }
 }

@@ -275,6 +275,30 @@ async fn bad_messages_are_dead_lettered_and_the_other_subjects_go_on() {
         .collect();
     assert_eq!(parked, (2..=10).collect::<Vec<_>>());
     assert_eq!(consumer.dead_letter_status().parked_subjects, 1);
+    assert_eq!(consumer.status().dead_letters.parked_subjects, 1);
+    // And the metrics say so.
+    let mut registry = prometheus_client::registry::Registry::default();
+    consumer.register_metrics(&mut registry);
+    source.register_metrics(&mut registry);
+    let mut metrics = String::new();
+    prometheus_client::encoding::text::encode(&mut metrics, &registry).unwrap();
+    for line in [
+        format!(
+            r#"headwater_consumer_dead_letters_recorded_total{{feed="{feed}",kind="undecodable"}} 1"#
+        ),
+        format!(
+            r#"headwater_consumer_dead_letters_recorded_total{{feed="{feed}",kind="parked"}} 9"#
+        ),
+        format!(r#"headwater_consumer_parked_subjects{{feed="{feed}"}} 1"#),
+        format!(
+            r#"headwater_consumer_broker_messages_acked_total{{feed="{feed}",transport="rabbitmq"}} 62"#
+        ),
+        format!(
+            r#"headwater_consumer_broker_messages_dead_lettered_total{{feed="{feed}",transport="rabbitmq"}} 12"#
+        ),
+    ] {
+        assert!(metrics.contains(&line), "{line} not in\n{metrics}");
+    }
     wait_ready(&channel, source.queue(), 0).await;
     // The operator fixes the handler; the next walk catches acc-3 up and resolves its letters.
     refused.lock().unwrap().clear();
