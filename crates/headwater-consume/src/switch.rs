@@ -630,6 +630,7 @@ impl<V: ViewStore, U: Upstream> VersionedConsumer<V, U> {
             .set(i64::from(target.version.get()));
         self.status.send_modify(|s| {
             s.active = target.to_string();
+            s.phase = SwitchPhase::Following;
             s.switches += 1;
             s.last_error = None;
         });
