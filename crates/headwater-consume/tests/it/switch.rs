@@ -506,7 +506,7 @@ struct Running {
     task: tokio::task::JoinHandle<Result<(), SwitchError>>,
 }
 
-fn run(consumer: &Arc<Versioned>) -> Running {
+fn run<V: ViewStore>(consumer: &Arc<VersionedConsumer<V, FeedClient>>) -> Running {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let consumer = Arc::clone(consumer);
     let task = tokio::spawn(async move {
@@ -1200,4 +1200,187 @@ async fn the_active_version_at_open_comes_from_the_mark_or_the_view() {
         .await;
         assert!(matches!(result, Err(SwitchError::Name)), "{name:?}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The same move on a PostgreSQL view (`HEADWATER_TEST_POSTGRES_URL`; fails without it): both
+// versions' tables, cursors and the mark in one schema.
+
+/// The bank view's handler on PostgreSQL: as `open_view`'s.
+struct PgBank;
+
+#[async_trait]
+impl headwater_consume::PgHandler for PgBank {
+    async fn apply(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        event: &IntegrationEvent,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        #[derive(serde::Deserialize)]
+        struct Data {
+            #[serde(default)]
+            amount: i64,
+            #[serde(default)]
+            change: i64,
+            #[serde(default)]
+            balance: i64,
+            #[serde(default)]
+            owner: String,
+        }
+        let data: Data = event.data_as()?;
+        let account = event.subject.as_str();
+        let sequence = i64::try_from(event.sequence.get())?;
+        let changed = match (event.feed.version.get(), event.event_type.as_str()) {
+            (1, kind @ ("accounts.deposited" | "accounts.withdrawn")) => {
+                let delta = if kind == "accounts.withdrawn" {
+                    -data.amount
+                } else {
+                    data.amount
+                };
+                tx.execute(
+                    "INSERT INTO balances_v1 (account, balance, sequence) VALUES ($1, $2, $3)
+                     ON CONFLICT (account) DO UPDATE
+                     SET balance = balances_v1.balance + excluded.balance,
+                         sequence = excluded.sequence",
+                    &[&account, &delta, &sequence],
+                )
+                .await?
+            }
+            (2, "accounts.opened") => {
+                tx.execute(
+                    "INSERT INTO balances_v2 (account, owner, balance, sequence)
+                     VALUES ($1, $2, 0, $3)",
+                    &[&account, &data.owner, &sequence],
+                )
+                .await?
+            }
+            (2, "accounts.changed") => {
+                tx.execute(
+                    "UPDATE balances_v2 SET balance = $2, sequence = $3
+                     WHERE account = $1 AND balance + $4 = $2",
+                    &[&account, &data.balance, &sequence, &data.change],
+                )
+                .await?
+            }
+            _ => 0,
+        };
+        if changed != 1 {
+            return Err(
+                format!("{} {} does not fit the view", event.feed, event.event_type).into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+const PG_TABLES: &str = "
+CREATE TABLE IF NOT EXISTS balances_v1 (
+    account TEXT COLLATE \"C\" PRIMARY KEY, balance BIGINT NOT NULL, sequence BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS balances_v2 (
+    account TEXT COLLATE \"C\" PRIMARY KEY, owner TEXT NOT NULL, balance BIGINT NOT NULL,
+    sequence BIGINT NOT NULL);";
+
+async fn read_pg(view: &headwater_consume::PgView<PgBank>, feed: &FeedId) -> Rows {
+    let guard = view.client().await.unwrap();
+    let client = guard.as_ref().unwrap();
+    client
+        .query(
+            &format!(
+                "SELECT account, balance, sequence FROM balances_v{} ORDER BY account",
+                feed.version.get()
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, String>(0),
+                r.get::<_, i64>(1),
+                u64::try_from(r.get::<_, i64>(2)).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The move on a PostgreSQL view, and a crash right after the flip: the reconnected view names
+/// v2 active and converges to the producer's model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_move_on_a_postgres_view() {
+    /// Drops the test's schema at the end, also when it fails.
+    struct Schema(String, String);
+    impl Drop for Schema {
+        fn drop(&mut self) {
+            headwater_testkit::postgres::drop_schema(&self.0, &self.1);
+        }
+    }
+    let schema = Schema(
+        headwater_testkit::postgres::url(),
+        headwater_testkit::postgres::fresh_schema(),
+    );
+    let connect = || async {
+        Arc::new(
+            headwater_consume::PgView::connect(&schema.0, &schema.1, PG_TABLES, PgBank)
+                .await
+                .unwrap(),
+        )
+    };
+    let producer = Producer::start(&[1, 2]).await;
+    producer.start_appending(23);
+    let view = connect().await;
+    let consumer = Arc::new(
+        VersionedConsumer::open(
+            CONSUMER,
+            v1(),
+            Arc::clone(&view),
+            Arc::new(producer.client()),
+            options(),
+        )
+        .await
+        .unwrap(),
+    );
+    let running = run(&consumer);
+    poll("the v1 view to fill", || async {
+        read_pg(&view, &v1()).await.len() as u64 >= ACCOUNTS / 2
+    })
+    .await;
+    consumer.switch_to(v2());
+    tokio::time::timeout(PROMPT, consumer.active().wait_for(&v2()))
+        .await
+        .expect("the consumer did not switch");
+    check_rows(&v2(), &read_pg(&view, &v2()).await, &producer.history()).unwrap();
+    running.crash().await;
+    drop((consumer, view));
+
+    let view = connect().await;
+    assert_eq!(
+        view.mark(&format!("active/{CONSUMER}"))
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("accounts.v2")
+    );
+    let consumer = Arc::new(
+        VersionedConsumer::open(
+            CONSUMER,
+            v2(),
+            Arc::clone(&view),
+            Arc::new(producer.client()),
+            options(),
+        )
+        .await
+        .unwrap(),
+    );
+    assert_eq!(consumer.active().feed(), v2());
+    let running = run(&consumer);
+    producer.wait_appends(20).await;
+    producer.stop_appending().await;
+    let expected = expected_v2(&producer.history());
+    poll("the v2 view to equal the producer's", || async {
+        read_pg(&view, &v2()).await == expected
+    })
+    .await;
+    running.stop().await;
+    drop((consumer, view));
 }
