@@ -734,4 +734,20 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
     pub(crate) fn count_walk(&self) {
         Counters::add(&self.counters.reconstitutions, 1);
     }
+
+    /// Takes the lock stripes of `subjects`, in stripe order (as `apply_page` does: no
+    /// deadlock with it or with another taker).
+    pub(crate) async fn lock_subjects<'a>(
+        &self,
+        subjects: impl Iterator<Item = &'a Subject>,
+    ) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
+        let mut stripes: Vec<usize> = subjects.map(|s| self.stripe_of(s)).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let mut held = Vec::with_capacity(stripes.len());
+        for stripe in stripes {
+            held.push(self.locks[stripe].lock().await);
+        }
+        held
+    }
 }

@@ -60,10 +60,10 @@ pub use view::{
     check_mark,
 };
 pub use walker::{
-    RECONSTITUTE_ROUTE, WALK_BURST_REQUESTS_DEFAULT, WALK_PAGE_SUBJECTS_DEFAULT,
-    WALK_PAGE_SUBJECTS_MAX, WALK_REQUESTS_PER_SECOND_DEFAULT, WALK_RETRY_AFTER_INTERRUPTION,
-    WalkControl, WalkProgress, WalkState, WalkTrigger, Walker, WalkerNotRunning, WalkerOptions,
-    WalkerStatus, walker_router,
+    RECONSTITUTE_ROUTE, WALK_BATCH_EVENTS_MAX, WALK_BURST_REQUESTS_DEFAULT,
+    WALK_PAGE_SUBJECTS_DEFAULT, WALK_PAGE_SUBJECTS_MAX, WALK_REQUESTS_PER_SECOND_DEFAULT,
+    WALK_RETRY_AFTER_INTERRUPTION, WalkControl, WalkProgress, WalkState, WalkTrigger, Walker,
+    WalkerNotRunning, WalkerOptions, WalkerStatus, walker_router,
 };
 
 // Dead letters and the broker transports (docs/design/consumer.md, "Transports", "Dead letters").

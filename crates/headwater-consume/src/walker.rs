@@ -42,6 +42,7 @@ use tokio::time::Instant;
 pub use admin::{RECONSTITUTE_ROUTE, WalkControl, WalkerNotRunning, walker_router};
 use pace::Pace;
 
+use crate::IntegrationEvent;
 use crate::consumer::{ConsumeError, Consumer, Reconstitution};
 use crate::upstream::{SubjectHead, Upstream, UpstreamError};
 use crate::view::{ViewError, ViewStore};
@@ -56,6 +57,9 @@ pub const WALK_PAGE_SUBJECTS_DEFAULT: u64 = 1_000;
 pub const WALK_PAGE_SUBJECTS_MAX: u64 = 10_000;
 /// How soon the runner tries again after a walk was interrupted (capped by its period).
 pub const WALK_RETRY_AFTER_INTERRUPTION: Duration = Duration::from_secs(30);
+/// Events a walk applies in one batch (one `apply_many`, one transaction where the view store
+/// can): bounds the memory a batch holds.
+pub const WALK_BATCH_EVENTS_MAX: usize = 10_000;
 /// Failing subjects a walk logs one by one; past it, only the walk's summary counts them.
 const FAILURES_LOGGED_MAX: u64 = 10;
 
@@ -349,40 +353,20 @@ async fn walk<V: ViewStore, U: Upstream>(
             last: &last,
         });
         tally.listed += heads.len() as u64;
-        for head in &heads {
-            let cursor = cursors
-                .get(&head.subject)
-                .copied()
-                .unwrap_or(Sequence::START);
-            if head.sequence <= cursor {
-                continue;
-            }
-            tally.behind += 1;
-            on(Step::Behind(&head.subject));
-            let caught = catch_up(consumer, head, plan.pace, &requests, on).await;
-            for _ in 0..requests.swap(0, Ordering::Relaxed) {
-                on(Step::Request);
-            }
-            match caught {
-                Ok(applied) => {
-                    tally.applied += applied;
-                    // Dead letters (src/dead.rs): a parked subject caught up is resolved.
-                    consumer.resolve_parked(&head.subject).await?;
-                }
-                Err(error) if fails_one_subject(&error) => {
-                    // Dead letters: the subject is parked with the reason, for the operator.
-                    consumer
-                        .dead_letter_catch_up(&head.subject, &error, "walk")
-                        .await?;
-                    tally.failed += 1;
-                    on(Step::Failed(&head.subject));
-                    if tally.failed <= FAILURES_LOGGED_MAX {
-                        tracing::warn!(%feed, subject = %head.subject, %error, "reconstitution could not catch up a subject; walking on");
-                    }
-                    tally.first_failure.get_or_insert(error);
-                }
-                Err(error) => return Err(error),
-            }
+        let behind: Vec<(&SubjectHead, Sequence)> = heads
+            .iter()
+            .map(|head| {
+                let cursor = cursors
+                    .get(&head.subject)
+                    .copied()
+                    .unwrap_or(Sequence::START);
+                (head, cursor)
+            })
+            .filter(|(head, cursor)| head.sequence > *cursor)
+            .collect();
+        let mut rest = behind.as_slice();
+        while !rest.is_empty() {
+            rest = walk_batch(consumer, plan, rest, &requests, &mut tally, on).await?;
         }
         if plan.resumable {
             view.set_mark(&key, Some(last.as_str())).await?;
@@ -398,6 +382,213 @@ async fn walk<V: ViewStore, U: Upstream>(
         tracing::info!(%feed, subjects = tally.listed, behind = tally.behind, applied = tally.applied, failed = tally.failed, "reconstitution found events no delivery brought");
     }
     Ok(tally)
+}
+
+/// Catches up the subjects of `behind` (each with its cursor as of the listing) that fit in one
+/// batch: fetches the first page of each (paced), applies them all in one
+/// [`ViewStore::apply_many`] — one transaction where the view store can — under their locks,
+/// then goes on with the subjects that page did not bring to their listed head. A batch the
+/// view store refuses as a whole is applied subject by subject, to find the one that fails.
+/// Returns the subjects left for the next batch.
+async fn walk_batch<'h, V: ViewStore, U: Upstream>(
+    consumer: &Consumer<V, U>,
+    plan: &Plan<'_>,
+    behind: &'h [(&'h SubjectHead, Sequence)],
+    requests: &AtomicU64,
+    tally: &mut Tally,
+    on: &mut (dyn FnMut(Step<'_>) + Send),
+) -> Result<&'h [(&'h SubjectHead, Sequence)], ConsumeError> {
+    let mut batch: Vec<(Subject, Vec<IntegrationEvent>)> = Vec::new();
+    let mut batched: Vec<(&SubjectHead, Sequence)> = Vec::new();
+    // Per subject, in walk order: its place in the batch, or why its page could not be had.
+    let mut fetched: Vec<(&SubjectHead, Result<usize, ConsumeError>)> = Vec::new();
+    let mut events = 0;
+    let mut taken = 0;
+    for &(head, cursor) in behind {
+        if events >= WALK_BATCH_EVENTS_MAX {
+            break;
+        }
+        taken += 1;
+        tally.behind += 1;
+        on(Step::Behind(&head.subject));
+        let page = first_page(consumer, head, cursor, plan.pace, requests).await;
+        for _ in 0..requests.swap(0, Ordering::Relaxed) {
+            on(Step::Request);
+        }
+        match page {
+            Ok(page) => {
+                events += page.len();
+                fetched.push((head, Ok(batch.len())));
+                batch.push((head.subject.clone(), page));
+                batched.push((head, cursor));
+            }
+            Err(error) if fails_one_subject(&error) => fetched.push((head, Err(error))),
+            Err(error) => return Err(error),
+        }
+    }
+    let mut results: Vec<Option<Result<crate::view::Applied, ConsumeError>>> =
+        apply_batch(consumer, &batch, &batched)
+            .await
+            .into_iter()
+            .map(Some)
+            .collect();
+    for (head, slot) in fetched {
+        let outcome = match slot {
+            Err(error) => Err(error),
+            Ok(index) => {
+                let page = &batch[index].1;
+                match results[index].take() {
+                    None => continue,
+                    Some(Err(error)) => Err(error),
+                    Some(Ok(done)) if page.last().is_some_and(|e| done.cursor < e.sequence) => {
+                        Err(ConsumeError::View(ViewError::NotContiguous {
+                            subject: head.subject.clone(),
+                            cursor: done.cursor,
+                            detail: "the view store applied events but its cursor did not move \
+                                     past them"
+                                .into(),
+                        }))
+                    }
+                    Some(Ok(done)) => {
+                        consumer.count_walked(&head.subject, done.cursor, done.applied);
+                        on(Step::Applied(done.applied));
+                        if done.cursor < head.sequence {
+                            // Behind by more than a page: the rest, a page at a time.
+                            let more = catch_up(consumer, head, plan.pace, requests, on).await;
+                            for _ in 0..requests.swap(0, Ordering::Relaxed) {
+                                on(Step::Request);
+                            }
+                            more.map(|more| done.applied + more)
+                        } else {
+                            Ok(done.applied)
+                        }
+                    }
+                }
+            }
+        };
+        settle(consumer, head, outcome, tally, on).await?;
+    }
+    Ok(&behind[taken..])
+}
+
+/// The first page of what follows `cursor` in `head`'s subject, checked to continue it; an
+/// empty one while the cursor is below the listed head is upstream inconsistent.
+async fn first_page<V: ViewStore, U: Upstream>(
+    consumer: &Consumer<V, U>,
+    head: &SubjectHead,
+    cursor: Sequence,
+    pace: Option<&Pace>,
+    requests: &AtomicU64,
+) -> Result<Vec<IntegrationEvent>, ConsumeError> {
+    let subject = &head.subject;
+    let feed = consumer.feed();
+    let limit = consumer.options().page_events;
+    let page = consumer
+        .retrying(|| async {
+            if let Some(pace) = pace {
+                pace.ready().await;
+            }
+            requests.fetch_add(1, Ordering::Relaxed);
+            consumer
+                .upstream()
+                .read_subject(feed, subject, cursor, limit)
+                .await
+        })
+        .await?;
+    consumer.check_page(subject, cursor, &page)?;
+    if page.is_empty() {
+        return Err(listed_beyond(head, cursor));
+    }
+    Ok(page)
+}
+
+/// Applies a batch of subjects' pages in one `apply_many` under their locks; when the view
+/// store refuses it, subject by subject. One answer per subject, in order.
+async fn apply_batch<V: ViewStore, U: Upstream>(
+    consumer: &Consumer<V, U>,
+    batch: &[(Subject, Vec<IntegrationEvent>)],
+    batched: &[(&SubjectHead, Sequence)],
+) -> Vec<Result<crate::view::Applied, ConsumeError>> {
+    if batch.is_empty() {
+        return Vec::new();
+    }
+    let feed = consumer.feed();
+    let together = {
+        let _held = consumer.lock_subjects(batch.iter().map(|(s, _)| s)).await;
+        consumer.view().apply_many(feed, batch).await
+    };
+    match together {
+        Ok(applied) if applied.len() == batch.len() => applied.into_iter().map(Ok).collect(),
+        together => {
+            if let Err(error) = together {
+                tracing::debug!(%feed, %error, "a walk's batch could not be applied at once; applying it subject by subject");
+            }
+            let mut results = Vec::with_capacity(batch.len());
+            for ((subject, page), (_, listed_cursor)) in batch.iter().zip(batched) {
+                let one = {
+                    let _held = consumer.lock_of(subject).lock().await;
+                    consumer.view().apply(feed, subject, page).await
+                };
+                // A view store whose `apply_many` is not one transaction may have applied some
+                // subjects before it failed: count what the page moved past the listing's
+                // cursor, not only what this apply did.
+                results.push(one.map_err(ConsumeError::from).map(|mut done| {
+                    done.applied = page
+                        .iter()
+                        .filter(|e| e.sequence > *listed_cursor && e.sequence <= done.cursor)
+                        .count() as u64;
+                    done
+                }));
+            }
+            results
+        }
+    }
+}
+
+/// Records how one subject's catch-up ended: caught up (its dead letters resolved), failed on
+/// its own (counted, logged, dead-lettered: the walk goes on), or failed in a way that stops the
+/// walk (returned).
+async fn settle<V: ViewStore, U: Upstream>(
+    consumer: &Consumer<V, U>,
+    head: &SubjectHead,
+    outcome: Result<u64, ConsumeError>,
+    tally: &mut Tally,
+    on: &mut (dyn FnMut(Step<'_>) + Send),
+) -> Result<(), ConsumeError> {
+    match outcome {
+        Ok(applied) => {
+            tally.applied += applied;
+            // Dead letters (src/dead.rs): a parked subject caught up is resolved.
+            consumer.resolve_parked(&head.subject).await?;
+            Ok(())
+        }
+        Err(error) if fails_one_subject(&error) => {
+            // Dead letters: the subject is parked with the reason, for the operator.
+            consumer
+                .dead_letter_catch_up(&head.subject, &error, "walk")
+                .await?;
+            tally.failed += 1;
+            on(Step::Failed(&head.subject));
+            if tally.failed <= FAILURES_LOGGED_MAX {
+                tracing::warn!(feed = %consumer.feed(), subject = %head.subject, %error, "reconstitution could not catch up a subject; walking on");
+            }
+            tally.first_failure.get_or_insert(error);
+            Ok(())
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// A subject listed with a head beyond what its events hold.
+fn listed_beyond(head: &SubjectHead, cursor: Sequence) -> ConsumeError {
+    ConsumeError::Inconsistent {
+        subject: head.subject.clone(),
+        detail: format!(
+            "listed with its head at #{}, but its events end at #{}",
+            head.sequence.get(),
+            cursor.get()
+        ),
+    }
 }
 
 /// Whether an error stops only the subject's catch-up (the walk goes on), not the walk: the
@@ -473,14 +664,7 @@ async fn catch_up<V: ViewStore, U: Upstream>(
         let Some(last) = page.last().map(|e| e.sequence) else {
             if cursor < head.sequence {
                 // The listing said more than the subject's events hold.
-                return Err(ConsumeError::Inconsistent {
-                    subject: subject.clone(),
-                    detail: format!(
-                        "listed with its head at #{}, but its events end at #{}",
-                        head.sequence.get(),
-                        cursor.get()
-                    ),
-                });
+                return Err(listed_beyond(head, cursor));
             }
             return Ok(applied);
         };

@@ -648,6 +648,9 @@ async fn a_walk_resumes_from_the_mark_in_a_reopened_embedded_view() {
                     )
                 },
                 |tx, e: &IntegrationEvent| {
+                    if e.subject.as_str() == "acc-033" {
+                        return Err("this view refuses acc-033".into());
+                    }
                     tx.execute(
                         "INSERT INTO seen (subject, sequence) VALUES (?1, ?2)",
                         rusqlite::params![e.subject.as_str(), e.sequence.get() as i64],
@@ -681,11 +684,41 @@ async fn a_walk_resumes_from_the_mark_in_a_reopened_embedded_view() {
     let view = open();
     let report = walker_on(&view).walk().await.unwrap();
     assert_eq!(report.resumed_after.as_deref(), Some("acc-019"));
-    assert_eq!((report.listed, report.behind, report.applied), (30, 30, 60));
+    // acc-033 is refused: its batch is rolled back whole, then applied subject by subject.
+    assert_eq!(
+        (report.listed, report.behind, report.applied, report.failed),
+        (30, 30, 58, 1)
+    );
     let rows: i64 = view
         .read(|c| c.query_row("SELECT count(*) FROM seen", [], |row| row.get(0)))
         .await
         .unwrap();
-    assert_eq!(rows, 100, "every event once");
+    assert_eq!(rows, 98, "every event once, but acc-033's");
     assert_eq!(view.mark("walk/accounts.v1").await.unwrap(), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn subjects_far_behind_are_caught_up_a_page_at_a_time_to_their_listed_head() {
+    let probe = Arc::new(Probe::default());
+    produce(&probe, 5, 10);
+    let view = view(&[]);
+    let consumer = Arc::new(Consumer::new(
+        feed(),
+        Arc::clone(&view),
+        Arc::clone(&probe),
+        ConsumerOptions::default().with_page_events(3),
+    ));
+    // acc-002 has its first 4 events already.
+    let events: Vec<_> = (1..=4).map(|n| event(100 + n, "acc-002", n)).collect();
+    for e in events {
+        consumer.deliver(e).await.unwrap();
+    }
+    let walker = Walker::new(consumer, WalkerOptions::default().unpaced());
+    let report = walker.walk().await.unwrap();
+    assert_eq!((report.listed, report.behind, report.applied), (5, 5, 46));
+    assert_eq!(view.read(Clone::clone), complete(5, 10, &[]));
+    // The listing and the empty page after it; 4 pages of 3, 3, 3, 1 for each subject but
+    // acc-002 (3, 3), and no page asked beyond a head.
+    assert_eq!(report.requests, 2 + 4 * 4 + 2);
+    assert_eq!(probe.calls(), report.requests);
 }
