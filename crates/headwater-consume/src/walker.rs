@@ -60,6 +60,8 @@ pub const WALK_RETRY_AFTER_INTERRUPTION: Duration = Duration::from_secs(30);
 /// Events a walk applies in one batch (one `apply_many`, one transaction where the view store
 /// can): bounds the memory a batch holds.
 pub const WALK_BATCH_EVENTS_MAX: usize = 10_000;
+/// How long fetched pages wait to be applied in one batch at most.
+pub const WALK_BATCH_LINGER: Duration = Duration::from_millis(100);
 /// Failing subjects a walk logs one by one; past it, only the walk's summary counts them.
 const FAILURES_LOGGED_MAX: u64 = 10;
 
@@ -364,10 +366,7 @@ async fn walk<V: ViewStore, U: Upstream>(
             })
             .filter(|(head, cursor)| head.sequence > *cursor)
             .collect();
-        let mut rest = behind.as_slice();
-        while !rest.is_empty() {
-            rest = walk_batch(consumer, plan, rest, &requests, &mut tally, on).await?;
-        }
+        walk_behind(consumer, plan, &behind, &requests, &mut tally, on).await?;
         if plan.resumable {
             view.set_mark(&key, Some(last.as_str())).await?;
             on(Step::Saved(&last));
@@ -384,91 +383,140 @@ async fn walk<V: ViewStore, U: Upstream>(
     Ok(tally)
 }
 
-/// Catches up the subjects of `behind` (each with its cursor as of the listing) that fit in one
-/// batch: fetches the first page of each (paced), applies them all in one
+/// Catches up the subjects of `behind` (each with its cursor as of the listing), in batches:
+/// fetches the first page of each (paced) and applies a batch of them in one
 /// [`ViewStore::apply_many`] — one transaction where the view store can — under their locks,
-/// then goes on with the subjects that page did not bring to their listed head. A batch the
-/// view store refuses as a whole is applied subject by subject, to find the one that fails.
-/// Returns the subjects left for the next batch.
-async fn walk_batch<'h, V: ViewStore, U: Upstream>(
+/// then goes on with the subjects that page did not bring to their listed head. A batch is
+/// applied when it holds [`WALK_BATCH_EVENTS_MAX`] events, when it is [`WALK_BATCH_LINGER`] old
+/// (also while a slow fetch is under way: what was fetched does not wait for the producer), and
+/// at the end of the listing page. A batch the view store refuses as a whole is applied subject
+/// by subject, to find the one that fails.
+async fn walk_behind<'h, V: ViewStore, U: Upstream>(
     consumer: &Consumer<V, U>,
     plan: &Plan<'_>,
     behind: &'h [(&'h SubjectHead, Sequence)],
     requests: &AtomicU64,
     tally: &mut Tally,
     on: &mut (dyn FnMut(Step<'_>) + Send),
-) -> Result<&'h [(&'h SubjectHead, Sequence)], ConsumeError> {
-    let mut batch: Vec<(Subject, Vec<IntegrationEvent>)> = Vec::new();
-    let mut batched: Vec<(&SubjectHead, Sequence)> = Vec::new();
-    // Per subject, in walk order: its place in the batch, or why its page could not be had.
-    let mut fetched: Vec<(&SubjectHead, Result<usize, ConsumeError>)> = Vec::new();
-    let mut events = 0;
-    let mut taken = 0;
+) -> Result<(), ConsumeError> {
+    let mut batch = Batch::default();
     for &(head, cursor) in behind {
-        if events >= WALK_BATCH_EVENTS_MAX {
-            break;
+        if batch.events >= WALK_BATCH_EVENTS_MAX
+            || batch.due.is_some_and(|due| due <= Instant::now())
+        {
+            batch.flush(consumer, plan, requests, tally, on).await?;
         }
-        taken += 1;
         tally.behind += 1;
         on(Step::Behind(&head.subject));
-        let page = first_page(consumer, head, cursor, plan.pace, requests).await;
-        for _ in 0..requests.swap(0, Ordering::Relaxed) {
-            on(Step::Request);
-        }
-        match page {
-            Ok(page) => {
-                events += page.len();
-                fetched.push((head, Ok(batch.len())));
-                batch.push((head.subject.clone(), page));
-                batched.push((head, cursor));
-            }
-            Err(error) if fails_one_subject(&error) => fetched.push((head, Err(error))),
-            Err(error) => return Err(error),
-        }
-    }
-    let mut results: Vec<Option<Result<crate::view::Applied, ConsumeError>>> =
-        apply_batch(consumer, &batch, &batched)
-            .await
-            .into_iter()
-            .map(Some)
-            .collect();
-    for (head, slot) in fetched {
-        let outcome = match slot {
-            Err(error) => Err(error),
-            Ok(index) => {
-                let page = &batch[index].1;
-                match results[index].take() {
-                    None => continue,
-                    Some(Err(error)) => Err(error),
-                    Some(Ok(done)) if page.last().is_some_and(|e| done.cursor < e.sequence) => {
-                        Err(ConsumeError::View(ViewError::NotContiguous {
-                            subject: head.subject.clone(),
-                            cursor: done.cursor,
-                            detail: "the view store applied events but its cursor did not move \
-                                     past them"
-                                .into(),
-                        }))
-                    }
-                    Some(Ok(done)) => {
-                        consumer.count_walked(&head.subject, done.cursor, done.applied);
-                        on(Step::Applied(done.applied));
-                        if done.cursor < head.sequence {
-                            // Behind by more than a page: the rest, a page at a time.
-                            let more = catch_up(consumer, head, plan.pace, requests, on).await;
-                            for _ in 0..requests.swap(0, Ordering::Relaxed) {
-                                on(Step::Request);
-                            }
-                            more.map(|more| done.applied + more)
-                        } else {
-                            Ok(done.applied)
-                        }
+        let fetch = first_page(consumer, head, cursor, plan.pace, requests);
+        tokio::pin!(fetch);
+        let page = match batch.due {
+            None => fetch.await,
+            Some(due) => {
+                tokio::select! {
+                    biased;
+                    page = &mut fetch => page,
+                    () = tokio::time::sleep_until(due) => {
+                        batch.flush(consumer, plan, requests, tally, on).await?;
+                        fetch.await
                     }
                 }
             }
         };
-        settle(consumer, head, outcome, tally, on).await?;
+        for _ in 0..requests.swap(0, Ordering::Relaxed) {
+            on(Step::Request);
+        }
+        match page {
+            Ok(page) => batch.push(head, cursor, page),
+            Err(error) if fails_one_subject(&error) => batch.fetched.push((head, Err(error))),
+            Err(error) => return Err(error),
+        }
     }
-    Ok(&behind[taken..])
+    batch.flush(consumer, plan, requests, tally, on).await
+}
+
+/// Subjects' first pages fetched by a walk and not applied yet.
+#[derive(Default)]
+struct Batch<'h> {
+    pages: Vec<(Subject, Vec<IntegrationEvent>)>,
+    /// Per page: its subject's head and cursor as of the listing.
+    heads: Vec<(&'h SubjectHead, Sequence)>,
+    /// Per subject, in walk order: its place in `pages`, or why its page could not be had.
+    fetched: Vec<(&'h SubjectHead, Result<usize, ConsumeError>)>,
+    events: usize,
+    /// When the batch is to be applied however small: [`WALK_BATCH_LINGER`] after its first page.
+    due: Option<Instant>,
+}
+
+impl<'h> Batch<'h> {
+    fn push(&mut self, head: &'h SubjectHead, cursor: Sequence, page: Vec<IntegrationEvent>) {
+        self.events += page.len();
+        self.fetched.push((head, Ok(self.pages.len())));
+        self.pages.push((head.subject.clone(), page));
+        self.heads.push((head, cursor));
+        self.due
+            .get_or_insert_with(|| Instant::now() + WALK_BATCH_LINGER);
+    }
+
+    /// Applies the batch and settles each of its subjects, in walk order; empties it.
+    async fn flush<V: ViewStore, U: Upstream>(
+        &mut self,
+        consumer: &Consumer<V, U>,
+        plan: &Plan<'_>,
+        requests: &AtomicU64,
+        tally: &mut Tally,
+        on: &mut (dyn FnMut(Step<'_>) + Send),
+    ) -> Result<(), ConsumeError> {
+        let Batch {
+            pages,
+            heads,
+            fetched,
+            ..
+        } = std::mem::take(self);
+        let mut results: Vec<Option<Result<crate::view::Applied, ConsumeError>>> =
+            apply_batch(consumer, &pages, &heads)
+                .await
+                .into_iter()
+                .map(Some)
+                .collect();
+        for (head, slot) in fetched {
+            let outcome = match slot {
+                Err(error) => Err(error),
+                Ok(index) => {
+                    let page = &pages[index].1;
+                    match results[index].take() {
+                        None => continue,
+                        Some(Err(error)) => Err(error),
+                        Some(Ok(done)) if page.last().is_some_and(|e| done.cursor < e.sequence) => {
+                            Err(ConsumeError::View(ViewError::NotContiguous {
+                                subject: head.subject.clone(),
+                                cursor: done.cursor,
+                                detail: "the view store applied events but its cursor did not \
+                                         move past them"
+                                    .into(),
+                            }))
+                        }
+                        Some(Ok(done)) => {
+                            consumer.count_walked(&head.subject, done.cursor, done.applied);
+                            on(Step::Applied(done.applied));
+                            if done.cursor < head.sequence {
+                                // Behind by more than a page: the rest, a page at a time.
+                                let more = catch_up(consumer, head, plan.pace, requests, on).await;
+                                for _ in 0..requests.swap(0, Ordering::Relaxed) {
+                                    on(Step::Request);
+                                }
+                                more.map(|more| done.applied + more)
+                            } else {
+                                Ok(done.applied)
+                            }
+                        }
+                    }
+                }
+            };
+            settle(consumer, head, outcome, tally, on).await?;
+        }
+        Ok(())
+    }
 }
 
 /// The first page of what follows `cursor` in `head`'s subject, checked to continue it; an

@@ -68,6 +68,9 @@ struct Probe {
     garbled: Mutex<Option<String>>,
     /// This subject's reads answer nothing, though the listing shows its head.
     silent: Mutex<Option<String>>,
+    /// This subject's next read waits for `release`.
+    stalled: Mutex<Option<String>>,
+    release: tokio::sync::Notify,
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
 }
@@ -106,6 +109,17 @@ impl Upstream for Probe {
         limit: u64,
     ) -> Result<Vec<IntegrationEvent>, UpstreamError> {
         let _in = self.enter();
+        let stall = {
+            let mut stalled = self.stalled.lock().unwrap();
+            let stall = stalled.as_deref() == Some(subject.as_str());
+            if stall {
+                *stalled = None;
+            }
+            stall
+        };
+        if stall {
+            self.release.notified().await;
+        }
         let mut page = self.inner.read_subject(feed, subject, after, limit).await?;
         if self.garbled.lock().unwrap().as_deref() == Some(subject.as_str()) && !page.is_empty() {
             page.remove(0);
@@ -721,4 +735,28 @@ async fn subjects_far_behind_are_caught_up_a_page_at_a_time_to_their_listed_head
     // acc-002 (3, 3), and no page asked beyond a head.
     assert_eq!(report.requests, 2 + 4 * 4 + 2);
     assert_eq!(probe.calls(), report.requests);
+}
+
+#[tokio::test(start_paused = true)]
+async fn what_was_fetched_is_applied_while_a_slow_fetch_is_under_way() {
+    let probe = Arc::new(Probe::default());
+    produce(&probe, 10, 1);
+    *probe.stalled.lock().unwrap() = Some("acc-005".into());
+    let view = view(&[]);
+    let walker = walker(&view, &probe, WalkerOptions::default().unpaced());
+    let walk = tokio::spawn({
+        let walker = Arc::clone(&walker);
+        async move { walker.walk().await }
+    });
+    // The read of acc-005 hangs; the five subjects fetched before it are applied meanwhile.
+    let during = until(&walker, |s| {
+        s.running.as_ref().is_some_and(|r| r.applied == 5)
+    })
+    .await;
+    assert_eq!(during.running.unwrap().current.as_deref(), Some("acc-005"));
+    assert_eq!(view.read(BTreeMap::len), 5);
+    probe.release.notify_one();
+    let report = walk.await.unwrap().unwrap();
+    assert_eq!((report.behind, report.applied), (10, 10));
+    assert_eq!(view.read(Clone::clone), complete(10, 1, &[]));
 }
