@@ -1103,6 +1103,15 @@ impl<V: ViewStore, U: Upstream> Walker<V, U> {
     pub async fn run(self: Arc<Self>, every: Option<Duration>, stop: impl Future<Output = ()>) {
         let _runner = Runner::new(&self, every);
         tokio::pin!(stop);
+        // Where the first walk resumes, when an earlier process left a walk unfinished.
+        let key = mark_key(self.consumer.feed());
+        if let Ok(Some(mark)) = self.consumer.view().mark(&key).await {
+            self.status.send_modify(|s| {
+                if s.running.is_none() {
+                    s.resume_after = Some(mark);
+                }
+            });
+        }
         let mut due = every.map(|_| Instant::now());
         loop {
             let requested = self.control().requested;

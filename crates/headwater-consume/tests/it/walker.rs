@@ -291,10 +291,16 @@ async fn an_interrupted_walk_resumes_after_the_last_page_walked() {
     let mark = view.mark("walk/accounts.v1").await.unwrap();
     assert_eq!(mark.as_deref(), Some("acc-029"));
 
-    // The producer is back; a new walker (the service restarted) resumes after acc-029.
+    // The producer is back; a new walker (the service restarted) resumes after acc-029, and its
+    // runner says so before it walks.
     probe.fail_listing_from.store(0, Ordering::SeqCst);
     let listed_before = probe.listings().len();
     let second = walker(&view, &probe, options);
+    let runner = tokio::spawn(Arc::clone(&second).run(None, std::future::pending()));
+    let before = until(&second, |s| s.runner && s.resume_after.is_some()).await;
+    assert_eq!(before.resume_after.as_deref(), Some("acc-029"));
+    runner.abort();
+    assert!(runner.await.unwrap_err().is_cancelled());
     let report = second.walk().await.unwrap();
     assert_eq!(report.resumed_after.as_deref(), Some("acc-029"));
     assert_eq!((report.listed, report.behind, report.applied), (70, 70, 70));
