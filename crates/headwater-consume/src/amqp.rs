@@ -128,7 +128,7 @@ impl AmqpSource {
             .create_channel()
             .await
             .map_err(|e| e.to_string())?;
-        let declared = self.declare_on(&channel).await;
+        let declared = self.declare_on(&connection, channel).await.map(|_| ());
         // Best effort: the declarations are done or failed already.
         let _ = connection.close(200, "declared".into()).await;
         declared
@@ -247,7 +247,7 @@ impl AmqpSource {
                 .create_channel()
                 .await
                 .map_err(|e| e.to_string())?;
-            self.declare_on(&channel).await?;
+            let channel = self.declare_on(&connection, channel).await?;
             channel
                 .basic_qos(self.options.prefetch, BasicQosOptions::default())
                 .await
@@ -266,7 +266,15 @@ impl AmqpSource {
         }
     }
 
-    async fn declare_on(&self, channel: &Channel) -> Result<(), String> {
+    /// Declares the exchange, the queue and the binding on `channel`; returns the channel to go
+    /// on with (another one when the queue exists with other arguments — an operator's quorum
+    /// queue, say: RabbitMQ refuses the declaration and closes the channel; the queue is then
+    /// taken as it is, checked to exist by a passive declaration).
+    async fn declare_on(
+        &self,
+        connection: &Connection,
+        channel: Channel,
+    ) -> Result<Channel, String> {
         channel
             .exchange_declare(
                 self.exchange.as_str().into(),
@@ -284,7 +292,7 @@ impl AmqpSource {
                     self.exchange
                 )
             })?;
-        channel
+        let declared = channel
             .queue_declare(
                 self.queue.as_str().into(),
                 QueueDeclareOptions {
@@ -293,8 +301,31 @@ impl AmqpSource {
                 },
                 FieldTable::default(),
             )
-            .await
-            .map_err(|e| format!("declaring the durable queue {}: {e}", self.queue))?;
+            .await;
+        let channel = match declared {
+            Ok(_) => channel,
+            Err(e) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if p.get_id() == REPLY_PRECONDITION_FAILED) =>
+            {
+                tracing::info!(queue = %self.queue, "the queue exists with other arguments; using it as it is");
+                let channel = connection
+                    .create_channel()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                channel
+                    .queue_declare(
+                        self.queue.as_str().into(),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..QueueDeclareOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|e| format!("the queue {}: {e}", self.queue))?;
+                channel
+            }
+            Err(e) => return Err(format!("declaring the durable queue {}: {e}", self.queue)),
+        };
         channel
             .queue_bind(
                 self.queue.as_str().into(),
@@ -305,9 +336,12 @@ impl AmqpSource {
             )
             .await
             .map_err(|e| format!("binding {} to {}: {e}", self.queue, self.exchange))?;
-        Ok(())
+        Ok(channel)
     }
 }
+
+/// AMQP reply code of a declaration that does not match what exists.
+const REPLY_PRECONDITION_FAILED: u16 = 406;
 
 /// How long closing a connection may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);

@@ -390,3 +390,41 @@ async fn dropped_connections_lose_nothing() {
     wait_ready(&channel, source.queue(), 0).await;
     delete(&channel, &feed).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_the_operator_declared_with_other_arguments_is_used_as_it_is() {
+    let url = amqp_url();
+    let feed = unique_feed("amqp_quorum");
+    let produced = produce(&feed, &round_robin(30, 3));
+    let source = source(&url, &feed);
+    // The operator's choice: a quorum queue (RabbitMQ refuses to declare it again as classic).
+    let (_connection, channel) = channel(&url).await;
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("quorum".into()),
+    );
+    channel
+        .queue_declare(
+            source.queue().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        )
+        .await
+        .unwrap();
+    source.declare().await.unwrap();
+    let broker = AmqpBroker::connect(&url).await.unwrap();
+    publish(&broker, &feed, &produced.events).await;
+    let view = Arc::new(view(&Refused::default()));
+    let consumer = consumer(&produced, &view);
+    running!(source, &consumer, async {
+        let want = expected(&produced.events);
+        wait_until("every event applied", WAIT, || applied(&view) == want).await;
+    });
+    assert_eq!(source.stats().session_errors, 0);
+    wait_ready(&channel, source.queue(), 0).await;
+    delete(&channel, &feed).await;
+}
