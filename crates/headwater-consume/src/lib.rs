@@ -61,9 +61,10 @@ pub use view::{
 };
 pub use walker::{
     RECONSTITUTE_ROUTE, WALK_BATCH_EVENTS_MAX, WALK_BATCH_LINGER, WALK_BURST_REQUESTS_DEFAULT,
-    WALK_PAGE_SUBJECTS_DEFAULT, WALK_PAGE_SUBJECTS_MAX, WALK_REQUESTS_PER_SECOND_DEFAULT,
-    WALK_RETRY_AFTER_INTERRUPTION, WalkControl, WalkProgress, WalkState, WalkTrigger, Walker,
-    WalkerNotRunning, WalkerOptions, WalkerStatus, walker_router,
+    WALK_FETCHES_AT_ONCE_DEFAULT, WALK_FETCHES_AT_ONCE_MAX, WALK_PAGE_SUBJECTS_DEFAULT,
+    WALK_PAGE_SUBJECTS_MAX, WALK_REQUESTS_PER_SECOND_DEFAULT, WALK_RETRY_AFTER_INTERRUPTION,
+    WalkControl, WalkProgress, WalkState, WalkTrigger, Walker, WalkerNotRunning, WalkerOptions,
+    WalkerStatus, walker_router,
 };
 
 // Dead letters and the broker transports (docs/design/consumer.md, "Transports", "Dead letters").

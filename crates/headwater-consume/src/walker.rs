@@ -60,6 +60,10 @@ pub const WALK_RETRY_AFTER_INTERRUPTION: Duration = Duration::from_secs(30);
 /// Events a walk applies in one batch (one `apply_many`, one transaction where the view store
 /// can): bounds the memory a batch holds.
 pub const WALK_BATCH_EVENTS_MAX: usize = 10_000;
+/// Subjects behind whose first page a walk asks for at once, by default.
+pub const WALK_FETCHES_AT_ONCE_DEFAULT: usize = 8;
+/// The most subjects' first pages a walk asks for at once.
+pub const WALK_FETCHES_AT_ONCE_MAX: usize = 64;
 /// How long fetched pages wait to be applied in one batch at most.
 pub const WALK_BATCH_LINGER: Duration = Duration::from_millis(100);
 /// Failing subjects a walk logs one by one; past it, only the walk's summary counts them.
@@ -82,6 +86,9 @@ pub struct WalkerOptions {
     /// Subjects per listing page (1 ..= [`WALK_PAGE_SUBJECTS_MAX`]); the resume point is saved
     /// after each page.
     pub page_subjects: u64,
+    /// Subjects behind whose first page is asked for at once (1 ..=
+    /// [`WALK_FETCHES_AT_ONCE_MAX`]); each request still waits for the pace.
+    pub fetches_at_once: usize,
 }
 
 impl Default for WalkerOptions {
@@ -90,6 +97,7 @@ impl Default for WalkerOptions {
             requests_per_second: NonZeroU32::new(WALK_REQUESTS_PER_SECOND_DEFAULT),
             burst: WALK_BURST_REQUESTS_DEFAULT,
             page_subjects: WALK_PAGE_SUBJECTS_DEFAULT,
+            fetches_at_once: WALK_FETCHES_AT_ONCE_DEFAULT,
         }
     }
 }
@@ -113,6 +121,12 @@ impl WalkerOptions {
     #[must_use]
     pub fn with_page_subjects(mut self, subjects: u64) -> WalkerOptions {
         self.page_subjects = subjects.clamp(1, WALK_PAGE_SUBJECTS_MAX);
+        self
+    }
+
+    #[must_use]
+    pub fn with_fetches_at_once(mut self, fetches: usize) -> WalkerOptions {
+        self.fetches_at_once = fetches.clamp(1, WALK_FETCHES_AT_ONCE_MAX);
         self
     }
 }
@@ -279,6 +293,8 @@ struct Tally {
 struct Plan<'a> {
     pace: Option<&'a Pace>,
     page_subjects: u64,
+    /// Subjects' first pages asked for at once (at least 1).
+    fetches_at_once: usize,
     /// Start after the saved mark and keep it up to date.
     resumable: bool,
 }
@@ -399,30 +415,48 @@ async fn walk_behind<'h, V: ViewStore, U: Upstream>(
     tally: &mut Tally,
     on: &mut (dyn FnMut(Step<'_>) + Send),
 ) -> Result<(), ConsumeError> {
+    use futures_util::StreamExt;
     let mut batch = Batch::default();
-    for &(head, cursor) in behind {
+    // The first pages, fetched several at once (each request paced), answered in walk order.
+    // Boxed: the futures' type then names no closure (rustc cannot prove a closure's future
+    // `Send` for every lifetime here).
+    let mut waiting = behind.iter();
+    let mut fetches: futures_util::stream::FuturesOrdered<Fetch<'_>> =
+        futures_util::stream::FuturesOrdered::new();
+    loop {
         if batch.events >= WALK_BATCH_EVENTS_MAX
             || batch.due.is_some_and(|due| due <= Instant::now())
         {
             batch.flush(consumer, plan, requests, tally, on).await?;
         }
-        tally.behind += 1;
-        on(Step::Behind(&head.subject));
-        let fetch = first_page(consumer, head, cursor, plan.pace, requests);
-        tokio::pin!(fetch);
-        let page = match batch.due {
-            None => fetch.await,
+        while fetches.len() < plan.fetches_at_once {
+            let Some(&(head, cursor)) = waiting.next() else {
+                break;
+            };
+            let pace = plan.pace;
+            fetches.push_back(Box::pin(async move {
+                let page = first_page(consumer, head, cursor, pace, requests).await;
+                (head, cursor, page)
+            }));
+        }
+        let next = match batch.due {
+            None => fetches.next().await,
             Some(due) => {
                 tokio::select! {
                     biased;
-                    page = &mut fetch => page,
+                    next = fetches.next() => next,
                     () = tokio::time::sleep_until(due) => {
                         batch.flush(consumer, plan, requests, tally, on).await?;
-                        fetch.await
+                        fetches.next().await
                     }
                 }
             }
         };
+        let Some((head, cursor, page)) = next else {
+            break;
+        };
+        tally.behind += 1;
+        on(Step::Behind(&head.subject));
         for _ in 0..requests.swap(0, Ordering::Relaxed) {
             on(Step::Request);
         }
@@ -434,6 +468,20 @@ async fn walk_behind<'h, V: ViewStore, U: Upstream>(
     }
     batch.flush(consumer, plan, requests, tally, on).await
 }
+
+/// A subject's first page being fetched, with its head and cursor as of the listing.
+type Fetch<'a> = std::pin::Pin<
+    Box<
+        dyn Future<
+                Output = (
+                    &'a SubjectHead,
+                    Sequence,
+                    Result<Vec<IntegrationEvent>, ConsumeError>,
+                ),
+            > + Send
+            + 'a,
+    >,
+>;
 
 /// Subjects' first pages fetched by a walk and not applied yet.
 #[derive(Default)]
@@ -747,6 +795,7 @@ pub(crate) async fn reconstitute<V: ViewStore, U: Upstream>(
     let plan = Plan {
         pace: None,
         page_subjects: consumer.options().page_events,
+        fetches_at_once: WALK_FETCHES_AT_ONCE_DEFAULT,
         resumable: false,
     };
     let tally = walk(consumer, &plan, &mut |_| {}).await?;
@@ -847,6 +896,7 @@ impl<V: ViewStore, U: Upstream> Walker<V, U> {
         let options = WalkerOptions {
             burst: options.burst.max(1),
             page_subjects: options.page_subjects.clamp(1, WALK_PAGE_SUBJECTS_MAX),
+            fetches_at_once: options.fetches_at_once.clamp(1, WALK_FETCHES_AT_ONCE_MAX),
             ..options
         };
         let status = WalkerStatus {
@@ -991,6 +1041,7 @@ impl<V: ViewStore, U: Upstream> Walker<V, U> {
         let plan = Plan {
             pace: self.pace.as_ref(),
             page_subjects: self.options.page_subjects,
+            fetches_at_once: self.options.fetches_at_once,
             resumable: true,
         };
         let metrics = &self.metrics;

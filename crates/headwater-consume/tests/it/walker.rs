@@ -512,10 +512,13 @@ async fn on_demand_requests_never_run_two_walks_at_once() {
     produce(&probe, 30, 1);
     probe.inner.set_delay(Duration::from_millis(10));
     let view = view(&[]);
+    // One request at a time within a walk: more than one in flight would mean two walks.
     let walker = walker(
         &view,
         &probe,
-        WalkerOptions::default().with_page_subjects(5),
+        WalkerOptions::default()
+            .with_page_subjects(5)
+            .with_fetches_at_once(1),
     );
     assert!(walker.request().is_err(), "no runner, no request");
     let runner = tokio::spawn(Arc::clone(&walker).run(None, std::future::pending()));
@@ -759,10 +762,40 @@ async fn what_was_fetched_is_applied_while_a_slow_fetch_is_under_way() {
         s.running.as_ref().is_some_and(|r| r.applied == 5)
     })
     .await;
-    assert_eq!(during.running.unwrap().current.as_deref(), Some("acc-005"));
+    assert_eq!(during.running.unwrap().current.as_deref(), Some("acc-004"));
     assert_eq!(view.read(BTreeMap::len), 5);
     probe.release.notify_one();
     let report = walk.await.unwrap().unwrap();
     assert_eq!((report.behind, report.applied), (10, 10));
     assert_eq!(view.read(Clone::clone), complete(10, 1, &[]));
+}
+
+#[tokio::test(start_paused = true)]
+async fn first_pages_are_fetched_several_at_once() {
+    let probe = Arc::new(Probe::default());
+    produce(&probe, 20, 1);
+    probe.inner.set_delay(Duration::from_millis(10));
+    let mut took = Vec::new();
+    for at_once in [1, 4] {
+        probe.max_in_flight.store(0, Ordering::SeqCst);
+        let view = view(&[]);
+        let walker = walker(
+            &view,
+            &probe,
+            WalkerOptions::default()
+                .unpaced()
+                .with_fetches_at_once(at_once),
+        );
+        let start = Instant::now();
+        let report = walker.walk().await.unwrap();
+        took.push(start.elapsed());
+        assert_eq!(report.applied, 20);
+        assert_eq!(view.read(Clone::clone), complete(20, 1, &[]));
+        assert_eq!(probe.max_in_flight.load(Ordering::SeqCst), at_once as u64);
+    }
+    // Two listing calls and 20 reads of 10 ms: one at a time 220 ms; four at once 70 ms.
+    assert_eq!(
+        took,
+        [Duration::from_millis(220), Duration::from_millis(70)]
+    );
 }
