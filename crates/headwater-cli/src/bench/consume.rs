@@ -1093,11 +1093,14 @@ fn forget(path: &Path, subjects: u64, drop: impl Fn(u64) -> bool) -> anyhow::Res
     connection.busy_timeout(Duration::from_secs(5))?;
     let tx = connection.transaction()?;
     {
-        let mut cursor = tx.prepare("DELETE FROM headwater_cursors WHERE subject = ?1")?;
+        // The whole key (feed, subject): by subject alone each delete would scan the table.
+        let feed = feed_id().to_string();
+        let mut cursor =
+            tx.prepare("DELETE FROM headwater_cursors WHERE feed = ?1 AND subject = ?2")?;
         let mut balance = tx.prepare("DELETE FROM balances WHERE account = ?1")?;
         for n in (1..=subjects).filter(|&n| drop(n)) {
             let subject = walk_subject(n);
-            cursor.execute(rusqlite::params![subject])?;
+            cursor.execute(rusqlite::params![feed, subject])?;
             balance.execute(rusqlite::params![subject])?;
         }
     }
