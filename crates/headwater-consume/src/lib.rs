@@ -34,6 +34,7 @@ mod upstream;
 mod view;
 mod walker;
 
+pub use admin::encode_metrics;
 pub use client::{
     ClientError, FeedClient, LONG_POLL_WAIT_MAX, REQUEST_TIMEOUT_DEFAULT,
     RESPONSE_BYTES_MAX_DEFAULT, TOKEN_BYTES_MAX,

@@ -12,6 +12,7 @@ use prometheus_client::registry::Registry;
 use tower::ServiceExt;
 
 use crate::consumer::{consumer, produce, view};
+use headwater_consume::{Consumer, ConsumerOptions};
 
 /// The value of the one sample of `name` in OpenMetrics `text`.
 fn sample(text: &str, name: &str) -> f64 {
@@ -120,4 +121,50 @@ async fn a_gap_left_open_is_closed_by_a_catch_up() {
     consumer.deliver(events[1].clone()).await.unwrap();
     let status = consumer.status();
     assert_eq!((status.open_gaps, status.stats.duplicates), (0, 1));
+}
+
+#[tokio::test]
+async fn two_consumers_in_one_registry_give_one_family_per_metric() {
+    // A switch holds v1's and v2's consumers: Prometheus refuses a second TYPE line of a name.
+    let upstream = Arc::new(MemoryUpstream::new());
+    let events = produce(&upstream, &[1, 1]);
+    let view = view();
+    let v1 = Arc::new(consumer(&view, &upstream));
+    let v2 = Consumer::new(
+        headwater_core::FeedId::parse("accounts.v2").unwrap(),
+        Arc::clone(&view),
+        Arc::clone(&upstream),
+        ConsumerOptions::default(),
+    );
+    let mut registry = Registry::default();
+    v1.register_metrics(&mut registry);
+    v2.register_metrics(&mut registry);
+    v1.deliver(events[0].clone()).await.unwrap();
+    let router = admin::router(v1, Arc::new(registry));
+    let (_, text) = get(&router, "/metrics").await;
+    let mut types: Vec<_> = text.lines().filter(|l| l.starts_with("# TYPE ")).collect();
+    let all = types.len();
+    types.sort_unstable();
+    types.dedup();
+    assert_eq!(types.len(), all, "a family given twice:\n{text}");
+    // Both consumers' samples are there, under their one family, and the text ends as it must.
+    let family: Vec<_> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("# TYPE headwater_consumer_events_applied "))
+        .skip(1)
+        .take_while(|l| !l.starts_with('#'))
+        .collect();
+    assert_eq!(family.len(), 2, "{text}");
+    assert!(
+        family
+            .iter()
+            .any(|l| l.contains(r#"feed="accounts.v1""#) && l.ends_with(" 1"))
+    );
+    assert!(
+        family
+            .iter()
+            .any(|l| l.contains(r#"feed="accounts.v2""#) && l.ends_with(" 0"))
+    );
+    assert!(text.ends_with("# EOF\n"));
+    assert_eq!(text.matches("# EOF").count(), 1);
 }
