@@ -23,10 +23,12 @@
 //!    its integration event in the view (taken when the view store's apply returns).
 //! 4. **Reconstitution walk** over a feed of `--walk-subjects` subjects (1,000,000 by default;
 //!    the log filled in batches of 100, then backfilled by a projection that makes one subject of
-//!    each event): one walk of the `Walker` (unpaced) through `FeedClient`, (a) on a view caught up with every subject (the walk lists and
-//!    compares cursors), (b) on the same view with 1 % of its subjects missing (the walk fetches
-//!    and applies them). The view's cursors are written in bulk beforehand (one SQLite
-//!    transaction: the rows an apply of each subject's event would have left).
+//!    each event): one walk of the `Walker` (unpaced) through `FeedClient`, (a) on a view caught
+//!    up with every subject (the walk lists and compares cursors), beside paging through the
+//!    listing alone and `Consumer::reconstitute` on the same view, (b) on the same view with 1 %
+//!    of its subjects missing (the walk fetches and applies them). The view's cursors are
+//!    written in bulk beforehand (one SQLite transaction: the rows an apply of each subject's
+//!    event would have left).
 //!
 //! The 1-minute load average is sampled at the start of each figure: the machine is shared.
 
