@@ -14,6 +14,7 @@ use headwater_consume::{
 use headwater_core::FeedId;
 use headwater_publish::{AmqpBroker, Broker};
 use headwater_store::FeedEvent;
+use headwater_testkit::broker::BrokerProcess;
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
     ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -427,4 +428,35 @@ async fn a_queue_the_operator_declared_with_other_arguments_is_used_as_it_is() {
     assert_eq!(source.stats().session_errors, 0);
     wait_ready(&channel, source.queue(), 0).await;
     delete(&channel, &feed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_broker_loses_nothing() {
+    let mut node = tokio::task::spawn_blocking(BrokerProcess::rabbitmq)
+        .await
+        .unwrap();
+    let url = node.url();
+    let feed = unique_feed("amqp_restart");
+    let produced = produce(&feed, &round_robin(300, 10));
+    let source = source(&url, &feed);
+    source.declare().await.unwrap();
+    let broker = AmqpBroker::connect(&url).await.unwrap();
+    let view = Arc::new(view(&Refused::default()));
+    let consumer = consumer(&produced, &view);
+    running!(source, &consumer, async {
+        publish(&broker, &feed, &produced.events[..150]).await;
+        wait_until("a delivery", WAIT, || source.stats().acked > 0).await;
+        // Stopped and started again under the consumer, with events on its durable queue.
+        tokio::task::block_in_place(|| {
+            node.stop();
+            node.start_again();
+        });
+        broker.declare(&feed).await.unwrap();
+        publish(&broker, &feed, &produced.events[150..]).await;
+        let want = expected(&produced.events);
+        wait_until("every event applied", WAIT, || applied(&view) == want).await;
+    });
+    assert!(source.stats().sessions >= 2, "{:?}", source.stats());
+    let (_connection, channel) = channel(&url).await;
+    wait_ready(&channel, source.queue(), 0).await;
 }

@@ -15,6 +15,7 @@ use headwater_consume::{
 use headwater_core::FeedId;
 use headwater_publish::{Broker, NatsBroker, nats_subject};
 use headwater_store::FeedEvent;
+use headwater_testkit::broker::BrokerProcess;
 use tokio::time::Instant;
 
 use crate::broker_kit::{
@@ -307,4 +308,34 @@ async fn dropped_connections_lose_nothing() {
     });
     assert_eq!(applied(&view), expected(&produced.events));
     delete(&jetstream, &feed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_loses_nothing() {
+    let mut server = tokio::task::spawn_blocking(BrokerProcess::nats)
+        .await
+        .unwrap();
+    let url = server.url();
+    let feed = unique_feed("nats_restart");
+    let produced = produce(&feed, &round_robin(300, 10));
+    let source = source(&url, &feed);
+    source.declare().await.unwrap();
+    let broker = NatsBroker::connect(&url).await.unwrap();
+    let view = Arc::new(view(&Refused::default()));
+    let consumer = consumer(&produced, &view);
+    running!(source, &consumer, async {
+        publish(&broker, &feed, &produced.events[..150]).await;
+        wait_until("a delivery", WAIT, || source.stats().acked > 0).await;
+        // Stopped and started again under the consumer, on the same data.
+        tokio::task::block_in_place(|| {
+            server.stop();
+            server.start_again();
+        });
+        broker.declare(&feed).await.unwrap();
+        publish(&broker, &feed, &produced.events[150..]).await;
+        let want = expected(&produced.events);
+        wait_until("every event applied", WAIT, || applied(&view) == want).await;
+        wait_all_acked(&jetstream(&url).await, &feed).await;
+    });
+    assert_eq!(applied(&view), expected(&produced.events));
 }
