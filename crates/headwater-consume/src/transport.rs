@@ -28,6 +28,8 @@ pub const PREFETCH_DEFAULT: u16 = 256;
 pub const LANES_DEFAULT: usize = 16;
 /// The most lanes.
 pub const LANES_MAX: usize = 256;
+/// How long an ack (or a nak, a progress ack) may take to be sent.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long connecting to a broker and declaring the topology may take.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -324,7 +326,7 @@ async fn lane<M: Incoming, V: ViewStore, U: Upstream>(
     while let Some(work) = rx.recv().await {
         if *ended.borrow() {
             // Not handled, not acked: delivered again to the next session.
-            work.message.release().await;
+            let _ = tokio::time::timeout(SETTLE_TIMEOUT, work.message.release()).await;
             continue;
         }
         let mut delay = options.backoff_min;
@@ -342,20 +344,23 @@ async fn lane<M: Incoming, V: ViewStore, U: Upstream>(
                     if matches!(handled, Handled::DeadLettered { .. }) {
                         TransportCounters::add(&counters.dead_lettered);
                     }
-                    match work.message.ack().await {
-                        Ok(()) => TransportCounters::add(&counters.acked),
+                    // Bounded: an ack sent on a connection that just died may never be
+                    // answered, and a lane that hangs would hold the session open for ever.
+                    match tokio::time::timeout(SETTLE_TIMEOUT, work.message.ack()).await {
+                        Ok(Ok(())) => TransportCounters::add(&counters.acked),
                         // Delivered again later and skipped as a duplicate.
-                        Err(e) => tracing::debug!(transport, error = %e, "an ack was lost"),
+                        Ok(Err(e)) => tracing::debug!(transport, error = %e, "an ack was lost"),
+                        Err(_) => tracing::debug!(transport, "an ack was not sent in time"),
                     }
                     break;
                 }
                 Err(e) => {
                     TransportCounters::add(&counters.retries);
                     tracing::warn!(transport, feed = %consumer.feed(), error = %e, "a delivery failed for a reason that may pass; trying it again");
-                    work.message.in_progress().await;
+                    let _ = tokio::time::timeout(SETTLE_TIMEOUT, work.message.in_progress()).await;
                     tokio::select! {
                         _ = ended.wait_for(|ended| *ended) => {
-                            work.message.release().await;
+                            let _ = tokio::time::timeout(SETTLE_TIMEOUT, work.message.release()).await;
                             break;
                         }
                         () = tokio::time::sleep(delay) => {}
