@@ -1,4 +1,4 @@
-//! The self-healing consumer (SPEC.md G7, G8, G9; docs/design/consumer.md): a downstream service
+//! The self-healing consumer (SPEC.md G7–G10; docs/design/consumer.md): a downstream service
 //! keeps its own view of a producer's feed, applying each integration event exactly once, in
 //! sequence order per subject, whatever the transport lost, duplicated or reordered.
 //!
@@ -20,16 +20,26 @@
 //! - [`VersionedConsumer`]: the consumer of one projection across its versions (G10): builds a
 //!   new version's view beside the active one while that one keeps serving, flips atomically and
 //!   durably, then stops reading the old version; readers read through [`ActiveFeed`].
+//! - Transports: [`Consumer::follow_feed`] (the HTTP feed, long polling), [`AmqpSource`]
+//!   (RabbitMQ) and [`NatsSource`] (NATS JetStream), each acking a message only after its commit;
+//!   what cannot be applied goes to the view store's dead letters ([`DeadLetter`]) and parks only
+//!   its own subject.
+//! - Operators: [`Consumer::status`], [`Consumer::register_metrics`], [`admin::router`]
+//!   (`GET /status`, `GET /metrics`).
 
 pub mod admin;
+mod amqp;
 mod client;
 mod consumer;
+mod dead;
 mod embedded;
 mod event;
 mod memory;
 mod metrics;
+mod nats;
 mod postgres;
 mod switch;
+mod transport;
 mod upstream;
 mod view;
 mod walker;
@@ -68,16 +78,11 @@ pub use walker::{
     WalkerStatus, walker_router,
 };
 
-// Dead letters and the broker transports (docs/design/consumer.md, "Transports", "Dead letters").
-mod dead;
+pub use amqp::{AmqpSource, amqp_exchange, amqp_queue};
 pub use dead::{
     DEAD_LETTER_ATTEMPTS_DEFAULT, DEAD_LETTER_BODY_BYTES_MAX, DEAD_LETTER_REASON_BYTES_MAX,
     DEAD_LETTERS_MAX, DeadLetter, DeadLetterKind, DeadLetterStatus, Handled, NewDeadLetter,
 };
-mod amqp;
-mod nats;
-mod transport;
-pub use amqp::{AmqpSource, amqp_exchange, amqp_queue};
 pub use nats::{ACK_WAIT_DEFAULT, NatsSource, nats_stream, nats_stream_subjects};
 pub use transport::{
     LANES_DEFAULT, LANES_MAX, PREFETCH_DEFAULT, SOURCE_NAME_BYTES_MAX, TransportError,
