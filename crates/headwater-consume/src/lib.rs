@@ -67,8 +67,8 @@ pub use upstream::{
     FeedListing, FeedReader, PROBLEM_FEED_RETIRED, Refusal, SubjectHead, Upstream, UpstreamError,
 };
 pub use view::{
-    Applied, MARK_KEY_BYTES_MAX, MARK_VALUE_BYTES_MAX, ViewError, ViewStore, check_contiguous,
-    check_mark,
+    Applied, MARK_KEY_BYTES_MAX, MARK_VALUE_BYTES_MAX, ViewError, ViewStore, apply_each,
+    check_contiguous, check_mark,
 };
 pub use walker::{
     RECONSTITUTE_ROUTE, WALK_BATCH_EVENTS_MAX, WALK_BATCH_LINGER, WALK_BURST_REQUESTS_DEFAULT,

@@ -112,6 +112,14 @@ impl<S: Clone + Send + Sync + 'static> ViewStore for MemoryView<S> {
         })
     }
 
+    async fn apply_many(
+        &self,
+        feed: &FeedId,
+        batches: &[(Subject, Vec<IntegrationEvent>)],
+    ) -> Result<Vec<Applied>, ViewError> {
+        crate::view::apply_each(self, feed, batches).await
+    }
+
     async fn cursors(
         &self,
         feed: &FeedId,

@@ -79,8 +79,9 @@ pub trait ViewStore: Send + Sync + 'static {
     /// Applies the events of several subjects, each element as [`ViewStore::apply`] would — the
     /// answers in the same order — in ONE transaction where the backend can (`EmbeddedView`,
     /// `PgView`: one commit, one fsync, for a whole page of a feed). Each subject's events and
-    /// its cursor always commit together (G7); with the default implementation (one `apply` per
-    /// subject) the batch as a whole is not all or nothing.
+    /// its cursor always commit together (G7). A store that cannot may apply subject by subject
+    /// ([`apply_each`]); the batch as a whole is then not all or nothing. No default: a wrapper
+    /// store must pass it on, or it silently loses the batching.
     ///
     /// # Errors
     /// As [`ViewStore::apply`], for the first subject that fails; in one transaction nothing of
@@ -92,13 +93,7 @@ pub trait ViewStore: Send + Sync + 'static {
         &self,
         feed: &FeedId,
         batches: &[(Subject, Vec<IntegrationEvent>)],
-    ) -> Result<Vec<Applied>, ViewError> {
-        let mut applied = Vec::with_capacity(batches.len());
-        for (subject, events) in batches {
-            applied.push(self.apply(feed, subject, events).await?);
-        }
-        Ok(applied)
-    }
+    ) -> Result<Vec<Applied>, ViewError>;
 
     /// The cursors of the feed's subjects after `after` (all when `None`), in byte order of the
     /// subject, at most `limit`.
@@ -172,6 +167,23 @@ pub trait ViewStore: Send + Sync + 'static {
 
     /// Removes the dead letter `id` of `feed` (the operator dealt with it); whether it was there.
     async fn discard_dead_letter(&self, feed: &FeedId, id: u64) -> Result<bool, ViewError>;
+}
+
+/// [`ViewStore::apply_many`] for a store without transactions over several subjects: one
+/// [`ViewStore::apply`] per subject, in order, stopping at the first failure.
+///
+/// # Errors
+/// The first subject's failure; the subjects before it stay applied.
+pub async fn apply_each<V: ViewStore + ?Sized>(
+    view: &V,
+    feed: &FeedId,
+    batches: &[(Subject, Vec<IntegrationEvent>)],
+) -> Result<Vec<Applied>, ViewError> {
+    let mut applied = Vec::with_capacity(batches.len());
+    for (subject, events) in batches {
+        applied.push(view.apply(feed, subject, events).await?);
+    }
+    Ok(applied)
 }
 
 /// The longest key of a mark, in bytes.

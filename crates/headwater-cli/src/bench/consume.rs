@@ -809,6 +809,25 @@ struct Numbered {
     n: usize,
 }
 
+impl<V> TimedView<V> {
+    /// One commit that applied `done` of `events`, returned at `now`.
+    fn record(&self, now: Instant, events: &[IntegrationEvent], done: &Applied) {
+        self.applies.fetch_add(1, Ordering::Relaxed);
+        let skip = usize::try_from(done.duplicates).unwrap_or(usize::MAX);
+        let take = usize::try_from(done.applied).unwrap_or(0);
+        let mut applied_at = self.applied_at.lock().unwrap_or_else(|e| e.into_inner());
+        for event in events.iter().skip(skip).take(take) {
+            if let Ok(Numbered { n }) = event.data_as::<Numbered>()
+                && let Some(slot) = applied_at.get_mut(n)
+                && slot.is_none()
+            {
+                *slot = Some(now);
+                self.applied.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl<V: ViewStore> ViewStore for TimedView<V> {
     async fn cursor(&self, feed: &FeedId, subject: &Subject) -> Result<Sequence, ViewError> {
@@ -822,19 +841,19 @@ impl<V: ViewStore> ViewStore for TimedView<V> {
         events: &[IntegrationEvent],
     ) -> Result<Applied, ViewError> {
         let done = self.inner.apply(feed, subject, events).await?;
+        self.record(Instant::now(), events, &done);
+        Ok(done)
+    }
+
+    async fn apply_many(
+        &self,
+        feed: &FeedId,
+        batches: &[(Subject, Vec<IntegrationEvent>)],
+    ) -> Result<Vec<Applied>, ViewError> {
+        let done = self.inner.apply_many(feed, batches).await?;
         let now = Instant::now();
-        self.applies.fetch_add(1, Ordering::Relaxed);
-        let skip = usize::try_from(done.duplicates).unwrap_or(usize::MAX);
-        let take = usize::try_from(done.applied).unwrap_or(0);
-        let mut applied_at = self.applied_at.lock().unwrap_or_else(|e| e.into_inner());
-        for event in events.iter().skip(skip).take(take) {
-            if let Ok(Numbered { n }) = event.data_as::<Numbered>()
-                && let Some(slot) = applied_at.get_mut(n)
-                && slot.is_none()
-            {
-                *slot = Some(now);
-                self.applied.fetch_add(1, Ordering::Relaxed);
-            }
+        for ((_, events), done) in batches.iter().zip(&done) {
+            self.record(now, events, done);
         }
         Ok(done)
     }

@@ -191,6 +191,17 @@ impl ViewStore for FailingView {
         self.inner.apply(feed, subject, events).await
     }
 
+    async fn apply_many(
+        &self,
+        feed: &FeedId,
+        batches: &[(Subject, Vec<IntegrationEvent>)],
+    ) -> Result<Vec<Applied>, ViewError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(ViewError::Backend("the commit failed (on purpose)".into()));
+        }
+        self.inner.apply_many(feed, batches).await
+    }
+
     async fn cursors(
         &self,
         feed: &FeedId,
