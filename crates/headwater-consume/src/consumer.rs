@@ -539,13 +539,7 @@ impl<V: ViewStore, U: Upstream> Consumer<V, U> {
         }
         // Hold every subject's lock stripe, taken in stripe order (no deadlock with another
         // page applying at once).
-        let mut stripes: Vec<usize> = by_subject.keys().map(|s| self.stripe_of(s)).collect();
-        stripes.sort_unstable();
-        stripes.dedup();
-        let mut held = Vec::with_capacity(stripes.len());
-        for stripe in stripes {
-            held.push(self.locks[stripe].lock().await);
-        }
+        let held = self.lock_subjects(by_subject.keys()).await;
         let mut batch = Vec::with_capacity(by_subject.len());
         for (subject, events) in by_subject {
             // A store that fails here fails again below, where the one-by-one path waits.
