@@ -514,8 +514,11 @@ impl headwater_consume::Upstream for ScriptedFeed {
     }
 }
 
+/// The page path of `follow_feed` (what continues its subject in one `apply_many`, the rest one by
+/// one) applies a mixed page exactly once, in order. That the page is one commit is checked by the
+/// stores' `apply_many_is_one_transaction_*` tests and seen in the bench's commits per event.
 #[tokio::test]
-async fn a_feed_page_is_applied_at_once_and_what_does_not_continue_goes_one_by_one() {
+async fn a_feed_page_of_continuing_runs_gaps_and_duplicates_is_applied_once_in_order() {
     // The page holds runs that continue (acc-1 from #2, acc-2), a gap (acc-3 from #2, its #1
     // lost on the way) and duplicates (acc-1 #1, which the consumer has, and acc-2 #2 twice).
     let producer = Arc::new(MemoryUpstream::new());
