@@ -373,11 +373,19 @@ async fn dropped_connections_lose_nothing() {
     let consumer = consumer(&produced, &view);
     running!(source, &consumer, async {
         let mut cuts = 0;
+        let mut sessions_at_cut = 0;
         for chunk in produced.events.chunks(100) {
+            // The session the last cut ended is over (what it had buffered is handled) and a new
+            // one has started: a delivery from now on comes through a connection to cut.
+            wait_until("a new session", WAIT, || {
+                source.stats().sessions > sessions_at_cut
+            })
+            .await;
             let received = source.stats().received;
             publish(&broker, &feed, chunk).await;
             // Let the consumer get some of it, then cut its connection.
             wait_until("a delivery", WAIT, || source.stats().received > received).await;
+            sessions_at_cut = source.stats().sessions;
             cuts += proxy.cut();
         }
         assert!(cuts >= 5, "{cuts} connections cut");
