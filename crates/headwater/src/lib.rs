@@ -47,6 +47,12 @@ pub mod store {
         AppendError, AppendOutcome, EventStore, MemoryStore, ReadError, read_all_pages,
         wait_for_position,
     };
+
+    /// The PostgreSQL backend, for services with several replicas: a gap-free log for
+    /// followers, leader election so one replica runs each follower (see `headwater-postgres`).
+    pub mod postgres {
+        pub use headwater_postgres::*;
+    }
 }
 
 /// Integration feeds: projections of the internal log into versioned public feeds, and the

@@ -1,0 +1,15 @@
+//! `bank demo` (being written).
+
+use std::process::ExitCode;
+
+/// The flags of `bank demo`.
+#[derive(Debug, clap::Args)]
+pub struct Args {}
+
+/// Runs `bank demo`.
+///
+/// # Errors
+/// Not written yet.
+pub async fn run(_args: Args) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("bank demo is not written yet")
+}
