@@ -1,0 +1,1 @@
+//! Tests of `bank` (e2e): being written.
