@@ -58,11 +58,16 @@ pub use event::{DecodeError, IntegrationEvent};
 pub use memory::{MemoryUpstream, MemoryView};
 pub use metrics::{OPEN_GAPS_TRACKED_MAX, OpenGap};
 pub use postgres::{PgHandler, PgView};
+/// The SQLite binding [`EmbeddedView`]'s handlers write with (its `Transaction`): use this one, so
+/// the versions agree.
+pub use rusqlite;
 pub use switch::{
     ACTIVE_MARK_PREFIX, ActiveFeed, CONSUMER_NAME_BYTES_MAX, SWITCH_POLL_INTERVAL_DEFAULT,
     SWITCH_RETRY_INTERVAL_DEFAULT, SwitchError, SwitchOptions, SwitchPhase, SwitchStatus,
     VersionedConsumer,
 };
+/// The PostgreSQL client [`PgView`]'s handlers write with (its `Transaction`).
+pub use tokio_postgres;
 pub use upstream::{
     FeedListing, FeedReader, PROBLEM_FEED_RETIRED, Refusal, SubjectHead, Upstream, UpstreamError,
 };

@@ -34,6 +34,9 @@ pub use headwater_core::{
     EventTypeError, ExpectedVersion, InvalidAppend, Metadata, NewEvent, Position, RecordedEvent,
     StreamName, StreamNameError, StreamVersion, Timestamp, Upcasters, limits, testing,
 };
+/// The Prometheus client the services register their metrics with (a service passes one
+/// `prometheus_client::registry::Registry` to every part, and serves it on `/metrics`).
+pub use prometheus_client;
 /// UUIDs, as used by event ids, command ids, correlation and causation ids.
 pub use uuid::Uuid;
 
@@ -41,7 +44,8 @@ pub use uuid::Uuid;
 pub mod store {
     /// The embedded backend, the default: one directory per service, nothing to install.
     pub use headwater_embedded::{
-        EmbeddedStore, OpenError as EmbeddedOpenError, Options as EmbeddedOptions,
+        EmbeddedFeedStore, EmbeddedStore, OpenError as EmbeddedOpenError,
+        Options as EmbeddedOptions,
     };
     pub use headwater_store::{
         AppendError, AppendOutcome, EventStore, MemoryStore, ReadError, read_all_pages,
