@@ -7,10 +7,12 @@
 //!   the feed API, publishing);
 //! - [`statements`]: the consumer service (balances per account from the feed);
 //! - [`demo`]: both in one process through a lossy link, and the verdict;
-//! - [`bench`]: the bank's benchmark.
+//! - [`bench`]: the bank's benchmark;
+//! - [`client`]: the HTTP client of the command API (and of `statements`' balances).
 
 pub mod accounts;
 pub mod bench;
+pub mod client;
 pub mod demo;
 pub mod model;
 pub mod shutdown;

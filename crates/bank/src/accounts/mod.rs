@@ -1,15 +1,504 @@
-//! `bank accounts` (being written).
+//! `bank accounts`: the producer. The aggregate [`Account`](account::Account) behind the command
+//! API, its private log projected into the public feeds `accounts.v1` and `accounts.v2`, served by
+//! the feed API under `/feeds` and published to RabbitMQ or NATS JetStream when asked.
+//!
+//! - Embedded store in `--data DIR` by default (one process); `--postgres URL` for several
+//!   replicas on one database: every replica accepts commands, and each projector and publisher
+//!   runs on one replica at a time (PostgreSQL leadership, see docs/design/feeds.md).
+//! - `--token T`: the bearer token of the feed API (and of `/metrics`). Without it the feed API
+//!   refuses every read (401) and `/metrics` is public.
+//! - Graceful shutdown: in-flight commands finish, projectors commit and stop, publishers fold
+//!   what the broker confirmed into their cursors, the feed API records its readers.
+//!
+//! In-process (the demo, the bench, the tests): [`start`] a [`Config`], get an [`Accounts`].
 
+pub mod account;
+pub mod projections;
+mod routes;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use headwater::CommandHandler;
+use headwater::api::{ApiConfig, FeedApi, MetricsAccess, Tokens};
+use headwater::feed::{
+    AlwaysLead, FeedId, FeedStore, ProjectorStatus, Projectors, ProjectorsBuilder,
+};
+use headwater::publish::{Broker, BrokerArgs, Publishers, PublishersBuilder};
+use headwater::store::postgres::{Options as PostgresOptions, PostgresStore};
+use headwater::store::{EmbeddedStore, EventStore};
+use prometheus_client::registry::Registry;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::model::{self, SOURCE};
+pub use routes::{PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_PREFIX, Problem};
+
+/// The PostgreSQL schema of the accounts store, unless `--postgres-schema` says another.
+pub const POSTGRES_SCHEMA_DEFAULT: &str = "bank_accounts";
+/// The address the service listens on by default.
+pub const LISTEN_DEFAULT: &str = "127.0.0.1:8080";
+/// The name of the feed API's one token (`--token`), as readers are recorded.
+pub const TOKEN_NAME: &str = "default";
 
 /// The flags of `bank accounts`.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// The directory of the embedded store (created if missing). Not used with --postgres.
+    #[arg(long, value_name = "DIR", default_value = "accounts-data")]
+    pub data: PathBuf,
+    /// Where the command API, the feed API (/feeds) and /metrics listen.
+    #[arg(long, value_name = "ADDR", default_value = LISTEN_DEFAULT)]
+    pub listen: SocketAddr,
+    /// Keep the events in PostgreSQL (postgres://user@host:port/db) instead of the embedded
+    /// store, so that several replicas can share them.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "BANK_POSTGRES_URL",
+        hide_env_values = true
+    )]
+    pub postgres: Option<String>,
+    /// The PostgreSQL schema of the store.
+    #[arg(long, value_name = "NAME", default_value = POSTGRES_SCHEMA_DEFAULT)]
+    pub postgres_schema: String,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// The bearer token readers of the feed API (and of /metrics) must send. Without it the
+    /// feed API refuses every read.
+    #[arg(long, value_name = "T", env = "BANK_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The versions of the `accounts` feed to project and serve (1, 2 or both).
+    #[arg(long, value_name = "V,…", value_delimiter = ',', default_value = "1,2")]
+    pub versions: Vec<u32>,
+}
 
-/// Runs `bank accounts`.
+/// How to run the service in-process. `Config::new(dir)` is the embedded store in `dir`, on a
+/// free loopback port, with feeds v1 and v2, no broker and no token; change fields on it.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The embedded store's directory (not used with `postgres`).
+    pub data: PathBuf,
+    pub listen: SocketAddr,
+    /// PostgreSQL instead of the embedded store.
+    pub postgres: Option<String>,
+    pub postgres_schema: String,
+    pub broker: BrokerArgs,
+    pub token: Option<String>,
+    /// The feed versions projected from the start (more with [`Accounts::add_version`]).
+    pub versions: Vec<u32>,
+}
+
+impl Config {
+    pub fn new(data: impl Into<PathBuf>) -> Config {
+        Config {
+            data: data.into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            postgres: None,
+            postgres_schema: POSTGRES_SCHEMA_DEFAULT.to_owned(),
+            broker: BrokerArgs::default(),
+            token: None,
+            versions: projections::VERSIONS.to_vec(),
+        }
+    }
+}
+
+impl From<Args> for Config {
+    fn from(args: Args) -> Config {
+        Config {
+            data: args.data,
+            listen: args.listen,
+            postgres: args.postgres,
+            postgres_schema: args.postgres_schema,
+            broker: args.broker,
+            token: args.token,
+            versions: args.versions,
+        }
+    }
+}
+
+/// Runs `bank accounts` until SIGTERM or Ctrl-C, then shuts down gracefully.
 ///
 /// # Errors
-/// Not written yet.
-pub async fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("bank accounts is not written yet")
+/// The store cannot be opened, the address cannot be bound, a flag is invalid.
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let accounts = start(args.into()).await?;
+    crate::shutdown::signal().await;
+    tracing::info!("shutting down: finishing the commands in flight");
+    accounts.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The store the service runs on.
+#[derive(Clone)]
+enum Backend {
+    Embedded,
+    Postgres(PostgresStore),
+}
+
+impl Backend {
+    fn projectors(&self, builder: ProjectorsBuilder) -> ProjectorsBuilder {
+        match self {
+            Backend::Embedded => builder.leadership(AlwaysLead),
+            Backend::Postgres(store) => builder.leadership(store.clone()),
+        }
+    }
+
+    fn publishers(&self, builder: PublishersBuilder) -> PublishersBuilder {
+        match self {
+            Backend::Embedded => builder.leadership(AlwaysLead),
+            Backend::Postgres(store) => builder.leadership(store.clone()),
+        }
+    }
+}
+
+/// A running `accounts` service.
+pub struct Accounts {
+    address: SocketAddr,
+    events: Arc<dyn EventStore>,
+    feeds: Arc<dyn FeedStore>,
+    backend: Backend,
+    broker: Option<Arc<dyn Broker>>,
+    /// The versions projected, and their projectors and publishers (one set per start or
+    /// [`Accounts::add_version`]).
+    running: Mutex<Running>,
+    api: FeedApi,
+    stop_server: Option<oneshot::Sender<()>>,
+    server: JoinHandle<std::io::Result<()>>,
+}
+
+#[derive(Default)]
+struct Running {
+    versions: BTreeSet<u32>,
+    projectors: Vec<Projectors>,
+    publishers: Vec<Publishers>,
+}
+
+impl std::fmt::Debug for Accounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Accounts")
+            .field("address", &self.address)
+            .finish_non_exhaustive()
+    }
+}
+
+fn feed_id(version: u32) -> anyhow::Result<FeedId> {
+    match version {
+        1 => Ok(FeedId::parse(model::FEED_V1)?),
+        2 => Ok(FeedId::parse(model::FEED_V2)?),
+        other => anyhow::bail!("the accounts feed has versions 1 and 2, not {other}"),
+    }
+}
+
+/// Starts the service: opens the store, starts the projectors (and publishers), and listens.
+///
+/// # Errors
+/// The store cannot be opened, the address cannot be bound, a version or the token is invalid,
+/// a broker URL is invalid.
+///
+/// # Cancel safety
+/// Not cancel safe: dropped midway, what was started stops as its handles drop.
+pub async fn start(config: Config) -> anyhow::Result<Accounts> {
+    let mut versions = BTreeSet::new();
+    for version in &config.versions {
+        feed_id(*version)?;
+        versions.insert(*version);
+    }
+    let (events, feeds, backend): (Arc<dyn EventStore>, Arc<dyn FeedStore>, Backend) = match &config
+        .postgres
+    {
+        Some(url) => {
+            let store = PostgresStore::connect(
+                url,
+                PostgresOptions::with_schema(config.postgres_schema.clone()),
+            )
+            .await
+            .context("cannot connect to PostgreSQL")?;
+            tracing::info!(
+                schema = %config.postgres_schema,
+                "events and feeds in PostgreSQL (several replicas may share them)"
+            );
+            let feeds = Arc::new(store.feed_store());
+            (Arc::new(store.clone()), feeds, Backend::Postgres(store))
+        }
+        None => {
+            let dir = config.data.clone();
+            let store = tokio::task::spawn_blocking(move || {
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+                let store = EmbeddedStore::open(&dir)
+                    .with_context(|| format!("cannot open the store in {}", dir.display()))?;
+                let feeds = store.feeds().context("cannot open the feed store")?;
+                anyhow::Ok((store, feeds))
+            })
+            .await??;
+            tracing::info!(dir = %config.data.display(), "events and feeds in the embedded store");
+            (Arc::new(store.0), Arc::new(store.1), Backend::Embedded)
+        }
+    };
+    let mut registry = Registry::default();
+    let commands = routes::Commands {
+        handler: CommandHandler::from_arc(Arc::clone(&events)),
+        metrics: routes::CommandMetrics::register(&mut registry),
+    };
+    let broker = config
+        .broker
+        .broker()
+        .await
+        .context("the broker's URL is not usable")?;
+    let mut running = Running::default();
+    let feed_ids = versions
+        .iter()
+        .map(|v| feed_id(*v))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if !feed_ids.is_empty() {
+        let mut builder = backend.projectors(Projectors::builder());
+        for version in &versions {
+            if let Some(projection) = projections::for_version(*version) {
+                builder = builder.projection_arc(projection);
+            }
+        }
+        let projectors = builder
+            .metrics(&mut registry)
+            .start(Arc::clone(&events), Arc::clone(&feeds))
+            .await
+            .context("cannot start the projectors")?;
+        running.projectors.push(projectors);
+        if let Some(broker) = &broker {
+            let mut builder = backend.publishers(Publishers::builder(Arc::clone(broker), SOURCE));
+            for feed in &feed_ids {
+                builder = builder.feed(feed.clone());
+            }
+            let publishers = builder
+                .metrics(&mut registry)
+                .start(Arc::clone(&feeds))
+                .context("cannot start the publishers")?;
+            running.publishers.push(publishers);
+        }
+    }
+    running.versions = versions.clone();
+    let (tokens, metrics_access) = match &config.token {
+        Some(token) => (
+            Tokens::one_for_all(TOKEN_NAME, token).context("the token is not usable")?,
+            MetricsAccess::AnyToken,
+        ),
+        None => (Tokens::new(), MetricsAccess::Public),
+    };
+    let mut api_config = ApiConfig::new(SOURCE, tokens).context("the feed API's configuration")?;
+    api_config.metrics_access = metrics_access;
+    let api = FeedApi::new(Arc::clone(&feeds), api_config, &mut registry);
+    let router = routes::router(commands).merge(api.router(Arc::new(registry)));
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let address = listener.local_addr()?;
+    let (stop_server, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(headwater::api::serve(listener, router, async move {
+        let _ = stopped.await;
+    }));
+    tracing::info!(%address, "listening: commands on /accounts, feeds on /feeds, metrics on /metrics");
+    tracing::info!(
+        feeds = %feed_ids.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+        "projecting"
+    );
+    match &config.token {
+        Some(_) => tracing::info!("the feed API and /metrics require the bearer token (--token)"),
+        None => tracing::warn!(
+            "no --token: the feed API refuses every read (401) until one is given; /metrics is public"
+        ),
+    }
+    match (&config.broker.amqp, &config.broker.nats) {
+        (Some(_), _) => tracing::info!("publishing the feeds to RabbitMQ (--amqp)"),
+        (None, Some(_)) => tracing::info!("publishing the feeds to NATS JetStream (--nats)"),
+        (None, None) => tracing::info!("no broker: the feeds are served over HTTP only"),
+    }
+    Ok(Accounts {
+        address,
+        events,
+        feeds,
+        backend,
+        broker,
+        running: Mutex::new(running),
+        api,
+        stop_server: Some(stop_server),
+        server,
+    })
+}
+
+impl Accounts {
+    /// Where the command API, the feed API and `/metrics` listen.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// `http://address`: what a [`crate::client::Client`] or a consumer's `--upstream` takes.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// The event store (the private log).
+    pub fn events(&self) -> Arc<dyn EventStore> {
+        Arc::clone(&self.events)
+    }
+
+    /// The feed store (the public feeds).
+    pub fn feeds(&self) -> Arc<dyn FeedStore> {
+        Arc::clone(&self.feeds)
+    }
+
+    /// The feed versions projected.
+    pub fn versions(&self) -> Vec<u32> {
+        self.lock().versions.iter().copied().collect()
+    }
+
+    /// Every projector's status.
+    pub fn projector_statuses(&self) -> Vec<ProjectorStatus> {
+        self.lock()
+            .projectors
+            .iter()
+            .flat_map(Projectors::statuses)
+            .collect()
+    }
+
+    /// The status watch of the projector of feed `version`, `None` when it is not projected.
+    pub fn watch_projector(&self, version: u32) -> Option<watch::Receiver<ProjectorStatus>> {
+        let feed = feed_id(version).ok()?;
+        self.lock().projectors.iter().find_map(|p| p.watch(&feed))
+    }
+
+    /// Waits until feed `version` includes every event the log held when it was called, at most
+    /// `timeout`. On this replica's projector; with PostgreSQL, the feed store's cursor (another
+    /// replica may be projecting).
+    ///
+    /// # Errors
+    /// The feed is not projected, or did not catch up in time.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn caught_up(&self, version: u32, timeout: Duration) -> anyhow::Result<()> {
+        let feed = feed_id(version)?;
+        let head = self.events.head_position();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let state = self.feeds.feed(&feed).await?;
+            if state.as_ref().is_some_and(|s| s.cursor >= head) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                anyhow::bail!(
+                    "feed {feed} did not reach position {head} within {timeout:?} (at {:?})",
+                    state.map(|s| s.cursor)
+                );
+            }
+            let mut head_watch = self.feeds.watch_head(&feed);
+            let _ = tokio::time::timeout(Duration::from_millis(20), head_watch.changed()).await;
+        }
+    }
+
+    /// Starts projecting (and publishing) feed `version` live: a new feed backfills from the
+    /// start of the log while commands go on, then follows it. Nothing happens for a version
+    /// already projected.
+    ///
+    /// Its projector and publisher are not in `/metrics` (the metrics families are registered
+    /// once, at start); they are in [`Accounts::projector_statuses`].
+    ///
+    /// # Errors
+    /// An unknown version; the feed cannot be registered.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropped midway, the feed may be registered and not projected (adding it
+    /// again fixes that).
+    pub async fn add_version(&self, version: u32) -> anyhow::Result<()> {
+        let feed = feed_id(version)?;
+        if self.lock().versions.contains(&version) {
+            return Ok(());
+        }
+        let Some(projection) = projections::for_version(version) else {
+            anyhow::bail!("no projection for version {version}");
+        };
+        let projectors = self
+            .backend
+            .projectors(Projectors::builder())
+            .projection_arc(projection)
+            .start(Arc::clone(&self.events), Arc::clone(&self.feeds))
+            .await
+            .with_context(|| format!("cannot start the projector of {feed}"))?;
+        let publishers = match &self.broker {
+            Some(broker) => Some(
+                self.backend
+                    .publishers(Publishers::builder(Arc::clone(broker), SOURCE))
+                    .feed(feed.clone())
+                    .start(Arc::clone(&self.feeds))
+                    .with_context(|| format!("cannot start the publisher of {feed}"))?,
+            ),
+            None => None,
+        };
+        let extra = {
+            let mut running = self.lock();
+            if running.versions.insert(version) {
+                running.projectors.push(projectors);
+                running.publishers.extend(publishers);
+                None
+            } else {
+                Some((projectors, publishers))
+            }
+        };
+        if let Some((projectors, publishers)) = extra {
+            // Added concurrently by another call: let this one's projector go.
+            projectors.shutdown().await;
+            if let Some(publishers) = publishers {
+                publishers.shutdown().await;
+            }
+            return Ok(());
+        }
+        tracing::info!(%feed, "projecting a new feed version: backfilling, then live");
+        Ok(())
+    }
+
+    /// Stops the service gracefully: stops accepting, lets the commands in flight finish (long
+    /// polls of the feed API answer at once), stops the projectors after their in-flight commit
+    /// and the publishers after folding what the broker confirmed into their cursors, and records
+    /// the feed API's readers.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropped midway, the rest stops as its handles drop.
+    pub async fn shutdown(mut self) {
+        self.api.drain();
+        if let Some(stop) = self.stop_server.take() {
+            let _ = stop.send(());
+        }
+        match (&mut self.server).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "the HTTP server stopped with an error"),
+            Err(error) => tracing::warn!(%error, "the HTTP server's task failed"),
+        }
+        let running = std::mem::take(&mut *self.lock());
+        for publishers in running.publishers {
+            publishers.shutdown().await;
+        }
+        for projectors in running.projectors {
+            for (feed, outcome) in projectors.shutdown().await {
+                match outcome {
+                    Ok(stopped) => tracing::info!(%feed, ?stopped, "projector stopped"),
+                    Err(error) => tracing::warn!(%feed, %error, "projector had failed"),
+                }
+            }
+        }
+        let Accounts { api, .. } = self;
+        if let Err(error) = api.close().await {
+            tracing::warn!(%error, "could not record the feed API's last readers");
+        }
+        tracing::info!("accounts stopped");
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Running> {
+        self.running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }

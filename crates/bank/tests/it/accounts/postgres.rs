@@ -1,0 +1,1 @@
+//! Two replicas of `accounts` on one PostgreSQL database.
