@@ -5,9 +5,9 @@
 
 use std::collections::BTreeMap;
 
+use headwater::consume::rusqlite::{self, OptionalExtension, Transaction, params};
 use headwater::consume::{EmbeddedView, IntegrationEvent, ViewError};
 use headwater::feed::FeedId;
-use rusqlite::{OptionalExtension, Transaction, params};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{self, CURRENCY, v1, v2};
