@@ -18,9 +18,9 @@ use serde_json::{Value, json};
 mod postgres;
 
 /// The feed API's token in these tests.
-const TOKEN: &str = "accounts-test-token";
+pub(crate) const TOKEN: &str = "accounts-test-token";
 /// How long a feed may take to catch up, in seconds (far more than it takes).
-const CATCH_UP_SECS: u64 = 30;
+pub(crate) const CATCH_UP_SECS: u64 = 30;
 
 /// A service on the embedded store in a temporary directory.
 pub(crate) struct Service {
@@ -72,7 +72,7 @@ pub(crate) async fn request(
     )
 }
 
-fn done(answer: Answer) -> Balance {
+pub(crate) fn done(answer: Answer) -> Balance {
     match answer {
         Answer::Done(balance) => balance,
         Answer::Refused(problem) => panic!("refused: {problem:?}"),
@@ -93,7 +93,7 @@ fn balance(balance: u64, version: u64) -> Balance {
     }
 }
 
-fn id() -> Uuid {
+pub(crate) fn id() -> Uuid {
     Uuid::new_v4()
 }
 
