@@ -29,7 +29,7 @@ use headwater::api::{ApiConfig, FeedApi, MetricsAccess, Tokens};
 use headwater::feed::{
     AlwaysLead, FeedId, FeedStore, ProjectorStatus, Projectors, ProjectorsBuilder,
 };
-use headwater::publish::{Broker, BrokerArgs, Publishers, PublishersBuilder};
+use headwater::publish::{Broker, BrokerArgs, PublisherStatus, Publishers, PublishersBuilder};
 use headwater::store::postgres::{Options as PostgresOptions, PostgresStore};
 use headwater::store::{EmbeddedStore, EventStore};
 use prometheus_client::registry::Registry;
@@ -362,6 +362,15 @@ impl Accounts {
             .projectors
             .iter()
             .flat_map(Projectors::statuses)
+            .collect()
+    }
+
+    /// Every publisher's status (none without a broker).
+    pub fn publisher_statuses(&self) -> Vec<PublisherStatus> {
+        self.lock()
+            .publishers
+            .iter()
+            .flat_map(Publishers::statuses)
             .collect()
     }
 

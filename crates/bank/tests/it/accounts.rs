@@ -15,6 +15,7 @@ use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 
+mod nats;
 mod postgres;
 
 /// The feed API's token in these tests.
@@ -178,6 +179,28 @@ async fn concurrent_retries_record_once() {
     }
     assert_eq!(service.accounts.events().head_position().0, 11);
     assert_eq!(client.account("ada").await.unwrap(), Some(balance(100, 11)));
+    // A withdrawal over the balance, retried at once: refused each time, recorded once.
+    let command = id();
+    let answers = futures_join(RETRIES, |_| {
+        let client = client.clone();
+        async move { client.withdraw("ada", 1_000, command).await.unwrap() }
+    })
+    .await;
+    for answer in answers {
+        assert_eq!(refused(answer), "insufficient-funds");
+    }
+    assert_eq!(service.accounts.events().head_position().0, 12);
+    // An opening, retried at once: one account, every retry answered 201 with version 1.
+    let command = id();
+    let answers = futures_join(RETRIES, |_| {
+        let client = client.clone();
+        async move { client.open("bob", "Bob", command).await.unwrap() }
+    })
+    .await;
+    for answer in answers {
+        assert_eq!(done(answer), balance(0, 1));
+    }
+    assert_eq!(service.accounts.events().head_position().0, 13);
     service.accounts.shutdown().await;
 }
 
@@ -514,6 +537,7 @@ async fn a_version_added_live_ends_equal_to_its_offline_build() {
     // Add v2 while the writers are writing.
     tokio::time::sleep(Duration::from_millis(50)).await;
     service.accounts.add_version(2).await.unwrap();
+    let added_at = service.accounts.events().head_position();
     assert_eq!(service.accounts.versions(), vec![1, 2]);
     for writer in writers {
         writer.await.unwrap();
@@ -525,6 +549,10 @@ async fn a_version_added_live_ends_equal_to_its_offline_build() {
             .await
             .unwrap();
     }
+    assert!(
+        service.accounts.events().head_position() > added_at,
+        "no command after v2 was added: the test does not test a live addition"
+    );
     let v2 = feed(&service.accounts, 2).await;
     assert_eq!(v2.len(), WRITERS * (COMMANDS_EACH + 1));
     assert_eq!(v2, offline(&service.accounts, 2).await);
