@@ -565,3 +565,60 @@ async fn a_version_added_live_ends_equal_to_its_offline_build() {
     };
     service.accounts.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_on_the_same_data_keeps_every_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = || {
+        let mut config = Config::new(dir.path().join("accounts"));
+        config.token = Some(TOKEN.to_owned());
+        accounts::start(config)
+    };
+    let first = start().await.unwrap();
+    let client = Client::new(&first.url()).unwrap();
+    let (open, deposit, refused_withdrawal) = (id(), id(), id());
+    done(client.open("ada", "Ada", open).await.unwrap());
+    done(client.deposit("ada", 40, deposit).await.unwrap());
+    refused(
+        client
+            .withdraw("ada", 90, refused_withdrawal)
+            .await
+            .unwrap(),
+    );
+    first.shutdown().await;
+
+    let second = start().await.unwrap();
+    let client = Client::new(&second.url()).unwrap();
+    // Retries after the restart: the original outcomes, nothing recorded.
+    assert_eq!(
+        done(client.open("ada", "Ada", open).await.unwrap()),
+        balance(0, 1)
+    );
+    assert_eq!(
+        done(client.deposit("ada", 40, deposit).await.unwrap()),
+        balance(40, 2)
+    );
+    done(client.deposit("ada", 100, id()).await.unwrap());
+    assert_eq!(
+        refused(
+            client
+                .withdraw("ada", 90, refused_withdrawal)
+                .await
+                .unwrap()
+        ),
+        "insufficient-funds"
+    );
+    assert_eq!(client.account("ada").await.unwrap(), Some(balance(140, 4)));
+    for version in [1, 2] {
+        second
+            .caught_up(version, Duration::from_secs(CATCH_UP_SECS))
+            .await
+            .unwrap();
+        assert_eq!(
+            feed(&second, version).await,
+            offline(&second, version).await
+        );
+    }
+    assert_eq!(feed(&second, 2).await.len(), 4);
+    second.shutdown().await;
+}
