@@ -195,6 +195,20 @@ fn feed_id(version: u32) -> anyhow::Result<FeedId> {
     }
 }
 
+/// `url` with its password, if any, replaced by `***`: what the logs show of a PostgreSQL URL.
+fn without_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "<not a URL>".to_owned();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
 /// Starts the service: opens the store, starts the projectors (and publishers), and listens.
 ///
 /// # Errors
@@ -220,8 +234,10 @@ pub async fn start(config: Config) -> anyhow::Result<Accounts> {
             .await
             .context("cannot connect to PostgreSQL")?;
             tracing::info!(
+                server = %without_password(url),
                 schema = %config.postgres_schema,
-                "events and feeds in PostgreSQL (several replicas may share them)"
+                "events and feeds in PostgreSQL: every replica on this schema takes commands; \
+                 each feed's projector and publisher run on one replica at a time"
             );
             let feeds = Arc::new(store.feed_store());
             (Arc::new(store.clone()), feeds, Backend::Postgres(store))
@@ -302,10 +318,18 @@ pub async fn start(config: Config) -> anyhow::Result<Accounts> {
         let _ = stopped.await;
     }));
     tracing::info!(%address, "listening: commands on /accounts, feeds on /feeds, metrics on /metrics");
-    tracing::info!(
-        feeds = %feed_ids.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
-        "projecting"
-    );
+    let feeds_shown = feed_ids
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    match backend {
+        Backend::Embedded => tracing::info!(feeds = %feeds_shown, "projecting"),
+        Backend::Postgres(_) => tracing::info!(
+            feeds = %feeds_shown,
+            "projecting when this replica leads (\"leading\" below), standing by otherwise"
+        ),
+    }
     match &config.token {
         Some(_) => tracing::info!("the feed API and /metrics require the bearer token (--token)"),
         None => tracing::warn!(
@@ -509,5 +533,32 @@ impl Accounts {
         self.running
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_service_handle_can_be_shared_between_tasks() {
+        fn shared<T: Send + Sync + 'static>() {}
+        shared::<Accounts>();
+        shared::<crate::client::Client>();
+    }
+
+    #[test]
+    fn logs_show_no_password() {
+        for (url, shown) in [
+            (
+                "postgres://bank:s3cret@db:5432/bank",
+                "postgres://bank:***@db:5432/bank",
+            ),
+            ("postgres://bank@db/bank", "postgres://bank@db/bank"),
+            ("postgres://db/bank", "postgres://db/bank"),
+            ("host=db password=x", "<not a URL>"),
+        ] {
+            assert_eq!(without_password(url), shown);
+        }
     }
 }
