@@ -183,7 +183,8 @@ impl Client {
         command_id: Uuid,
     ) -> Result<Answer, ClientError> {
         let body = json!({ "owner": owner, "command_id": command_id.to_string() });
-        self.command(&format!("/accounts/{id}"), &body).await
+        self.command(&format!("/accounts/{}", segment(id)), &body)
+            .await
     }
 
     /// `POST /accounts/{id}/deposits`.
@@ -197,7 +198,7 @@ impl Client {
         command_id: Uuid,
     ) -> Result<Answer, ClientError> {
         let body = json!({ "amount": amount, "command_id": command_id.to_string() });
-        self.command(&format!("/accounts/{id}/deposits"), &body)
+        self.command(&format!("/accounts/{}/deposits", segment(id)), &body)
             .await
     }
 
@@ -212,7 +213,7 @@ impl Client {
         command_id: Uuid,
     ) -> Result<Answer, ClientError> {
         let body = json!({ "amount": amount, "command_id": command_id.to_string() });
-        self.command(&format!("/accounts/{id}/withdrawals"), &body)
+        self.command(&format!("/accounts/{}/withdrawals", segment(id)), &body)
             .await
     }
 
@@ -222,7 +223,7 @@ impl Client {
     /// # Cancel safety
     /// Cancel safe.
     pub async fn account(&self, id: &str) -> Result<Option<Balance>, ClientError> {
-        self.balance(&format!("/accounts/{id}")).await
+        self.balance(&format!("/accounts/{}", segment(id))).await
     }
 
     /// `GET /balances/{id}` on `statements`: the balance and sequence, `None` for an account
@@ -231,7 +232,7 @@ impl Client {
     /// # Cancel safety
     /// Cancel safe.
     pub async fn statement(&self, id: &str) -> Result<Option<Balance>, ClientError> {
-        self.balance(&format!("/balances/{id}")).await
+        self.balance(&format!("/balances/{}", segment(id))).await
     }
 
     async fn command(&self, path: &str, body: &serde_json::Value) -> Result<Answer, ClientError> {
@@ -305,6 +306,20 @@ impl Client {
                 })
             })
     }
+}
+
+/// `text` as one path segment: every byte but `A-Z a-z 0-9 - . _ ~` percent-encoded, so that
+/// any id reaches the service, which decides whether it is valid.
+fn segment(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
 }
 
 fn parse_balance(request: &str, status: StatusCode, bytes: &[u8]) -> Result<Balance, ClientError> {

@@ -369,6 +369,14 @@ async fn every_refusal_is_a_problem_and_changes_nothing() {
     );
     assert_eq!(service.client.account("bob").await.unwrap(), None);
     assert_eq!(service.client.account("carl").await.unwrap(), None);
+    // Through the client, any id reaches the service, which refuses the bad ones.
+    for bad in ["a b", "a/b", "é", "", "x?y=1"] {
+        let answer = service.client.open(bad, "Bad", id()).await.unwrap();
+        assert!(
+            matches!(answer, Answer::Refused(ref p) if p.status == 400 || p.status == 404),
+            "{bad:?}: {answer:?}"
+        );
+    }
     let (status, content_type, problem) = request(&base, "GET", "/accounts/bob", "").await;
     assert_eq!(
         (status, content_type.as_str()),
