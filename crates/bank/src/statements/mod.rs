@@ -74,12 +74,7 @@ pub struct Args {
     #[command(flatten)]
     pub broker: BrokerFlags,
     /// The bearer token for the producer's feed API (its reads are refused without one).
-    #[arg(
-        long,
-        value_name = "T",
-        env = "BANK_STATEMENTS_TOKEN",
-        hide_env_values = true
-    )]
+    #[arg(long, value_name = "T", env = "BANK_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Seconds between two reconstitution walks (the walk finds events no delivery brought, such
     /// as an account's lost last event); 0: only on request (POST /reconstitute).

@@ -850,3 +850,112 @@ async fn rabbitmq_transport_heals_what_the_queue_lost_and_skips_duplicates() {
     assert_eq!(mine, producer.expected(1));
     statements.shutdown().await.unwrap();
 }
+
+/// Against the real producer (`accounts::start`) through its command API: the handlers agree
+/// with its projections — v1, then v2 added live and moved to in process — account by account.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_agree_with_the_accounts_service_on_v1_then_v2() {
+    let producer_data = tempfile::tempdir().unwrap();
+    let mut accounts_config = bank::accounts::Config::new(producer_data.path());
+    accounts_config.token = Some(TOKEN.to_owned());
+    accounts_config.versions = vec![1];
+    let accounts = bank::accounts::start(accounts_config).await.unwrap();
+    let client = bank::client::Client::new(&accounts.url()).unwrap();
+    let ids = ids("real-", 6);
+    let command = headwater::Uuid::new_v4;
+    for id in &ids {
+        client.open(id, "Ada", command()).await.unwrap();
+    }
+    let traffic = |seed: u64| {
+        let client = &client;
+        let ids = &ids;
+        async move {
+            let mut random = seed;
+            for _ in 0..60 {
+                random = random
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                let id = &ids[usize::try_from((random >> 33) % ids.len() as u64).unwrap()];
+                let amount = 1 + (random >> 17) % 500;
+                if random.is_multiple_of(3) {
+                    // Some are refused (insufficient funds): recorded, in v2 only.
+                    client.withdraw(id, amount, command()).await.unwrap();
+                } else {
+                    client.deposit(id, amount, command()).await.unwrap();
+                }
+            }
+        }
+    };
+    traffic(11).await;
+
+    let data = tempfile::tempdir().unwrap();
+    let mut config = Config::new(data.path(), &accounts.url());
+    config.token = Some(TOKEN.to_owned());
+    config.reconstitute_every = None;
+    let statements = statements::start(config).await.unwrap();
+    // The producer's own answers, as a consumer of `version` must hold them.
+    let producer = |version: u32| {
+        let client = &client;
+        let ids = &ids;
+        async move {
+            let mut expected = BTreeMap::new();
+            for id in ids {
+                let account = client.account(id).await.unwrap().unwrap();
+                expected.insert(id.clone(), account);
+            }
+            if version == 2 {
+                // One v2 event per private event: the sequence is the stream's version.
+                return expected
+                    .into_iter()
+                    .map(|(id, a)| {
+                        (
+                            id,
+                            Balance {
+                                balance: a.balance,
+                                sequence: a.version(),
+                            },
+                        )
+                    })
+                    .collect::<BTreeMap<_, _>>();
+            }
+            expected
+                .into_iter()
+                .map(|(id, a)| (id, a.balance))
+                .map(|(id, balance)| {
+                    (
+                        id,
+                        Balance {
+                            balance,
+                            sequence: 0,
+                        },
+                    )
+                })
+                .collect()
+        }
+    };
+    accounts.caught_up(1, PROMPT).await.unwrap();
+    let expected = producer(1).await;
+    until("v1 to equal the producer's balances", || async {
+        let view = statements.balances().await.unwrap();
+        view.len() == expected.len() && view.iter().all(|(id, b)| b.balance == expected[id].balance)
+    })
+    .await;
+    let reader = bank::client::Client::new(&format!("http://{}", statements.address())).unwrap();
+    let answer = reader.statement(&ids[0]).await.unwrap().unwrap();
+    assert_eq!(answer.balance, expected[&ids[0]].balance);
+
+    // v2 added live, the consumer moved to it while commands go on.
+    accounts.add_version(2).await.unwrap();
+    statements.switch_to(feed(model::FEED_V2)).unwrap();
+    traffic(12).await;
+    tokio::time::timeout(PROMPT, statements.wait_for(&feed(model::FEED_V2)))
+        .await
+        .expect("the move to v2 did not complete");
+    traffic(13).await;
+    accounts.caught_up(2, PROMPT).await.unwrap();
+    converges(&statements, &producer(2).await).await;
+    let status = statements.status().await.unwrap();
+    assert_eq!(status.dead_letters.parked_subjects, 0, "{status:?}");
+    statements.shutdown().await.unwrap();
+    accounts.shutdown().await;
+}
