@@ -13,12 +13,12 @@ use axum::http::{Method, Request};
 use bank::model::{self, v1, v2};
 use bank::statements::{self, Balance, Config, Statements, Transport};
 use headwater::api::{ApiConfig, FeedApi, Tokens};
-use headwater::consume::{AmqpSource, DeadLetterKind, FeedClient, Upstream};
+use headwater::consume::{AmqpSource, DeadLetterKind, FeedClient, NatsSource, Upstream};
 use headwater::feed::{
     Emit, FeedId, FeedPosition, FeedStatus, FeedStore, MemoryFeedStore, ProjectionError,
     Projectors, projection,
 };
-use headwater::publish::{AmqpBroker, Broker};
+use headwater::publish::{AmqpBroker, Broker, NatsBroker};
 use headwater::store::{EventStore, MemoryStore};
 use headwater::{EventId, EventType, ExpectedVersion, NewEvent, RecordedEvent, StreamName};
 use http_body_util::{BodyExt, Full};
@@ -780,6 +780,21 @@ async fn the_status_counts_duplicates_gaps_and_reconstitutions() {
 async fn rabbitmq_transport_heals_what_the_queue_lost_and_skips_duplicates() {
     let url = std::env::var("HEADWATER_TEST_AMQP_URL")
         .expect("HEADWATER_TEST_AMQP_URL is not set: run scripts/test, or rabbitmq_start");
+    broker_transport(Transport::Amqp(url)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_transport_heals_what_the_stream_lost() {
+    let url = std::env::var("HEADWATER_TEST_NATS_URL")
+        .expect("HEADWATER_TEST_NATS_URL is not set: run scripts/test, or nats_start");
+    broker_transport(Transport::Nats(url)).await;
+}
+
+/// A broker between the producer and `statements` that lost events (every 5th, and the last
+/// one of the first account) and duplicated others (every 4th sent twice; NATS drops those
+/// itself, by message id): every account ends equal to the producer's, gaps healed from the
+/// producer's feed API, the lost last event found by a walk.
+async fn broker_transport(transport: Transport) {
     let mut producer = Producer::start().await;
     // Unique ids and queue: the broker may be shared with other tests of the run.
     let run = headwater::Uuid::new_v4().simple().to_string();
@@ -791,14 +806,25 @@ async fn rabbitmq_transport_heals_what_the_queue_lost_and_skips_duplicates() {
     producer.projected().await;
     let v1 = feed(model::FEED_V1);
     let name = format!("statements_{}", &run[..12]);
-    AmqpSource::new(&url, &v1, &name)
-        .unwrap()
-        .declare()
-        .await
-        .unwrap();
-
-    // The feed as the publisher would send it, with losses (every 5th event, and the last event
-    // of the first account) and duplicates (every 4th event twice).
+    let broker: Arc<dyn Broker> = match &transport {
+        Transport::Amqp(url) => {
+            AmqpSource::new(url, &v1, &name)
+                .unwrap()
+                .declare()
+                .await
+                .unwrap();
+            Arc::new(AmqpBroker::connect(url).await.unwrap())
+        }
+        Transport::Nats(url) => {
+            NatsSource::new(url, &v1, &name)
+                .unwrap()
+                .declare()
+                .await
+                .unwrap();
+            Arc::new(NatsBroker::connect(url).await.unwrap())
+        }
+        _ => unreachable!("a broker transport"),
+    };
     let events = producer
         .feeds
         .read_feed(&v1, FeedPosition(0), 10_000)
@@ -820,28 +846,40 @@ async fn rabbitmq_transport_heals_what_the_queue_lost_and_skips_duplicates() {
             sent.push(event.clone());
         }
     }
-    let broker = AmqpBroker::connect(&url).await.unwrap();
     broker.declare(&v1).await.unwrap();
     let outcomes = broker.publish(&v1, model::SOURCE, &sent).await.unwrap();
     assert!(outcomes.iter().all(|o| o.is_confirmed()), "{outcomes:?}");
+    let kind = match &transport {
+        Transport::Amqp(_) => "rabbitmq",
+        _ => "nats",
+    };
 
     let data = tempfile::tempdir().unwrap();
-    let mut config = config(&data, &producer, Transport::Amqp(url.clone()));
+    let mut config = config(&data, &producer, transport);
     config.name = name;
     let statements = statements::start(config).await.unwrap();
-    let published = sent.len() as u64;
+    // What reaches the consumer: RabbitMQ keeps the duplicates, JetStream drops them.
+    let mut unique: Vec<_> = sent.iter().map(|e| e.position).collect();
+    unique.dedup();
+    let delivered = if kind == "rabbitmq" {
+        sent.len()
+    } else {
+        unique.len()
+    } as u64;
     until("every message acked", || async {
         statements
             .status()
             .await
             .unwrap()
             .broker
-            .is_some_and(|b| b.acked >= published)
+            .is_some_and(|b| b.acked >= delivered)
     })
     .await;
     let status = statements.status().await.unwrap();
-    assert_eq!(status.transport, "rabbitmq");
-    assert!(status.duplicates_skipped > 0, "{status:?}");
+    assert_eq!(status.transport, kind);
+    if kind == "rabbitmq" {
+        assert!(status.duplicates_skipped > 0, "{status:?}");
+    }
     assert!(status.events_healed > 0, "{status:?}");
     // The first account's last event never came: a walk finds it.
     assert!(statements.reconstitute().await.unwrap() >= 1);
