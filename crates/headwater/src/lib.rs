@@ -106,4 +106,6 @@ pub mod api {
 /// (see `headwater-consume`). Everything of that crate, re-exported whole.
 pub mod consume {
     pub use headwater_consume::*;
+    // Crates re-exported by name are not carried by the glob above.
+    pub use headwater_consume::{rusqlite, tokio_postgres};
 }
