@@ -338,11 +338,14 @@ impl Report {
         let med = |f: &dyn Fn(&Latencies) -> Option<f64>| median(runs.iter().filter_map(|l| f(l)));
         let p50 = med(&|l| l.applied.p50_ms);
         let p99 = med(&|l| l.applied.p99_ms);
+        let share = med(&|l| Some(l.applied.p50_ms? - l.bound.p50_ms?))
+            .map_or("—".to_owned(), |d| format!("{d:+.2} ms"));
         let _ = writeln!(
             out,
-            "| append → applied in statements' view, {transport} | **{}** | {} | long-poll \
-             wake-up of the feed API (append → answer), same events: {} | {} | {} | {} |",
-            quantiles(p50, p99, None),
+            "| append → applied in statements' view, {transport} | **p99 {}** | {} | long-poll \
+             wake-up of the feed API (append → answer), same events: {} | statements' share at \
+             p50: {share}; {} events, {} commands/s | {} | {} |",
+            p99.map_or("—".to_owned(), |p99| format!("{} ms", format_ms(p99))),
             quantiles(
                 p50,
                 p99,
@@ -351,13 +354,8 @@ impl Report {
                     .reduce(f64::max)
             ),
             quantiles(med(&|l| l.bound.p50_ms), med(&|l| l.bound.p99_ms), None),
-            format!(
-                "statements' share at p50: {}; {} events, {} commands/s",
-                med(&|l| Some(l.applied.p50_ms? - l.bound.p50_ms?))
-                    .map_or("—".to_owned(), |d| format!("{d:+.2} ms")),
-                runs.iter().map(|l| l.applied.ops).sum::<u64>(),
-                group(med(&|l| Some(l.commands_per_second)).unwrap_or(0.0)),
-            ),
+            runs.iter().map(|l| l.applied.ops).sum::<u64>(),
+            group(med(&|l| Some(l.commands_per_second)).unwrap_or(0.0)),
             loads(runs.iter().map(|l| l.load)),
             runs.iter()
                 .map(|l| quantiles(l.applied.p50_ms, l.applied.p99_ms, None))
