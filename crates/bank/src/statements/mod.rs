@@ -310,6 +310,8 @@ pub(crate) struct Shared {
     registry: Mutex<Registry>,
     registered: Mutex<HashSet<String>>,
     source: Mutex<Option<Source>>,
+    /// The service's own metrics.
+    metrics: routes::Metrics,
 }
 
 /// Starts `statements`: opens the view, starts the transport, the walker and the HTTP API.
@@ -364,6 +366,8 @@ pub async fn start(config: Config) -> anyhow::Result<Statements> {
     };
     let walker = Arc::new(Walker::new(active.consumer(), walker_options.clone()));
     walker.register_metrics(&mut registry);
+    let metrics = routes::Metrics::default();
+    metrics.register(&mut registry);
     // What `register_metrics` registered: the active version's consumer, the target's, the
     // walker's. What is made later (after a flip) is registered then, once.
     let registered = HashSet::from([
@@ -390,6 +394,7 @@ pub async fn start(config: Config) -> anyhow::Result<Statements> {
         registry: Mutex::new(registry),
         registered: Mutex::new(registered),
         source: Mutex::new(None),
+        metrics,
     });
 
     tracing::info!(view = %path.display(), "statements: the view (balances and cursors, SQLite) lives here");
@@ -587,20 +592,21 @@ impl Shared {
     }
 
     /// One account's balance in the active version, bootstrapped from the producer when the
-    /// view does not hold it (G9); `None` when the producer has no such account either.
-    async fn balance(&self, account: &str) -> Result<Option<Balance>, LookupError> {
+    /// view does not hold it (G9); `None` when the producer has no such account either. With
+    /// whether it was bootstrapped.
+    async fn balance(&self, account: &str) -> Result<(Option<Balance>, bool), LookupError> {
         // One snapshot: a read is entirely of one version.
         let consumer = self.active.consumer();
         let feed = consumer.feed().clone();
         if let Some(balance) = view::balance(&self.view, &feed, account).await? {
-            return Ok(Some(balance));
+            return Ok((Some(balance), false));
         }
         let subject = Subject::new(account).map_err(|_| LookupError::BadId)?;
         let cursor = consumer.ensure(&subject).await?;
         if cursor.get() == 0 {
-            return Ok(None);
+            return Ok((None, false));
         }
-        Ok(view::balance(&self.view, &feed, account).await?)
+        Ok((view::balance(&self.view, &feed, account).await?, true))
     }
 
     async fn status(&self) -> anyhow::Result<Status> {
@@ -724,7 +730,7 @@ impl Statements {
     /// # Cancel safety
     /// Cancel safe.
     pub async fn balance(&self, account: &str) -> anyhow::Result<Option<Balance>> {
-        Ok(self.shared.balance(account).await?)
+        Ok(self.shared.balance(account).await?.0)
     }
 
     /// Every account the active version's view holds (no bootstrap).

@@ -19,6 +19,10 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use headwater::consume::{encode_metrics, walker_router};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 
 use super::{ActiveWalker, LookupError, Shared};
 
@@ -39,6 +43,33 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
 }
 
 /// `[A-Za-z0-9_-]{1,64}`, as `accounts` accepts them.
+/// `bank_balance_requests_total{outcome}`: what `GET /balances/{id}` answered — `view` (from the
+/// view as it was), `bootstrapped` (fetched from the producer first), `not_found`,
+/// `bad_request`, `unavailable`.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Metrics {
+    requests: Family<Outcome, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    outcome: &'static str,
+}
+
+impl Metrics {
+    pub(super) fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "bank_balance_requests",
+            "GET /balances/{id} answers, by outcome",
+            self.requests.clone(),
+        );
+    }
+
+    fn count(&self, outcome: &'static str) {
+        self.requests.get_or_create(&Outcome { outcome }).inc();
+    }
+}
+
 fn valid_id(id: &str) -> bool {
     (1..=ACCOUNT_ID_BYTES_MAX).contains(&id.len())
         && id
@@ -50,37 +81,58 @@ async fn balance(
     State(shared): State<Arc<Shared>>,
     id: Result<Path<String>, PathRejection>,
 ) -> Response {
+    let (outcome, response) = answer_balance(&shared, id).await;
+    shared.metrics.count(outcome);
+    response
+}
+
+async fn answer_balance(
+    shared: &Shared,
+    id: Result<Path<String>, PathRejection>,
+) -> (&'static str, Response) {
     let Ok(Path(id)) = id else {
-        return bad_id();
+        return ("bad_request", bad_id());
     };
     if !valid_id(&id) {
-        return bad_id();
+        return ("bad_request", bad_id());
     }
     match shared.balance(&id).await {
-        Ok(Some(balance)) => json(StatusCode::OK, &balance),
-        Ok(None) => problem(
-            StatusCode::NOT_FOUND,
-            "account-not-found",
-            "No such account",
-            &format!("the producer has no account {id}"),
+        Ok((Some(balance), bootstrapped)) => (
+            if bootstrapped { "bootstrapped" } else { "view" },
+            json(StatusCode::OK, &balance),
         ),
-        Err(LookupError::BadId) => bad_id(),
+        Ok((None, _)) => (
+            "not_found",
+            problem(
+                StatusCode::NOT_FOUND,
+                "account-not-found",
+                "No such account",
+                &format!("the producer has no account {id}"),
+            ),
+        ),
+        Err(LookupError::BadId) => ("bad_request", bad_id()),
         Err(error @ LookupError::Bootstrap(_)) => {
             tracing::warn!(account = %id, %error, "a bootstrap on demand failed");
-            problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "upstream-unavailable",
-                "The producer cannot be read",
-                &format!("account {id} is not in the view yet and {error}"),
+            (
+                "unavailable",
+                problem(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream-unavailable",
+                    "The producer cannot be read",
+                    &format!("account {id} is not in the view yet and {error}"),
+                ),
             )
         }
         Err(error @ LookupError::View(_)) => {
             tracing::error!(account = %id, %error, "a read of the view failed");
-            problem(
-                StatusCode::SERVICE_UNAVAILABLE,
+            (
                 "unavailable",
-                "The view is unavailable",
-                "the view could not be read; see the service's logs",
+                problem(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "The view is unavailable",
+                    "the view could not be read; see the service's logs",
+                ),
             )
         }
     }

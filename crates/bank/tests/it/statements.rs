@@ -751,6 +751,10 @@ async fn the_status_counts_duplicates_gaps_and_reconstitutions() {
         statements.status().await.unwrap().reconstitutions == 2
     })
     .await;
+    let (code, _, _) = get(&statements, "/balances/x").await;
+    assert_eq!(code, 200);
+    let (code, _, _) = get(&statements, "/balances/x.y").await;
+    assert_eq!(code, 400);
     let (code, content_type, text) = {
         let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
         let uri = format!("http://{}/metrics", statements.address());
@@ -773,6 +777,14 @@ async fn the_status_counts_duplicates_gaps_and_reconstitutions() {
         text.contains("headwater_consumer_duplicates_skipped_total{feed=\"accounts.v1\"} 1"),
         "{text}"
     );
+    for outcome in ["view", "bad_request"] {
+        assert!(
+            text.contains(&format!(
+                "bank_balance_requests_total{{outcome=\"{outcome}\"}} 1"
+            )),
+            "{text}"
+        );
+    }
     statements.shutdown().await.unwrap();
 }
 
