@@ -262,6 +262,16 @@ async fn run_async(
     let stop = Arc::new(AtomicBool::new(false));
     let clients = Clients {
         http: http.clone(),
+        commands: Arc::new(
+            producers
+                .iter()
+                .map(|url| {
+                    bank::client::Client::new(url)
+                        .unwrap()
+                        .with_timeout(Duration::from_millis(clients::ATTEMPT_TIMEOUT_MILLIS))
+                })
+                .collect(),
+        ),
         endpoints: Arc::new(producers.clone()),
         accounts: Arc::new((0..ACCOUNTS).map(|i| format!("acc-{i:03}")).collect()),
         token: TOKEN.to_owned(),

@@ -250,6 +250,7 @@ pub(crate) async fn check(
             let want = match a.op {
                 Op::Deposit => previous.0.checked_add(a.amount),
                 Op::Withdraw => previous.0.checked_sub(a.amount),
+                Op::Open => None,
             };
             if a.version <= previous.1 || Some(a.balance) != want {
                 findings.violation(format!(

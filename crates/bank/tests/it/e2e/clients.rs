@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bank::client::{Answer, Client};
 use headwater::Uuid;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -15,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use super::http::Http;
 
 /// One attempt of a command may take this long before it is retried, in milliseconds.
-const ATTEMPT_TIMEOUT_MILLIS: u64 = 3_000;
+pub(crate) const ATTEMPT_TIMEOUT_MILLIS: u64 = 3_000;
 /// A command must get an answer within this long, retries included, in seconds.
 pub(crate) const COMMAND_SECS_MAX: u64 = 60;
 /// The pause before a retry, in milliseconds (a range: clients do not retry in step).
@@ -30,6 +31,7 @@ const WATCH_EVERY_MILLIS: u64 = 50;
 /// A command's kind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Op {
+    Open,
     Deposit,
     Withdraw,
 }
@@ -78,6 +80,7 @@ impl Ledger {
                     match a.op {
                         Op::Deposit => amount,
                         Op::Withdraw => -amount,
+                        Op::Open => 0,
                     }
                 })
                 .sum()
@@ -102,60 +105,27 @@ enum Attempt {
     Again(String),
 }
 
-/// One attempt of a command at `endpoint` (an `accounts` replica's URL).
-async fn attempt(
-    http: &Http,
-    endpoint: &str,
-    path: &str,
-    body: &serde_json::Value,
-    token: &str,
-) -> Attempt {
-    let url = format!("{endpoint}{path}");
-    let reply = match http
-        .send(
-            axum::http::Method::POST,
-            &url,
-            Some(token),
-            Some(body),
-            Duration::from_millis(ATTEMPT_TIMEOUT_MILLIS),
-        )
-        .await
-    {
-        Ok(reply) => reply,
-        Err(error) => return Attempt::Again(error),
+/// One attempt of a command through `client` (of an `accounts` replica).
+async fn attempt(client: &Client, account: &str, op: Op, amount: u64, command_id: Uuid) -> Attempt {
+    let answer = match op {
+        Op::Open => client.open(account, "e2e", command_id).await,
+        Op::Deposit => client.deposit(account, amount, command_id).await,
+        Op::Withdraw => client.withdraw(account, amount, command_id).await,
     };
-    if reply.status >= 500 {
-        return Attempt::Again(format!(
-            "{url}: {} {}",
-            reply.status,
-            String::from_utf8_lossy(&reply.body)
-        ));
-    }
-    let text = String::from_utf8_lossy(&reply.body).into_owned();
-    let Ok(json) = reply.json() else {
-        return Attempt::Refused {
-            kind: format!("status {} without JSON", reply.status),
-            body: text,
-        };
-    };
-    if reply.status == 200 || reply.status == 201 {
-        match (json["balance"].as_u64(), json["version"].as_u64()) {
-            (Some(balance), Some(version)) => Attempt::Done { balance, version },
-            _ => Attempt::Refused {
-                kind: format!("status {} without a balance and a version", reply.status),
-                body: text,
-            },
-        }
-    } else {
-        let kind = json["type"]
-            .as_str()
-            .and_then(|t| t.rsplit('/').next())
-            .unwrap_or("(no type)")
-            .to_owned();
-        Attempt::Refused {
-            kind: format!("{} {kind}", reply.status),
-            body: text,
-        }
+    match answer {
+        Ok(Answer::Done(balance)) => Attempt::Done {
+            balance: balance.balance,
+            version: balance.version(),
+        },
+        Ok(Answer::Refused(problem)) => Attempt::Refused {
+            kind: format!("{} {}", problem.status, problem.kind()),
+            body: format!("{problem:?}"),
+        },
+        Err(error) if error.is_retryable() => Attempt::Again(error.to_string()),
+        Err(error) => Attempt::Refused {
+            kind: "unexpected answer".to_owned(),
+            body: error.to_string(),
+        },
     }
 }
 
@@ -163,6 +133,9 @@ async fn attempt(
 #[derive(Clone, Debug)]
 pub(crate) struct Clients {
     pub(crate) http: Http,
+    /// `bank::client` clients of the `accounts` replicas, for the commands.
+    pub(crate) commands: Arc<Vec<Client>>,
+    /// The replicas' URLs, for the watchers' own reads.
     pub(crate) endpoints: Arc<Vec<String>>,
     pub(crate) accounts: Arc<Vec<String>>,
     pub(crate) token: String,
@@ -174,20 +147,11 @@ impl Clients {
     /// Opens every account (retrying as the commands do), before the chaos starts.
     pub(crate) async fn open_all(&self, rng: &mut StdRng) {
         for account in self.accounts.iter() {
-            let body =
-                serde_json::json!({"owner": "e2e", "command_id": Uuid::new_v4().to_string()});
+            let command_id = Uuid::new_v4();
             let started = Instant::now();
             loop {
-                let endpoint = &self.endpoints[rng.random_range(0..self.endpoints.len())];
-                match attempt(
-                    &self.http,
-                    endpoint,
-                    &format!("/accounts/{account}"),
-                    &body,
-                    &self.token,
-                )
-                .await
-                {
+                let client = &self.commands[rng.random_range(0..self.commands.len())];
+                match attempt(client, account, Op::Open, 0, command_id).await {
                     Attempt::Done { balance, version } => {
                         assert_eq!((balance, version), (0, 1), "opening {account}");
                         break;
@@ -219,21 +183,16 @@ impl Clients {
                 Op::Withdraw
             };
             let amount = match op {
-                Op::Deposit => rng.random_range(1..=AMOUNT_CENTS_MAX),
                 Op::Withdraw => rng.random_range(1..=AMOUNT_CENTS_MAX * 3 / 2),
+                _ => rng.random_range(1..=AMOUNT_CENTS_MAX),
             };
             let command_id = Uuid::new_v4();
-            let path = match op {
-                Op::Deposit => format!("/accounts/{account}/deposits"),
-                Op::Withdraw => format!("/accounts/{account}/withdrawals"),
-            };
-            let body = serde_json::json!({"amount": amount, "command_id": command_id.to_string()});
             let started = Instant::now();
             let mut attempts = 0;
             loop {
                 attempts += 1;
-                let endpoint = &self.endpoints[rng.random_range(0..self.endpoints.len())];
-                let outcome = attempt(&self.http, endpoint, &path, &body, &self.token).await;
+                let client = &self.commands[rng.random_range(0..self.commands.len())];
+                let outcome = attempt(client, &account, op, amount, command_id).await;
                 let answered = {
                     let mut ledger = self.ledger.lock().unwrap();
                     match outcome {
