@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use headwater_testkit::broker::{BrokerProcess, free_ports};
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 use checks::{Findings, Targets};
@@ -98,6 +99,8 @@ struct Scenario {
     store: Store,
     delivery: Delivery,
     chaos: Duration,
+    /// The HTTP link's losses.
+    lossiness: Lossiness,
     faults: Faults,
 }
 
@@ -113,6 +116,7 @@ impl Scenario {
             store,
             delivery,
             chaos: Duration::from_secs(secs),
+            lossiness: LOSSY,
             faults: Faults::default(),
         }
     }
@@ -223,7 +227,7 @@ async fn run_async(
     let producers: Vec<String> = services.iter().map(Service::url).collect();
     let proxy = FeedProxy::start(
         services.iter().map(Service::address).collect(),
-        (scenario.delivery == Delivery::Http).then_some(LOSSY),
+        (scenario.delivery == Delivery::Http).then_some(scenario.lossiness),
         rng.random(),
     )
     .await;
@@ -306,8 +310,9 @@ async fn run_async(
         ))
     });
 
-    // The killer.
+    // The killer: in rounds, each round every service once in a random order, at random moments.
     let mut crashes = Vec::new();
+    let mut round: Vec<usize> = Vec::new();
     let chaos_until = Instant::now() + scenario.chaos;
     while Instant::now() < chaos_until {
         let pause = Duration::from_millis(rng.random_range(KILL_EVERY_MILLIS));
@@ -327,8 +332,11 @@ async fn run_async(
         if Instant::now() >= chaos_until {
             break;
         }
-        let victim = rng.random_range(0..services.len());
-        let service = &mut services[victim];
+        if round.is_empty() {
+            round = (0..services.len()).collect();
+            round.shuffle(&mut rng);
+        }
+        let service = &mut services[round.pop().unwrap()];
         service.kill();
         tokio::time::sleep(Duration::from_millis(rng.random_range(DOWN_MILLIS))).await;
         service.start();
@@ -416,7 +424,7 @@ async fn run_async(
             "too few commands: {acked} acknowledged, {refused} refused"
         ));
     }
-    if services.iter().any(|s| s.kills == 0) && scenario.chaos >= Duration::from_secs(20) {
+    if services.iter().any(|s| s.kills == 0) {
         findings
             .violations
             .push(format!("a service was never killed: {kills:?}"));
@@ -466,4 +474,37 @@ fn bank_over_rabbitmq_embedded() {
 #[test]
 fn bank_over_rabbitmq_postgres_two_replicas() {
     variant(Store::Postgres, Delivery::RabbitMq);
+}
+
+/// How long the clients run under chaos in the test of the checks, in seconds.
+const CHECKS_TEST_SECS: u64 = 12;
+
+/// The checks catch what they are there for: a ledger that counts a command twice when it
+/// needed a retry, and a consumer that never reconstitutes while the link loses events (some of
+/// them the last of their account, which nothing but a reconstitution finds).
+#[test]
+fn the_checks_catch_a_double_count_and_a_consumer_that_never_reconstitutes() {
+    let mut scenario = Scenario::new(Store::Embedded, Delivery::Http);
+    scenario.chaos = Duration::from_secs(CHECKS_TEST_SECS);
+    scenario.lossiness = Lossiness {
+        drop: 0.3,
+        duplicate: 0.1,
+        skip: 0.05,
+    };
+    scenario.faults = Faults {
+        count_retried_twice: true,
+        no_reconstitution: true,
+    };
+    let run = run(scenario);
+    let findings = &run.findings;
+    assert!(
+        findings.ledger_mismatches > 0 && findings.consumer_mismatches > 0,
+        "{SEED_ENV}={}: the checks found {} balances off the double-counting ledger and {} \
+         consumer balances off the producer's: both must be some\n{}\n\n{}",
+        run.seed,
+        findings.ledger_mismatches,
+        findings.consumer_mismatches,
+        findings.violations.join("\n"),
+        run.summary
+    );
 }
