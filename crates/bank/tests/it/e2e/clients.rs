@@ -186,66 +186,72 @@ impl Clients {
                 Op::Withdraw => rng.random_range(1..=AMOUNT_CENTS_MAX * 3 / 2),
                 _ => rng.random_range(1..=AMOUNT_CENTS_MAX),
             };
-            let command_id = Uuid::new_v4();
-            let started = Instant::now();
-            let mut attempts = 0;
-            loop {
-                attempts += 1;
-                let client = &self.commands[rng.random_range(0..self.commands.len())];
-                let outcome = attempt(client, &account, op, amount, command_id).await;
-                let answered = {
-                    let mut ledger = self.ledger.lock().unwrap();
-                    match outcome {
-                        Attempt::Done { balance, version } => {
-                            ledger.retried_commands += u64::from(attempts > 1);
-                            ledger
-                                .acked
-                                .entry(account.clone())
-                                .or_default()
-                                .push(Acked {
-                                    command_id,
-                                    op,
-                                    amount,
-                                    balance,
-                                    version,
-                                    attempts,
-                                });
-                            true
-                        }
-                        Attempt::Refused { kind, .. }
-                            if op == Op::Withdraw && kind == "409 insufficient-funds" =>
-                        {
-                            ledger.retried_commands += u64::from(attempts > 1);
-                            *ledger.refused.entry(account.clone()).or_default() += 1;
-                            true
-                        }
-                        Attempt::Refused { kind, body } => {
+            self.execute(&mut rng, &account, op, amount).await;
+        }
+    }
+
+    /// Sends one command with a new command id, again with the same id until it gets an answer
+    /// (or for [`COMMAND_SECS_MAX`]), and records the answer in the ledger.
+    pub(crate) async fn execute(&self, rng: &mut StdRng, account: &str, op: Op, amount: u64) {
+        let command_id = Uuid::new_v4();
+        let started = Instant::now();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let client = &self.commands[rng.random_range(0..self.commands.len())];
+            let outcome = attempt(client, account, op, amount, command_id).await;
+            let answered = {
+                let mut ledger = self.ledger.lock().unwrap();
+                match outcome {
+                    Attempt::Done { balance, version } => {
+                        ledger.retried_commands += u64::from(attempts > 1);
+                        let acked = Acked {
+                            command_id,
+                            op,
+                            amount,
+                            balance,
+                            version,
+                            attempts,
+                        };
+                        ledger
+                            .acked
+                            .entry(account.to_owned())
+                            .or_default()
+                            .push(acked);
+                        true
+                    }
+                    Attempt::Refused { kind, .. }
+                        if op == Op::Withdraw && kind == "409 insufficient-funds" =>
+                    {
+                        ledger.retried_commands += u64::from(attempts > 1);
+                        *ledger.refused.entry(account.to_owned()).or_default() += 1;
+                        true
+                    }
+                    Attempt::Refused { kind, body } => {
+                        ledger.violations.push(format!(
+                            "{op:?} of {amount} on {account} ({command_id}, attempt {attempts}): \
+                             refused {kind}: {body}"
+                        ));
+                        true
+                    }
+                    Attempt::Again(error) => {
+                        ledger.retries += 1;
+                        if started.elapsed() > Duration::from_secs(COMMAND_SECS_MAX) {
                             ledger.violations.push(format!(
-                                "{op:?} of {amount} on {account} ({command_id}, attempt \
-                             {attempts}): refused {kind}: {body}"
+                                "{op:?} of {amount} on {account} ({command_id}): no answer in \
+                                 {attempts} attempts over {COMMAND_SECS_MAX} s, the last: {error}"
                             ));
                             true
-                        }
-                        Attempt::Again(error) => {
-                            ledger.retries += 1;
-                            if started.elapsed() > Duration::from_secs(COMMAND_SECS_MAX) {
-                                ledger.violations.push(format!(
-                                    "{op:?} of {amount} on {account} ({command_id}): no answer in \
-                                 {attempts} attempts over {COMMAND_SECS_MAX} s, the last: {error}"
-                                ));
-                                true
-                            } else {
-                                false
-                            }
+                        } else {
+                            false
                         }
                     }
-                };
-                if answered {
-                    break;
                 }
-                tokio::time::sleep(Duration::from_millis(rng.random_range(RETRY_PAUSE_MILLIS)))
-                    .await;
+            };
+            if answered {
+                return;
             }
+            tokio::time::sleep(Duration::from_millis(rng.random_range(RETRY_PAUSE_MILLIS))).await;
         }
     }
 }

@@ -10,11 +10,14 @@
 //! - now and then the request asks for events after a later position than the consumer did (the
 //!   events in between are lost).
 //!
+//! And the events it is told to lose ([`FeedProxy::lose_from`]) are dropped from every page,
+//! always: the test makes them the last events of their accounts.
+//!
 //! A lost event is found by the consumer when a later event of its subject arrives (a gap,
 //! healed through `/feeds/accounts/v1/subjects/{id}`, which the proxy passes untouched), or, for
 //! the last event of a subject, only by reconstitution (the subject list, untouched too).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -57,7 +60,12 @@ pub(crate) struct ProxyStats {
     pub(crate) dropped: AtomicU64,
     pub(crate) duplicated: AtomicU64,
     pub(crate) skips: AtomicU64,
+    /// Events dropped because they were to be lost.
+    pub(crate) lost: AtomicU64,
     pub(crate) upstream_errors: AtomicU64,
+    /// The highest `after` a page request asked for (before a skip): the consumer has read the
+    /// feed up to there.
+    pub(crate) highest_after: AtomicU64,
 }
 
 impl std::fmt::Display for ProxyStats {
@@ -66,13 +74,14 @@ impl std::fmt::Display for ProxyStats {
         write!(
             f,
             "proxy: {} requests, {} feed pages with {} events, {} events dropped, {} replaced by \
-             duplicates, {} skips of `after`, {} upstream errors",
+             duplicates, {} skips of `after`, {} events lost on purpose, {} upstream errors",
             get(&self.requests),
             get(&self.pages),
             get(&self.events),
             get(&self.dropped),
             get(&self.duplicated),
             get(&self.skips),
+            get(&self.lost),
             get(&self.upstream_errors),
         )
     }
@@ -85,6 +94,8 @@ struct Shared {
     /// Garbling is on (the final checks turn it off: nothing is lost after the run).
     lossy: AtomicBool,
     rng: Mutex<StdRng>,
+    /// Per subject, the first sequence to lose (that one and every later one).
+    doomed: Mutex<BTreeMap<String, u64>>,
     recent: Mutex<VecDeque<serde_json::Value>>,
     next_upstream: AtomicU64,
     stats: Arc<ProxyStats>,
@@ -119,6 +130,7 @@ impl FeedProxy {
             lossiness,
             lossy: AtomicBool::new(lossiness.is_some()),
             rng: Mutex::new(StdRng::seed_from_u64(seed)),
+            doomed: Mutex::default(),
             recent: Mutex::new(VecDeque::new()),
             next_upstream: AtomicU64::new(0),
             stats: Arc::default(),
@@ -147,7 +159,16 @@ impl FeedProxy {
         &self.shared.stats
     }
 
-    /// Stops losing and duplicating: from now on every page passes untouched.
+    /// Loses every event of `subject` from `sequence` on, from every page, from now on.
+    pub(crate) fn lose_from(&self, subject: &str, sequence: u64) {
+        self.shared
+            .doomed
+            .lock()
+            .unwrap()
+            .insert(subject.to_owned(), sequence);
+    }
+
+    /// Stops losing and duplicating at random (the events to lose are still lost).
     pub(crate) fn heal(&self) {
         self.shared.lossy.store(false, Ordering::SeqCst);
     }
@@ -183,6 +204,17 @@ async fn forward(State(shared): State<Arc<Shared>>, request: Request) -> Respons
         .filter(|_| shared.lossy.load(Ordering::SeqCst));
     let is_page = parts.uri.path() == FEED_PATH;
     let mut query = parts.uri.query().unwrap_or("").to_owned();
+    if is_page {
+        let after = query
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("after="))
+            .and_then(|after| after.parse().ok())
+            .unwrap_or(0);
+        shared
+            .stats
+            .highest_after
+            .fetch_max(after, Ordering::SeqCst);
+    }
     if let (Some(lossiness), true) = (lossiness, is_page) {
         let skip = {
             let mut rng = shared.rng.lock().unwrap();
@@ -266,13 +298,23 @@ fn garble(shared: &Shared, lossiness: Option<Lossiness>, body: Bytes) -> Bytes {
         .stats
         .events
         .fetch_add(events.len() as u64, Ordering::Relaxed);
-    let Some(lossiness) = lossiness else {
-        return body;
-    };
+    let doomed = shared.doomed.lock().unwrap().clone();
     let mut rng = shared.rng.lock().unwrap();
     let mut recent = shared.recent.lock().unwrap();
     let mut out = Vec::with_capacity(events.len());
     for event in events {
+        let subject = event["subject"].as_str().unwrap_or_default();
+        if doomed
+            .get(subject)
+            .is_some_and(|from| event["sequence"].as_u64() >= Some(*from))
+        {
+            shared.stats.lost.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let Some(lossiness) = lossiness else {
+            out.push(event);
+            continue;
+        };
         let roll: f64 = rng.random();
         if roll < lossiness.drop {
             shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
