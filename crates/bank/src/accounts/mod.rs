@@ -27,7 +27,7 @@ use anyhow::Context;
 use headwater::CommandHandler;
 use headwater::api::{ApiConfig, FeedApi, MetricsAccess, Tokens};
 use headwater::feed::{
-    AlwaysLead, FeedId, FeedStore, ProjectorStatus, Projectors, ProjectorsBuilder,
+    AlwaysLead, FeedId, FeedStore, ProjectorState, ProjectorStatus, Projectors, ProjectorsBuilder,
 };
 use headwater::publish::{Broker, BrokerArgs, PublisherStatus, Publishers, PublishersBuilder};
 use headwater::store::postgres::{Options as PostgresOptions, PostgresStore};
@@ -43,6 +43,9 @@ pub use routes::{PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_PREFIX, Problem};
 pub const POSTGRES_SCHEMA_DEFAULT: &str = "bank_accounts";
 /// The address the service listens on by default.
 pub const LISTEN_DEFAULT: &str = "127.0.0.1:8080";
+/// How long a graceful shutdown waits for the projectors to include the last commands, in
+/// seconds.
+pub const SHUTDOWN_CATCH_UP_WAIT_SECS: u64 = 5;
 /// The name of the feed API's one token (`--token`), as readers are recorded.
 pub const TOKEN_NAME: &str = "default";
 
@@ -494,9 +497,10 @@ impl Accounts {
     }
 
     /// Stops the service gracefully: stops accepting, lets the commands in flight finish (long
-    /// polls of the feed API answer at once), stops the projectors after their in-flight commit
-    /// and the publishers after folding what the broker confirmed into their cursors, and records
-    /// the feed API's readers.
+    /// polls of the feed API answer at once), waits (at most [`SHUTDOWN_CATCH_UP_WAIT_SECS`]) for
+    /// the projectors running here to include the last commands, stops the publishers after
+    /// folding what the broker confirmed into their cursors and the projectors after their
+    /// in-flight commit, and records the feed API's readers.
     ///
     /// # Cancel safety
     /// Not cancel safe: dropped midway, the rest stops as its handles drop.
@@ -509,6 +513,30 @@ impl Accounts {
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::warn!(%error, "the HTTP server stopped with an error"),
             Err(error) => tracing::warn!(%error, "the HTTP server's task failed"),
+        }
+        // The commands are done: let the projectors running here include them, so that a
+        // graceful stop leaves every feed at the log's head. Bounded, and only for projectors
+        // that are running (one standing by or retrying is not waited for).
+        let head = self.events.head_position();
+        let watches: Vec<_> = self
+            .lock()
+            .projectors
+            .iter()
+            .flat_map(Projectors::watches)
+            .collect();
+        let caught_up = async {
+            for mut watch in watches {
+                let _ = watch
+                    .wait_for(|s| s.state != ProjectorState::Running || s.cursor >= head)
+                    .await;
+            }
+        };
+        let wait = Duration::from_secs(SHUTDOWN_CATCH_UP_WAIT_SECS);
+        if tokio::time::timeout(wait, caught_up).await.is_err() {
+            tracing::warn!(
+                ?wait,
+                "the feeds did not catch up with the log before stopping; they will at the next start"
+            );
         }
         let running = std::mem::take(&mut *self.lock());
         for publishers in running.publishers {

@@ -386,6 +386,7 @@ async fn every_refusal_is_a_problem_and_changes_nothing() {
         problem["type"],
         "https://headwater.dev/problems/account-not-found"
     );
+    assert_eq!(service.accounts.events().head_position(), before_head);
     service.accounts.shutdown().await;
 }
 
@@ -628,5 +629,92 @@ async fn a_restart_on_the_same_data_keeps_every_outcome() {
         );
     }
     assert_eq!(feed(&second, 2).await.len(), 4);
+    second.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_shutdown_under_load_loses_no_answer_and_leaves_the_feeds_at_the_head() {
+    const WRITERS: usize = 16;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("accounts");
+    let config = || {
+        let mut config = Config::new(&data);
+        config.token = Some(TOKEN.to_owned());
+        config
+    };
+    let first = accounts::start(config()).await.unwrap();
+    let client = Client::new(&first.url()).unwrap();
+    for writer in 0..WRITERS {
+        done(
+            client
+                .open(&format!("w{writer}"), "Ada", id())
+                .await
+                .unwrap(),
+        );
+    }
+    // Writers deposit until the service stops answering; each keeps what it was told.
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|writer| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let account = format!("w{writer}");
+                let mut told = Vec::new();
+                loop {
+                    let command = id();
+                    match client.deposit(&account, 1, command).await {
+                        Ok(answer) => told.push((command, Some(answer))),
+                        Err(_) => {
+                            told.push((command, None));
+                            return told;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    // Shut down once every writer has been answered a few times.
+    let deadline = std::time::Instant::now() + Duration::from_secs(CATCH_UP_SECS);
+    while first.events().head_position().0 < (WRITERS * 5) as u64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writers do not write"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    first.shutdown().await;
+    let mut told = Vec::new();
+    for writer in writers {
+        told.push(writer.await.unwrap());
+    }
+    // Every feed includes every recorded event: the projectors caught up before stopping.
+    {
+        let store = headwater::store::EmbeddedStore::open(&data).unwrap();
+        let feeds = store.feeds().unwrap();
+        let head = headwater::store::EventStore::head_position(&store);
+        for feed in [model::FEED_V1, model::FEED_V2] {
+            let state = headwater::feed::FeedStore::feed(&feeds, &FeedId::parse(feed).unwrap())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(state.cursor, head, "{feed} stopped behind the log");
+        }
+    }
+    // After a restart, every answer given is given again; the unanswered command of each writer
+    // gets an answer now, and the balances add up.
+    let second = accounts::start(config()).await.unwrap();
+    let client = Client::new(&second.url()).unwrap();
+    for (writer, told) in told.into_iter().enumerate() {
+        let account = format!("w{writer}");
+        let mut deposited = 0;
+        for (command, answer) in told {
+            let again = client.deposit(&account, 1, command).await.unwrap();
+            if let Some(answer) = answer {
+                assert_eq!(again, answer, "{account}: another answer after the restart");
+            }
+            deposited += 1;
+        }
+        let balance = client.account(&account).await.unwrap().unwrap().balance;
+        assert_eq!(balance, deposited, "{account}");
+    }
     second.shutdown().await;
 }
