@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use bank::accounts::{self, Accounts, Config};
 use bank::client::{Answer, Client};
-use headwater::feed::ProjectorState;
+use headwater::feed::{FeedId, ProjectorState};
+use headwater::publish::PublisherState;
 use headwater_testkit::postgres;
 
 use super::{CATCH_UP_SECS, TOKEN, done, feed, id, offline};
@@ -32,11 +33,16 @@ impl Drop for Schema {
 }
 
 async fn replica(url: &str, schema: &str) -> (Accounts, Client) {
+    replica_with(url, schema, None).await
+}
+
+async fn replica_with(url: &str, schema: &str, nats: Option<&str>) -> (Accounts, Client) {
     let mut config = Config::new("unused-with-postgres");
     config.postgres = Some(url.to_owned());
     config.postgres_schema = schema.to_owned();
     config.token = Some(TOKEN.to_owned());
     config.versions = vec![1, 2];
+    config.broker.nats = nats.map(str::to_owned);
     let accounts = accounts::start(config).await.unwrap();
     let client = Client::new(&accounts.url()).unwrap();
     (accounts, client)
@@ -168,5 +174,111 @@ async fn two_replicas_on_postgres_one_projects_the_other_takes_over() {
     }
     assert_eq!(v2, offline(&survivor, 2).await);
     assert_eq!(feed(&survivor, 1).await, offline(&survivor, 1).await);
+    survivor.shutdown().await;
+}
+
+/// Per replica, the feeds it publishes and those it waits to publish.
+fn publishing(replica: &Accounts) -> (Vec<String>, Vec<String>) {
+    let mut roles = (Vec::new(), Vec::new());
+    for status in replica.publisher_statuses() {
+        match status.state {
+            PublisherState::WaitingForLeadership => roles.1.push(status.feed.to_string()),
+            PublisherState::Stopped => {}
+            _ => roles.0.push(status.feed.to_string()),
+        }
+    }
+    roles
+}
+
+/// Waits until each feed is published by exactly one of `replicas` while every other one waits
+/// for the leadership; returns, per replica, the feeds it publishes.
+async fn publishers_settled(replicas: &[&Accounts]) -> Vec<Vec<String>> {
+    let feeds = ["accounts.v1", "accounts.v2"];
+    let deadline = Instant::now() + Duration::from_secs(SETTLE_SECS);
+    loop {
+        let roles: Vec<_> = replicas.iter().map(|r| publishing(r)).collect();
+        let one_each = feeds.iter().all(|feed| {
+            let leading = roles
+                .iter()
+                .filter(|(p, _)| p.iter().any(|f| f == feed))
+                .count();
+            let waiting = roles
+                .iter()
+                .filter(|(_, w)| w.iter().any(|f| f == feed))
+                .count();
+            leading == 1 && waiting == replicas.len() - 1
+        });
+        if one_each {
+            return roles
+                .into_iter()
+                .map(|(publishing, _)| publishing)
+                .collect();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the publishers did not settle on one per feed, the others waiting: {roles:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the broker confirmed feed `feed` up to its head (the shared publisher cursor).
+async fn published(replica: &Accounts, feed: &str) {
+    let feed = FeedId::parse(feed).unwrap();
+    let feeds = replica.feeds();
+    let deadline = Instant::now() + Duration::from_secs(CATCH_UP_SECS);
+    loop {
+        let head = feeds.feed(&feed).await.unwrap().unwrap().head;
+        let cursors = feeds.publishers(&feed).await.unwrap();
+        if cursors.iter().any(|c| c.position == head) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{feed} not published up to {head}: {cursors:?}, {:?}",
+            replica.publisher_statuses()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_postgres_publish_each_feed_from_one_at_a_time() {
+    let url = postgres::url();
+    let nats = std::env::var("HEADWATER_TEST_NATS_URL").unwrap_or_else(|_| {
+        panic!("HEADWATER_TEST_NATS_URL is not set: run ./scripts/test (it starts NATS)")
+    });
+    let schema = Schema {
+        url: url.clone(),
+        name: postgres::fresh_schema(),
+    };
+    let (a, client_a) = replica_with(&url, &schema.name, Some(&nats)).await;
+    let (b, client_b) = replica_with(&url, &schema.name, Some(&nats)).await;
+    for account in 0..ACCOUNTS {
+        done(
+            client_a
+                .open(&format!("acc-{account}"), "Ada", id())
+                .await
+                .unwrap(),
+        );
+    }
+    let (_, _) = tokio::join!(writes(client_a.clone(), 0), writes(client_b.clone(), 3));
+    let leaders = publishers_settled(&[&a, &b]).await;
+    for feed in ["accounts.v1", "accounts.v2"] {
+        published(&a, feed).await;
+    }
+    // The replica publishing v1 stops; the other publishes everything, from the shared cursor.
+    let (leader, survivor, survivor_client) = if leaders[0].contains(&"accounts.v1".to_owned()) {
+        (a, b, client_b)
+    } else {
+        (b, a, client_a)
+    };
+    leader.shutdown().await;
+    writes(survivor_client, 1).await;
+    let leaders = publishers_settled(&[&survivor]).await;
+    assert_eq!(leaders[0].len(), 2, "{leaders:?}");
+    for feed in ["accounts.v1", "accounts.v2"] {
+        published(&survivor, feed).await;
+    }
     survivor.shutdown().await;
 }
