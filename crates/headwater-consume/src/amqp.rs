@@ -373,3 +373,14 @@ impl Incoming for AmqpMessage {
     /// Closing the channel gives it back.
     async fn release(&self) {}
 }
+
+/// A source's `run` is `Send`: a service spawns it on its runtime (`tokio::spawn`).
+#[cfg(test)]
+#[allow(dead_code)]
+fn run_is_send(
+    source: &'static AmqpSource,
+    consumer: &'static Consumer<crate::EmbeddedView, crate::MemoryUpstream>,
+) {
+    fn send<T: Send>(_: T) {}
+    send(source.run(consumer, std::future::pending::<()>()));
+}

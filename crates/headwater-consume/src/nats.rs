@@ -320,3 +320,14 @@ impl Incoming for NatsMessage {
         let _ = self.message.ack_with(AckKind::Nak(None)).await;
     }
 }
+
+/// A source's `run` is `Send`: a service spawns it on its runtime (`tokio::spawn`).
+#[cfg(test)]
+#[allow(dead_code)]
+fn run_is_send(
+    source: &'static NatsSource,
+    consumer: &'static Consumer<crate::EmbeddedView, crate::MemoryUpstream>,
+) {
+    fn send<T: Send>(_: T) {}
+    send(source.run(consumer, std::future::pending::<()>()));
+}

@@ -359,7 +359,9 @@ async fn lane<M: Incoming, V: ViewStore, U: Upstream>(
                     tracing::warn!(transport, feed = %consumer.feed(), error = %e, "a delivery failed for a reason that may pass; trying it again");
                     let _ = tokio::time::timeout(SETTLE_TIMEOUT, work.message.in_progress()).await;
                     tokio::select! {
-                        _ = ended.wait_for(|ended| *ended) => {
+                        // The Ref `wait_for` answers is dropped here, not held across the
+                        // release below: it would make the future not `Send`.
+                        () = async { let _ = ended.wait_for(|ended| *ended).await; } => {
                             let _ = tokio::time::timeout(SETTLE_TIMEOUT, work.message.release()).await;
                             break;
                         }
