@@ -274,12 +274,13 @@ pub(crate) async fn check(
     // adding up to the producer's balance.
     let producer_url = &targets.producers[0];
     let mut feeds: BTreeMap<&str, Vec<FeedEvent>> = BTreeMap::new();
+    // One deadline for all: a producer that never gets there makes the check wait once.
+    let deadline = Instant::now() + Duration::from_secs(FEED_CATCH_UP_SECS_MAX);
     for account in targets.accounts {
         let Some(&balance) = producer.get(account.as_str()) else {
             continue;
         };
         let moves = ledger.acked.get(account).map_or(0, Vec::len);
-        let deadline = Instant::now() + Duration::from_secs(FEED_CATCH_UP_SECS_MAX);
         let events = loop {
             match read_subject(targets, producer_url, account).await {
                 Ok(events) if events.len() == 1 + moves => break Some(events),
