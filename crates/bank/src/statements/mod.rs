@@ -527,29 +527,19 @@ async fn follow(shared: Arc<Shared>, stop: watch::Receiver<bool>) -> anyhow::Res
     }
 }
 
-/// Runs the future `make` makes on a thread of its own with a runtime of its own, and answers
-/// its output. For the broker sources, whose `run` futures are not `Send` (a `watch::Ref` held
-/// across an await in their lanes), so they cannot be `tokio::spawn`ed.
+/// Runs the future `make` makes on a blocking thread of the runtime (`Handle::block_on`: its
+/// I/O and the tasks it spawns stay on the runtime), and answers its output. For the broker
+/// sources, whose `run` futures are not `Send` (a `watch::Ref` held across an await in the
+/// library's lanes), so they cannot be `tokio::spawn`ed.
 async fn on_own_thread<F, R>(make: impl FnOnce() -> F + Send + 'static) -> anyhow::Result<R>
 where
     F: std::future::Future<Output = R> + 'static,
     R: Send + 'static,
 {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("statements-broker".into())
-        .spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build();
-            let _ = match runtime {
-                Ok(runtime) => tx.send(Ok(runtime.block_on(make()))),
-                Err(error) => tx.send(Err(anyhow::Error::from(error))),
-            };
-        })
-        .context("cannot start the broker transport's thread")?;
-    rx.await
-        .context("the broker transport's thread ended without an answer")?
+    let runtime = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || runtime.block_on(make()))
+        .await
+        .context("the broker transport's thread failed")
 }
 
 /// The walker task: the active version's walker runs periodically and on request; after a flip,
