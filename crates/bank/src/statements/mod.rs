@@ -505,7 +505,7 @@ async fn follow(shared: Arc<Shared>, stop: watch::Receiver<bool>) -> anyhow::Res
                 );
                 *shared.source.lock().unwrap_or_else(|e| e.into_inner()) =
                     Some(Source::Amqp(Arc::clone(&source)));
-                on_own_thread(move || async move { source.run(&consumer, ends).await }).await??;
+                source.run(&consumer, ends).await?;
             }
             Transport::Nats(url) => {
                 let source = Arc::new(NatsSource::new(url, consumer.feed(), &shared.name)?);
@@ -519,27 +519,12 @@ async fn follow(shared: Arc<Shared>, stop: watch::Receiver<bool>) -> anyhow::Res
                 );
                 *shared.source.lock().unwrap_or_else(|e| e.into_inner()) =
                     Some(Source::Nats(Arc::clone(&source)));
-                on_own_thread(move || async move { source.run(&consumer, ends).await }).await??;
+                source.run(&consumer, ends).await?;
             }
             // The caller delivers; wait for a stop or a move.
             Transport::External | Transport::Http => ends.await,
         }
     }
-}
-
-/// Runs the future `make` makes on a blocking thread of the runtime (`Handle::block_on`: its
-/// I/O and the tasks it spawns stay on the runtime), and answers its output. For the broker
-/// sources, whose `run` futures are not `Send` (a `watch::Ref` held across an await in the
-/// library's lanes), so they cannot be `tokio::spawn`ed.
-async fn on_own_thread<F, R>(make: impl FnOnce() -> F + Send + 'static) -> anyhow::Result<R>
-where
-    F: std::future::Future<Output = R> + 'static,
-    R: Send + 'static,
-{
-    let runtime = tokio::runtime::Handle::current();
-    tokio::task::spawn_blocking(move || runtime.block_on(make()))
-        .await
-        .context("the broker transport's thread failed")
 }
 
 /// The walker task: the active version's walker runs periodically and on request; after a flip,
