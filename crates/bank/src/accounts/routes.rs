@@ -57,11 +57,11 @@ pub enum Problem {
     BalanceLimit,
     /// 409: the command id was used for a command on another account.
     CommandIdReused,
-    /// 503: the store is unavailable, or the account changed under the command too often;
-    /// send the command again with the same `command_id`.
+    /// 503: the store is unavailable (closed, failed, unreachable), or the account changed under
+    /// the command too often; send the command again with the same `command_id`.
     Unavailable,
-    /// 500: a bug or an I/O failure; the logs say which. Sending the command again with the same
-    /// `command_id` is safe.
+    /// 500: a bug (an event that cannot be encoded or decoded); the logs say which. Sending the
+    /// command again with the same `command_id` is safe.
     Internal,
 }
 
@@ -491,6 +491,13 @@ fn refusal_of(error: &CommandError<Refusal>) -> Refused {
         }
         other => match other.kind() {
             ErrorKind::BadRequest => Refused::bad(other.to_string()),
+            // The store could not be read or written: closed, poisoned, or its backend failed
+            // (PostgreSQL unreachable, an I/O error). Nothing was recorded by this try, or the
+            // retry will tell: 503, send it again with the same command id.
+            _ if matches!(other, CommandError::Store(_) | CommandError::Read(_)) => {
+                tracing::warn!(error = %other, "a command failed on the store");
+                Refused::new(Problem::Unavailable, other.to_string())
+            }
             ErrorKind::Conflict | ErrorKind::Unavailable => {
                 tracing::warn!(error = %other, "a command failed");
                 Refused::new(Problem::Unavailable, other.to_string())

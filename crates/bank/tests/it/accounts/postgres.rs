@@ -282,3 +282,32 @@ async fn two_replicas_on_postgres_publish_each_feed_from_one_at_a_time() {
     }
     survivor.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_store_answers_503_and_the_client_says_retry() {
+    let url = postgres::url();
+    let schema = Schema {
+        url: url.clone(),
+        name: postgres::fresh_schema(),
+    };
+    let (replica, client) = replica(&url, &schema.name).await;
+    done(client.open("ada", "Ada", id()).await.unwrap());
+    // The store's tables disappear under the service.
+    let (drop_url, drop_name) = (url.clone(), schema.name.clone());
+    tokio::task::spawn_blocking(move || postgres::drop_schema(&drop_url, &drop_name))
+        .await
+        .unwrap();
+    let base = replica.url();
+    let body = serde_json::json!({"amount": 5, "command_id": id().to_string()}).to_string();
+    let (status, content_type, problem) =
+        super::request(&base, "POST", "/accounts/ada/deposits", &body).await;
+    assert_eq!(status, 503, "{problem}");
+    assert_eq!(content_type, "application/problem+json");
+    assert_eq!(
+        problem["type"],
+        "https://headwater.dev/problems/unavailable"
+    );
+    let error = client.deposit("ada", 5, id()).await.unwrap_err();
+    assert!(error.is_retryable(), "{error}");
+    replica.shutdown().await;
+}
