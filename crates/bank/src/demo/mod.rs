@@ -1,5 +1,10 @@
 //! `bank demo` (being written).
 
+pub mod link;
+mod progress;
+mod relay;
+mod report;
+
 use std::process::ExitCode;
 
 /// The flags of `bank demo`.
