@@ -79,6 +79,17 @@ pub struct LinkStats {
     pub delivered: u64,
 }
 
+impl LinkStats {
+    /// Adds what another link did.
+    pub fn add(&mut self, other: &LinkStats) {
+        self.received += other.received;
+        self.dropped += other.dropped;
+        self.duplicated += other.duplicated;
+        self.reordered += other.reordered;
+        self.delivered += other.delivered;
+    }
+}
+
 /// A copy held back: it comes out once `left` more events went through.
 #[derive(Debug)]
 struct Held<T> {
@@ -197,9 +208,27 @@ mod tests {
     #[test]
     fn out_of_range_configurations_are_refused() {
         let bad = [
-            (LinkConfig { drop: 1.5, ..config(1) }, "drop"),
-            (LinkConfig { dup: -0.1, ..config(1) }, "dup"),
-            (LinkConfig { reorder: f64::NAN, ..config(1) }, "reorder"),
+            (
+                LinkConfig {
+                    drop: 1.5,
+                    ..config(1)
+                },
+                "drop",
+            ),
+            (
+                LinkConfig {
+                    dup: -0.1,
+                    ..config(1)
+                },
+                "dup",
+            ),
+            (
+                LinkConfig {
+                    reorder: f64::NAN,
+                    ..config(1)
+                },
+                "reorder",
+            ),
         ];
         for (config, name) in bad {
             let error = Link::<u64>::new(config).unwrap_err();
@@ -209,7 +238,11 @@ mod tests {
             );
         }
         assert_eq!(
-            Link::<u64>::new(LinkConfig { window: 0, ..config(1) }).unwrap_err(),
+            Link::<u64>::new(LinkConfig {
+                window: 0,
+                ..config(1)
+            })
+            .unwrap_err(),
             LinkConfigError::Window(0)
         );
     }
@@ -262,8 +295,16 @@ mod tests {
     #[test]
     fn the_schedule_is_the_seeds() {
         let first = schedule(config(42), 2_000);
-        assert_eq!(first, schedule(config(42), 2_000), "same seed, same schedule");
-        assert_ne!(first, schedule(config(43), 2_000), "another seed, another schedule");
+        assert_eq!(
+            first,
+            schedule(config(42), 2_000),
+            "same seed, same schedule"
+        );
+        assert_ne!(
+            first,
+            schedule(config(43), 2_000),
+            "another seed, another schedule"
+        );
         let in_order: Vec<u64> = (1..=2_000).collect();
         assert_ne!(first, in_order, "the link did nothing");
     }

@@ -17,7 +17,7 @@ use rand::{Rng, SeedableRng};
 
 use super::progress::Gauges;
 use super::report::Commands;
-use crate::client::{Answer, Client, ClientError};
+use crate::client::{Answer, Client, ClientError, Problem};
 
 /// The largest deposit, in cents (100.00 EUR).
 const DEPOSIT_CENTS_MAX: u64 = 10_000;
@@ -36,16 +36,16 @@ const ATTEMPT_BACKOFF: Duration = Duration::from_millis(100);
 const PICK_TRIES_MAX: usize = 8;
 
 /// An account's id in the demo: `acc-00042`.
-pub fn account_id(index: usize) -> String {
+pub(super) fn account_id(index: usize) -> String {
     format!("acc-{index:05}")
 }
 
 /// What `accounts` acknowledged for one account.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Tally {
-    state: Opening,
+pub(super) struct Tally {
+    state: State,
     /// Acknowledged deposits minus acknowledged withdrawals, in cents.
-    pub net: i128,
+    pub(super) net: i128,
     /// Events of the account in feed v1 (opened, deposited, withdrew).
     pub v1_events: u64,
     /// Events in feed v2 (v1's and the refused withdrawals).
@@ -53,7 +53,7 @@ pub struct Tally {
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-enum Opening {
+enum State {
     #[default]
     Unopened,
     /// A client is opening it.
@@ -63,37 +63,37 @@ enum Opening {
 
 /// Every account's tally.
 #[derive(Debug)]
-pub struct Ledger {
+pub(super) struct Ledger {
     accounts: Vec<Tally>,
 }
 
 impl Ledger {
-    pub fn new(accounts: usize) -> Ledger {
+    pub(super) fn new(accounts: usize) -> Ledger {
         Ledger {
             accounts: vec![Tally::default(); accounts],
         }
     }
 
-    pub fn tallies(&self) -> &[Tally] {
+    pub(super) fn tallies(&self) -> &[Tally] {
         &self.accounts
     }
 
     /// Events feed v1 must hold.
-    pub fn v1_events(&self) -> u64 {
+    pub(super) fn v1_events(&self) -> u64 {
         self.accounts.iter().map(|t| t.v1_events).sum()
     }
 
     /// Events feed v2 must hold.
-    pub fn v2_events(&self) -> u64 {
+    pub(super) fn v2_events(&self) -> u64 {
         self.accounts.iter().map(|t| t.v2_events).sum()
     }
 
     /// The accounts that were opened.
-    pub fn opened(&self) -> impl Iterator<Item = usize> + '_ {
+    pub(super) fn opened(&self) -> impl Iterator<Item = usize> + '_ {
         self.accounts
             .iter()
             .enumerate()
-            .filter(|(_, t)| t.state == Opening::Open)
+            .filter(|(_, t)| t.state == State::Open)
             .map(|(i, _)| i)
     }
 }
@@ -116,8 +116,19 @@ struct Counts {
     retry_mismatches: AtomicU64,
 }
 
-/// Sends `total` random commands over `accounts` with `clients` concurrent clients, and returns
-/// what became of them.
+/// What to send.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Plan {
+    pub(super) commands: u64,
+    pub(super) clients: usize,
+    /// Commands per second at most (0: as fast as the clients go).
+    pub(super) rate: u64,
+    /// The seed of the clients' choices.
+    pub(super) seed: u64,
+}
+
+/// Sends `plan.commands` random commands over the ledger's accounts with `plan.clients`
+/// concurrent clients, at most `plan.rate` a second, and returns what became of them.
 ///
 /// # Errors
 /// When `accounts` does not answer a command after [`ATTEMPTS_MAX`] attempts, or answers what
@@ -125,15 +136,22 @@ struct Counts {
 ///
 /// # Cancel safety
 /// Not cancel safe: a command cancelled in flight leaves its outcome unknown to the ledger.
-pub async fn run(
+pub(super) async fn run(
     client: &Arc<Client>,
     ledger: &Arc<Mutex<Ledger>>,
     gauges: &Arc<Gauges>,
-    total: u64,
-    clients: usize,
-    seed: u64,
+    plan: Plan,
 ) -> anyhow::Result<Commands> {
+    let Plan {
+        commands: total,
+        clients,
+        rate,
+        seed,
+    } = plan;
     let started = Instant::now();
+    let start = tokio::time::Instant::now();
+    // Command k is sent no earlier than k / rate seconds after the start.
+    let interval = (rate > 0).then(|| Duration::from_secs_f64(1.0 / rate as f64));
     let next = Arc::new(AtomicU64::new(0));
     let counts = Arc::new(Counts::default());
     let sent_before = gauges.commands_sent.load(Ordering::Relaxed);
@@ -142,10 +160,20 @@ pub async fn run(
         let (client, ledger, gauges) = (client.clone(), ledger.clone(), gauges.clone());
         let (next, counts) = (next.clone(), counts.clone());
         // Each client its own stream of choices, from the run's seed.
-        let mut rng = StdRng::seed_from_u64(seed ^ (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut rng =
+            StdRng::seed_from_u64(seed ^ (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         tasks.spawn(async move {
-            while next.fetch_add(1, Ordering::Relaxed) < total {
-                one(&client, &ledger, &counts, &mut rng).await?;
+            loop {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                if k >= total {
+                    break;
+                }
+                if let Some(interval) = interval {
+                    tokio::time::sleep_until(start + interval.mul_f64(k as f64)).await;
+                }
+                if !one(&client, &ledger, &counts, &mut rng).await? {
+                    gauges.commands_refused.fetch_add(1, Ordering::Relaxed);
+                }
                 gauges.commands_sent.fetch_add(1, Ordering::Relaxed);
             }
             anyhow::Ok(())
@@ -171,34 +199,35 @@ pub async fn run(
 }
 
 /// One random command: an open of an account not open yet, else a deposit or a withdrawal.
+/// `true` when it was done, `false` when refused.
 async fn one(
     client: &Client,
     ledger: &Mutex<Ledger>,
     counts: &Counts,
     rng: &mut StdRng,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let (index, command) = {
         let mut ledger = ledger.lock().unwrap_or_else(|e| e.into_inner());
         let accounts = ledger.accounts.len();
         let mut pick = rng.random_range(0..accounts);
         for _ in 0..PICK_TRIES_MAX {
-            if ledger.accounts[pick].state != Opening::Opening {
+            if ledger.accounts[pick].state != State::Opening {
                 break;
             }
             pick = rng.random_range(0..accounts);
         }
         let tally = &mut ledger.accounts[pick];
         let command = match tally.state {
-            Opening::Unopened => {
-                tally.state = Opening::Opening;
+            State::Unopened => {
+                tally.state = State::Opening;
                 Command::Open
             }
             // Opened by another client right now: open it again (refused, already open).
-            Opening::Opening => Command::Open,
-            Opening::Open if rng.random_bool(DEPOSIT_CHANCE) => {
+            State::Opening => Command::Open,
+            State::Open if rng.random_bool(DEPOSIT_CHANCE) => {
                 Command::Deposit(rng.random_range(1..=DEPOSIT_CENTS_MAX))
             }
-            Opening::Open => Command::Withdraw(rng.random_range(1..=WITHDRAWAL_CENTS_MAX)),
+            State::Open => Command::Withdraw(rng.random_range(1..=WITHDRAWAL_CENTS_MAX)),
         };
         (pick, command)
     };
@@ -210,7 +239,7 @@ async fn one(
         let tally = &mut ledger.accounts[index];
         match (&answer, command) {
             (Answer::Done(_), Command::Open) => {
-                tally.state = Opening::Open;
+                tally.state = State::Open;
                 tally.v1_events += 1;
                 tally.v2_events += 1;
             }
@@ -248,7 +277,7 @@ async fn one(
             counts.retry_mismatches.fetch_add(1, Ordering::Relaxed);
         }
     }
-    Ok(())
+    Ok(matches!(answer, Answer::Done(_)))
 }
 
 /// Sends a deposit of `amount` cents to each of `accounts`, with no randomness: the demo's "last
@@ -259,7 +288,7 @@ async fn one(
 ///
 /// # Cancel safety
 /// Not cancel safe (as [`run`]).
-pub async fn last_deposits(
+pub(super) async fn last_deposits(
     client: &Client,
     ledger: &Mutex<Ledger>,
     accounts: &[usize],
@@ -310,5 +339,26 @@ async fn send(
                     .context(format!("{command:?} to {id}: accounts did not answer")));
             }
         }
+    }
+}
+
+/// A withdrawal refused for insufficient funds (the one refusal `accounts` records).
+fn is_insufficient(problem: &Problem) -> bool {
+    problem.kind() == "insufficient-funds"
+}
+
+/// Whether a command's answer can change by sending it again with the same id.
+fn retryable(error: &ClientError) -> bool {
+    error.is_retryable()
+}
+
+/// The same outcome: the same balance and version after it, or the same refusal.
+fn same_answer(first: &Answer, again: &Answer) -> bool {
+    match (first, again) {
+        (Answer::Done(a), Answer::Done(b)) => {
+            a.balance == b.balance && a.version_or_sequence == b.version_or_sequence
+        }
+        (Answer::Refused(a), Answer::Refused(b)) => a.kind() == b.kind(),
+        _ => false,
     }
 }

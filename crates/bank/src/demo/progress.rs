@@ -39,16 +39,16 @@ impl Mode {
 
 /// Counters the running parts move and the screen reads.
 #[derive(Debug, Default)]
-pub struct Gauges {
-    pub commands_sent: AtomicU64,
-    pub commands_refused: AtomicU64,
+pub(super) struct Gauges {
+    pub(super) commands_sent: AtomicU64,
+    pub(super) commands_refused: AtomicU64,
     /// Events the link read from the feed.
-    pub feed_events: AtomicU64,
-    pub delivered: AtomicU64,
-    pub dropped: AtomicU64,
-    pub duplicated: AtomicU64,
+    pub(super) feed_events: AtomicU64,
+    pub(super) delivered: AtomicU64,
+    pub(super) dropped: AtomicU64,
+    pub(super) duplicated: AtomicU64,
     /// Events the consumer fetched from the producer to heal gaps.
-    pub healed: AtomicU64,
+    pub(super) healed: AtomicU64,
 }
 
 impl Gauges {
@@ -68,14 +68,14 @@ impl Gauges {
 
 /// The screen: lines said between phases, and the running phase's progress.
 #[derive(Debug)]
-pub struct Screen {
+pub(super) struct Screen {
     mode: Mode,
     bar: Option<ProgressBar>,
     ticker: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Screen {
-    pub fn new(mode: Mode) -> Screen {
+    pub(super) fn new(mode: Mode) -> Screen {
         Screen {
             mode,
             bar: None,
@@ -84,7 +84,7 @@ impl Screen {
     }
 
     /// Writes one line to stderr (above the bar when one is drawn).
-    pub fn say(&self, line: &str) {
+    pub(super) fn say(&self, line: &str) {
         match (&self.bar, self.mode) {
             (_, Mode::Silent) => {}
             (Some(bar), _) => bar.println(line),
@@ -94,7 +94,7 @@ impl Screen {
 
     /// Shows the progress of `total` commands and of the link, from `gauges`, until
     /// [`Screen::finish`].
-    pub fn start(&mut self, what: &str, total: u64, gauges: Arc<Gauges>) {
+    pub(super) fn start(&mut self, what: &str, total: u64, gauges: Arc<Gauges>) {
         self.finish();
         match self.mode {
             Mode::Silent => {}
@@ -135,7 +135,7 @@ impl Screen {
     }
 
     /// Ends the running progress (the bar is cleared; the lines said stay).
-    pub fn finish(&mut self) {
+    pub(super) fn finish(&mut self) {
         if let Some(ticker) = self.ticker.take() {
             ticker.abort();
         }

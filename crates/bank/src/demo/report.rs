@@ -17,6 +17,8 @@ pub struct Report {
     /// Phase 1 (feed v1), then phase 2 (v2 added live, the consumer moved to it) when phase 1
     /// converged.
     pub phases: Vec<Phase>,
+    /// The account whose deposit the link corrupted on purpose (`Fault::CorruptOneDeposit`).
+    pub corrupted: Option<String>,
     /// Wall time of the whole demo, services included, in milliseconds.
     pub wall_ms: u64,
 }
@@ -52,6 +54,9 @@ pub struct Phase {
     pub link: LinkStats,
     /// Last events of accounts that the link never delivered (only reconstitution finds them).
     pub lost_last: u64,
+    /// Deliveries the consumer could not complete (left to a later delivery or the
+    /// reconstitution).
+    pub failed_deliveries: u64,
     /// The consumer's work during the phase.
     pub consumer: ConsumerWork,
     /// Accounts that differed between the consumer and the producer right before the
@@ -167,19 +172,17 @@ impl Verdict {
 }
 
 /// The table of one phase and its verdict line.
-pub fn render_phase(phase: &Phase) -> String {
+pub(super) fn render_phase(phase: &Phase) -> String {
     let mut out = String::new();
     let rule = "─".repeat(58usize.saturating_sub(phase.title.chars().count()));
     let _ = writeln!(out, "── {} {rule}", phase.title);
     let c = &phase.commands;
-    let rate = if c.elapsed_ms > 0 {
-        format!(
-            " ({}/s)",
-            count(c.sent.saturating_mul(1_000) / c.elapsed_ms)
-        )
-    } else {
-        String::new()
-    };
+    let rate = c
+        .sent
+        .saturating_mul(1_000)
+        .checked_div(c.elapsed_ms)
+        .map(|rate| format!(" ({}/s)", count(rate)))
+        .unwrap_or_default();
     let mut row = |name: &str, value: String| {
         let _ = writeln!(out, "  {name:<24}{value}");
     };
@@ -195,12 +198,27 @@ pub fn render_phase(phase: &Phase) -> String {
             count(c.retried)
         ),
     );
-    row("events", format!("{} in the feed", count(phase.events)));
+    row(
+        "events",
+        format!(
+            "{} read from {} by the link",
+            count(phase.events),
+            phase.feed
+        ),
+    );
     let l = &phase.link;
+    let failed = if phase.failed_deliveries > 0 {
+        format!(
+            "; {} deliveries failed (left to the reconstitution)",
+            count(phase.failed_deliveries)
+        )
+    } else {
+        String::new()
+    };
     row(
         "lossy link",
         format!(
-            "{} delivered: {} dropped, {} doubled, {} reordered; {} last events lost",
+            "{} copies delivered: {} events dropped, {} doubled, {} reordered; {} last events lost{failed}",
             count(l.delivered),
             count(l.dropped),
             count(l.duplicated),
@@ -229,14 +247,14 @@ pub fn render_phase(phase: &Phase) -> String {
         "reconstitution fixes",
         match phase.reconstitution {
             Some(f) => format!(
-                "{} accounts behind before it; it fixed {} ({} events) walking {}",
-                count(phase.behind_before_reconstitution),
+                "{} accounts caught up ({} events) in a walk over {}; {} balances differed before it",
                 count(f.accounts),
                 count(f.events),
-                count(f.walked)
+                count(f.walked),
+                count(phase.behind_before_reconstitution),
             ),
             None => format!(
-                "skipped (--skip-reconstitution): {} accounts behind",
+                "skipped (--skip-reconstitution): {} balances differ",
                 count(phase.behind_before_reconstitution)
             ),
         },
@@ -253,11 +271,11 @@ pub fn render_phase(phase: &Phase) -> String {
 }
 
 /// `1234567` → `1,234,567`.
-pub fn count(n: u64) -> String {
+pub(super) fn count(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, digit) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(digit);
@@ -266,7 +284,7 @@ pub fn count(n: u64) -> String {
 }
 
 /// Cents as money: `123456` → `1,234.56 EUR`.
-pub fn cents(n: u64) -> String {
+pub(super) fn cents(n: u64) -> String {
     format!(
         "{}.{:02} {}",
         count(n / 100),
@@ -289,12 +307,12 @@ fn balance(b: Option<u64>) -> String {
 }
 
 /// Milliseconds as seconds: `1234` → `1.2 s`.
-pub fn seconds(ms: u64) -> String {
+pub(super) fn seconds(ms: u64) -> String {
     format!("{:.1} s", Duration::from_millis(ms).as_secs_f64())
 }
 
 /// Microseconds, readable: `850` → `0.85 ms`, `41_300` → `41 ms`, `1_200_000` → `1.2 s`.
-pub fn micros(us: u64) -> String {
+pub(super) fn micros(us: u64) -> String {
     if us < 10_000 {
         format!("{:.2} ms", us as f64 / 1_000.0)
     } else if us < 1_000_000 {
@@ -336,6 +354,10 @@ mod tests {
         assert!(line.starts_with("verdict: DIFFERENT — account acc-0042: producer 12.50 EUR, consumer (no such account)"), "{line}");
         let converged = Verdict::Converged { accounts: 1_000 };
         assert!(converged.converged());
-        assert!(converged.line("accounts.v2").contains("all 1,000 accounts (accounts.v2)"));
+        assert!(
+            converged
+                .line("accounts.v2")
+                .contains("all 1,000 accounts (accounts.v2)")
+        );
     }
 }
