@@ -59,6 +59,8 @@ pub const COMMANDS_DEFAULT: u64 = 4_000;
 pub const CLIENTS_DEFAULT: usize = 16;
 /// The most concurrent clients.
 pub const CLIENTS_MAX: usize = 1_024;
+/// A seed not given is drawn below this.
+const SEED_RANDOM_MAX: u64 = 1_000_000;
 /// Commands per second, by default.
 pub const RATE_DEFAULT: u64 = 500;
 /// The link's chances, by default.
@@ -179,7 +181,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
 /// Not cancel safe: the services stop when dropped, without their graceful shutdown.
 pub async fn demo(args: &Args, mode: Mode, fault: Option<Fault>) -> anyhow::Result<Report> {
     let started = Instant::now();
-    let seed = args.seed.unwrap_or_else(|| rand::rng().random());
+    // A seed short enough to type again.
+    let seed = args
+        .seed
+        .unwrap_or_else(|| rand::rng().random_range(1..SEED_RANDOM_MAX));
     let link = LinkConfig {
         drop: args.drop,
         dup: args.dup,
