@@ -479,6 +479,7 @@ async fn follow(shared: Arc<Shared>, stop: watch::Receiver<bool>) -> anyhow::Res
             // The move is done over the HTTP feed (the library's switch builds the new version
             // with it while the active one's HTTP feed keeps it fresh); the broker takes over
             // once the new version is active.
+            *shared.source.lock().unwrap_or_else(|e| e.into_inner()) = None;
             let mut active = shared.versioned.active();
             shared
                 .versioned
@@ -598,7 +599,8 @@ impl Shared {
         };
         Ok(Status {
             feed: feed.to_string(),
-            target: self.target.borrow().to_string(),
+            // The versioned consumer's: it may move to a retired feed's successor by itself.
+            target: self.versioned.target().to_string(),
             transport: self.transport.kind(),
             accounts,
             cursors,

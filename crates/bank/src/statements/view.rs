@@ -329,3 +329,159 @@ pub(crate) async fn counts(view: &EmbeddedView, feed: &FeedId) -> Result<(u64, u
     })
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use headwater::consume::rusqlite::Connection;
+    use serde_json::json;
+
+    use super::*;
+
+    /// An event of `feed` as the wire carries it.
+    fn event(
+        feed: &str,
+        sequence: u64,
+        event_type: &str,
+        data: serde_json::Value,
+    ) -> IntegrationEvent {
+        let body = json!({
+            "specversion": "1.0",
+            "id": headwater::Uuid::new_v4().to_string(),
+            "source": "accounts",
+            "type": event_type,
+            "subject": "acc",
+            "time": "2026-11-27T00:00:00Z",
+            "data": data,
+            "sequence": sequence,
+            "position": sequence,
+            "feed": feed,
+        });
+        IntegrationEvent::from_cloud_event(body.to_string().as_bytes()).unwrap()
+    }
+
+    fn money(cents: u64, balance: u64) -> serde_json::Value {
+        json!({"amount": {"cents": cents, "currency": "EUR"}, "balance": balance})
+    }
+
+    /// Applies `events` in one transaction each, as the library does; the outcome of each.
+    fn run(events: &[IntegrationEvent]) -> (Vec<Result<(), String>>, Connection) {
+        let mut connection = Connection::open_in_memory().unwrap();
+        let tx = connection.transaction().unwrap();
+        setup(&tx).unwrap();
+        tx.commit().unwrap();
+        let outcomes = events
+            .iter()
+            .map(|e| {
+                let tx = connection.transaction().unwrap();
+                let outcome = apply(&tx, e).map_err(|e| e.to_string());
+                if outcome.is_ok() {
+                    tx.commit().unwrap();
+                }
+                outcome
+            })
+            .collect();
+        (outcomes, connection)
+    }
+
+    fn balance(connection: &Connection, table: &str) -> (i64, i64) {
+        connection
+            .query_row(&format!("SELECT balance, sequence FROM {table}"), [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn v1_does_the_arithmetic_and_refuses_what_does_not_fit() {
+        let v1 = "accounts.v1";
+        let (outcomes, connection) = run(&[
+            event(v1, 1, v1::DEPOSITED, json!({"amount": 5})), // not opened
+            event(v1, 1, v1::OPENED, json!({"owner": "Ada"})),
+            event(v1, 2, v1::OPENED, json!({"owner": "Ada"})), // twice
+            event(v1, 2, v1::DEPOSITED, json!({"amount": 500})),
+            event(v1, 3, v1::WITHDREW, json!({"amount": 501})), // overdrawn
+            event(v1, 3, v1::WITHDREW, json!({"amount": 0})),
+            event(v1, 3, v1::WITHDREW, json!({"amount": "ten"})),
+            event(v1, 3, "accounts.credited", json!({})),
+            event(v1, 3, v1::WITHDREW, json!({"amount": 200})),
+        ]);
+        let refused: Vec<bool> = outcomes.iter().map(Result::is_err).collect();
+        assert_eq!(
+            refused,
+            [true, false, true, false, true, true, true, true, false],
+            "{outcomes:?}"
+        );
+        assert!(
+            outcomes[4]
+                .as_ref()
+                .unwrap_err()
+                .contains("withdrawal of 501")
+        );
+        assert_eq!(balance(&connection, "balances_v1"), (300, 3));
+    }
+
+    #[test]
+    fn v2_checks_the_stated_balance_and_the_currency() {
+        let v2 = "accounts.v2";
+        let opened = json!({"owner": "Ada", "currency": "EUR", "balance": 0});
+        let (outcomes, connection) = run(&[
+            event(
+                v2,
+                1,
+                v2::ACCOUNT_OPENED,
+                json!({"owner": "Ada", "currency": "EUR", "balance": 3}),
+            ),
+            event(
+                v2,
+                1,
+                v2::ACCOUNT_OPENED,
+                json!({"owner": "Ada", "currency": "USD", "balance": 0}),
+            ),
+            event(v2, 1, v2::ACCOUNT_OPENED, opened),
+            event(v2, 2, v2::CREDITED, money(100, 101)), // off by one
+            event(
+                v2,
+                2,
+                v2::CREDITED,
+                json!({"amount": {"cents": 100, "currency": "USD"}, "balance": 100}),
+            ),
+            event(v2, 2, v2::CREDITED, money(100, 100)),
+            event(v2, 3, v2::DEBITED, money(40, 40)), // should be 60
+            event(v2, 3, v2::DEBITED, money(400, 0)), // overdrawn
+            event(v2, 3, v2::WITHDRAWAL_REFUSED, money(400, 99)), // a refusal changes nothing
+            event(v2, 3, v2::WITHDRAWAL_REFUSED, money(400, 100)),
+            event(v2, 4, v2::DEBITED, money(40, 60)),
+        ]);
+        let refused: Vec<bool> = outcomes.iter().map(Result::is_err).collect();
+        assert_eq!(
+            refused,
+            [
+                true, true, false, true, true, false, true, true, true, false, false
+            ],
+            "{outcomes:?}"
+        );
+        assert!(
+            outcomes[3]
+                .as_ref()
+                .unwrap_err()
+                .contains("arithmetic gives 100")
+        );
+        assert_eq!(balance(&connection, "balances_v2"), (60, 4));
+        let refusals: i64 = connection
+            .query_row("SELECT refused FROM balances_v2", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(refusals, 1);
+    }
+
+    #[test]
+    fn only_accounts_v1_and_v2_have_tables() {
+        for (feed, table_name) in [
+            ("accounts.v1", Some("balances_v1")),
+            ("accounts.v2", Some("balances_v2")),
+            ("accounts.v3", None),
+            ("orders.v1", None),
+        ] {
+            assert_eq!(table(&FeedId::parse(feed).unwrap()), table_name, "{feed}");
+        }
+    }
+}
