@@ -411,6 +411,22 @@ async fn run_async(
         .await
         .map(|r| String::from_utf8_lossy(&r.body).into_owned())
         .unwrap_or_else(|e| e);
+    // Nothing was dead-lettered (the services' events are all good) and no gap is left open.
+    let parsed: serde_json::Value = serde_json::from_str(&status).unwrap_or_default();
+    for (what, value) in [
+        ("dead letters", &parsed["dead_letters"]["recorded"]),
+        (
+            "parked accounts",
+            &parsed["dead_letters"]["parked_subjects"],
+        ),
+        ("open gaps", &parsed["open_gaps"]),
+    ] {
+        if value.as_u64() != Some(0) {
+            findings
+                .violations
+                .push(format!("statements' status shows {what}: {value}"));
+        }
+    }
     let (acked, refused) = ledger.commands();
     let kills: Vec<String> = services
         .iter()
