@@ -718,3 +718,115 @@ async fn a_graceful_shutdown_under_load_loses_no_answer_and_leaves_the_feeds_at_
     }
     second.shutdown().await;
 }
+
+/// What the model says a command answers: `Ok((balance, version))` or `Err(problem kind)`.
+type Expected = Result<(u64, u64), &'static str>;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_commands_and_retries_answer_as_the_model_says() {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    const COMMANDS: usize = 400;
+    const ACCOUNTS: usize = 4;
+    let seed = std::env::var("BANK_ACCOUNTS_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random::<u64>);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let service = service(&[2]).await;
+    let client = &service.client;
+    // The model: per account, open or not, its balance and version.
+    let mut model: Vec<Option<(u64, u64)>> = vec![None; ACCOUNTS];
+    // Every command that recorded something, with its answer: a retry must answer it again.
+    let mut recorded: Vec<(usize, u8, u64, Uuid, Expected)> = Vec::new();
+    for step in 0..COMMANDS {
+        let context = format!("seed {seed} (BANK_ACCOUNTS_TEST_SEED), step {step}");
+        if !recorded.is_empty() && rng.random_bool(0.2) {
+            let (account, kind, amount, command, expected) =
+                recorded[rng.random_range(0..recorded.len())];
+            let answer = send(client, account, kind, amount, command).await;
+            assert_eq!(outcome(answer), expected, "a retry; {context}");
+            continue;
+        }
+        let account = rng.random_range(0..ACCOUNTS);
+        let kind = rng.random_range(0..3u8);
+        let amount = rng.random_range(1..200u64);
+        let command = id();
+        let expected: Expected = match (kind, model[account]) {
+            (0, Some(_)) => Err("already-open"),
+            (0, None) => Ok((0, 1)),
+            (_, None) => Err("account-not-found"),
+            (1, Some((balance, version))) => Ok((balance + amount, version + 1)),
+            (_, Some((balance, version))) if amount <= balance => {
+                Ok((balance - amount, version + 1))
+            }
+            (_, Some(_)) => Err("insufficient-funds"),
+        };
+        let answer = send(client, account, kind, amount, command).await;
+        assert_eq!(outcome(answer), expected, "{context}");
+        // What records an event: a success, or a refused withdrawal.
+        let records = match expected {
+            Ok(state) => {
+                model[account] = Some(state);
+                true
+            }
+            Err("insufficient-funds") => {
+                let (balance, version) = model[account].unwrap();
+                model[account] = Some((balance, version + 1));
+                true
+            }
+            Err(_) => false,
+        };
+        if records {
+            recorded.push((account, kind, amount, command, expected));
+        }
+    }
+    let mut events = 0;
+    for (account, state) in model.iter().enumerate() {
+        let got = client.account(&format!("m{account}")).await.unwrap();
+        assert_eq!(got.map(|b| (b.balance, b.version())), *state, "seed {seed}");
+        events += state.map_or(0, |(_, version)| version);
+    }
+    assert_eq!(
+        service.accounts.events().head_position().0,
+        events,
+        "seed {seed}"
+    );
+    // Feed v2's balances are the model's.
+    service
+        .accounts
+        .caught_up(2, Duration::from_secs(CATCH_UP_SECS))
+        .await
+        .unwrap();
+    for event in feed(&service.accounts, 2).await.iter().rev() {
+        let account: usize = event.subject.as_str()[1..].parse().unwrap();
+        let data: Value = serde_json::from_slice(&event.data).unwrap();
+        if event.sequence.0 == model[account].unwrap().1 {
+            assert_eq!(data["balance"], model[account].unwrap().0, "seed {seed}");
+        }
+    }
+    service.accounts.shutdown().await;
+}
+
+/// Sends command `kind` (0 open, 1 deposit, 2 withdraw) on account `m{account}`.
+async fn send(client: &Client, account: usize, kind: u8, amount: u64, command: Uuid) -> Answer {
+    let account = format!("m{account}");
+    match kind {
+        0 => client.open(&account, "Ada", command).await,
+        1 => client.deposit(&account, amount, command).await,
+        _ => client.withdraw(&account, amount, command).await,
+    }
+    .unwrap()
+}
+
+fn outcome(answer: Answer) -> Expected {
+    match answer {
+        Answer::Done(balance) => Ok((balance.balance, balance.version())),
+        Answer::Refused(problem) => Err(match problem.kind() {
+            "already-open" => "already-open",
+            "account-not-found" => "account-not-found",
+            "insufficient-funds" => "insufficient-funds",
+            other => panic!("an unexpected refusal {other}: {problem:?}"),
+        }),
+    }
+}
