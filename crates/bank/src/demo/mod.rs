@@ -28,6 +28,7 @@ mod report;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -348,9 +349,14 @@ impl Demo<'_> {
     async fn phase_two(&mut self) -> anyhow::Result<Phase> {
         let v2 = FeedId::parse(FEED_V2)?;
         let gauges = Arc::new(Gauges::default());
+        // Half the commands while v2 is backfilled and statements moves to it, the other half
+        // after the move, through the link on v2.
+        let during = self.args.commands / 2;
+        let after_move = self.args.commands - during;
         self.screen.say(&format!(
-            "\nphase 2 — {} more commands while accounts adds feed {FEED_V2} (a backfill) and statements moves to it",
-            report::count(self.args.commands)
+            "\nphase 2 — {} commands while accounts adds feed {FEED_V2} (a backfill of the whole log) and statements moves to it, then {} through the link on v2",
+            report::count(during),
+            report::count(after_move)
         ));
         self.screen
             .start("phase 2", self.args.commands, Arc::clone(&gauges));
@@ -360,7 +366,10 @@ impl Demo<'_> {
                 Arc::clone(&self.ledger),
                 Arc::clone(&gauges),
             );
-            let plan = self.plan(1);
+            let plan = load::Plan {
+                commands: during,
+                ..self.plan(2)
+            };
             tokio::spawn(async move { load::run(&client, &ledger, &gauges, plan).await })
         };
         self.producer
@@ -369,10 +378,12 @@ impl Demo<'_> {
             .context("adding feed v2")?;
         // The move: statements builds v2 beside v1 (following v1 meanwhile), then flips.
         let moving = Instant::now();
+        gauges.moving.store(true, Ordering::Relaxed);
         self.consumer.switch_to(v2.clone())?;
         tokio::time::timeout(WAIT_MAX, self.consumer.wait_for(&v2))
             .await
             .context("statements did not move to v2 in time")?;
+        gauges.moving.store(false, Ordering::Relaxed);
         let switch_ms = millis(moving.elapsed());
         self.screen.say(&format!(
             "  statements moved to {FEED_V2} in {}: built beside v1, which kept serving, then flipped",
@@ -383,7 +394,12 @@ impl Demo<'_> {
         let before = consumer.stats();
         let after = consumer.view().feed_position(&v2).await?;
         let relay = self.relay(&v2, Arc::clone(&consumer), after, &gauges, 2)?;
-        let commands = load.await.context("the commands task failed")??;
+        let mut commands = load.await.context("the commands task failed")??;
+        let plan = load::Plan {
+            commands: after_move,
+            ..self.plan(3)
+        };
+        commands.add(&load::run(&self.client, &self.ledger, &gauges, plan).await?);
         self.screen.finish();
         let (relay, lost_last) = self.lose_last_events(relay, 2).await?;
         let outcome = relay.stop().await?;
@@ -597,11 +613,9 @@ impl Demo<'_> {
             }
         }
         // An account the consumer holds that the demo never sent commands to.
-        let known = self.args.accounts;
-        if let Some(stranger) = consumer
-            .keys()
-            .find(|id| !(0..known).any(|i| load::account_id(i as usize) == **id))
-        {
+        let known: std::collections::HashSet<String> =
+            producer.keys().map(|&i| load::account_id(i)).collect();
+        if let Some(stranger) = consumer.keys().find(|id| !known.contains(*id)) {
             differing += 1;
             verdict.get_or_insert(Verdict::Differs {
                 account: stranger.clone(),

@@ -3,7 +3,7 @@
 
 use std::io::IsTerminal;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -49,16 +49,23 @@ pub(super) struct Gauges {
     pub(super) duplicated: AtomicU64,
     /// Events the consumer fetched from the producer to heal gaps.
     pub(super) healed: AtomicU64,
+    /// `statements` is moving to another feed version (the link waits meanwhile).
+    pub(super) moving: AtomicBool,
 }
 
 impl Gauges {
     fn line(&self) -> String {
         let get = |a: &AtomicU64| count(a.load(Ordering::Relaxed));
+        if self.moving.load(Ordering::Relaxed) {
+            return format!(
+                "{} refused · statements builds v2 beside v1 (reads both itself meanwhile)",
+                get(&self.commands_refused)
+            );
+        }
         format!(
-            "{} refused · feed {} → link delivered {} (dropped {}, doubled {}) · healed {}",
+            "{} refused · the link read {}, dropped {}, doubled {} · {} healed",
             get(&self.commands_refused),
             get(&self.feed_events),
-            get(&self.delivered),
             get(&self.dropped),
             get(&self.duplicated),
             get(&self.healed),
@@ -101,17 +108,15 @@ impl Screen {
             Mode::Bar => {
                 let bar = ProgressBar::new(total).with_prefix(what.to_owned());
                 bar.set_style(
-                    ProgressStyle::with_template(
-                        "  {prefix} [{bar:24}] {pos}/{len} commands · {msg}",
-                    )
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
+                    ProgressStyle::with_template("  {prefix} [{bar:20}] {pos}/{len} · {wide_msg}")
+                        .unwrap_or_else(|_| ProgressStyle::default_bar())
+                        .progress_chars("=> "),
                 );
                 let ticking = bar.clone();
                 self.ticker = Some(tokio::spawn(async move {
                     loop {
-                        ticking.set_position(gauges.commands_sent.load(Ordering::Relaxed));
                         ticking.set_message(gauges.line());
+                        ticking.set_position(gauges.commands_sent.load(Ordering::Relaxed));
                         tokio::time::sleep(BAR_REFRESH).await;
                     }
                 }));

@@ -89,6 +89,18 @@ pub struct Commands {
     pub elapsed_ms: u64,
 }
 
+impl Commands {
+    /// Adds another run of commands.
+    pub fn add(&mut self, other: &Commands) {
+        self.sent += other.sent;
+        self.done += other.done;
+        self.insufficient_funds += other.insufficient_funds;
+        self.refused_other += other.refused_other;
+        self.retried += other.retried;
+        self.elapsed_ms += other.elapsed_ms;
+    }
+}
+
 /// The consumer's counters over a phase.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct ConsumerWork {
