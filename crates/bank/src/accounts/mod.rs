@@ -79,6 +79,11 @@ pub struct Args {
     /// The versions of the `accounts` feed to project and serve (1, 2 or both).
     #[arg(long, value_name = "V,…", value_delimiter = ',', default_value = "1,2")]
     pub versions: Vec<u32>,
+    /// The versions published to the broker (--amqp / --nats), among those projected; all of
+    /// them by default. On RabbitMQ a version no queue is bound to is refused and retried
+    /// forever (logged at ERROR): publish only what consumers read from the broker.
+    #[arg(long, value_name = "V,…", value_delimiter = ',')]
+    pub publish_versions: Option<Vec<u32>>,
 }
 
 /// How to run the service in-process. `Config::new(dir)` is the embedded store in `dir`, on a
@@ -95,6 +100,9 @@ pub struct Config {
     pub token: Option<String>,
     /// The feed versions projected from the start (more with [`Accounts::add_version`]).
     pub versions: Vec<u32>,
+    /// The versions published to the broker, when there is one (`None`: every version
+    /// projected, those added later included).
+    pub publish_versions: Option<Vec<u32>>,
 }
 
 impl Config {
@@ -107,6 +115,7 @@ impl Config {
             broker: BrokerArgs::default(),
             token: None,
             versions: projections::VERSIONS.to_vec(),
+            publish_versions: None,
         }
     }
 }
@@ -121,6 +130,7 @@ impl From<Args> for Config {
             broker: args.broker,
             token: args.token,
             versions: args.versions,
+            publish_versions: args.publish_versions,
         }
     }
 }
@@ -129,6 +139,10 @@ impl From<Args> for Config {
 ///
 /// # Errors
 /// The store cannot be opened, the address cannot be bound, a flag is invalid.
+///
+/// # Cancel safety
+/// Not cancel safe: dropped, the service stops without draining (as after a crash; every
+/// command answered is durable, and a retry of one not answered tells whether it was recorded).
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let accounts = start(args.into()).await?;
     crate::shutdown::signal().await;
@@ -167,6 +181,8 @@ pub struct Accounts {
     feeds: Arc<dyn FeedStore>,
     backend: Backend,
     broker: Option<Arc<dyn Broker>>,
+    /// The versions published (`None`: all).
+    publish_versions: Option<BTreeSet<u32>>,
     /// The versions projected, and their projectors and publishers (one set per start or
     /// [`Accounts::add_version`]).
     running: Mutex<Running>,
@@ -196,6 +212,11 @@ fn feed_id(version: u32) -> anyhow::Result<FeedId> {
         2 => Ok(FeedId::parse(model::FEED_V2)?),
         other => anyhow::bail!("the accounts feed has versions 1 and 2, not {other}"),
     }
+}
+
+/// Whether feed `version` is published, given `--publish-versions` (`None`: all).
+fn publishes(publish_versions: Option<&BTreeSet<u32>>, version: u32) -> bool {
+    publish_versions.is_none_or(|published| published.contains(&version))
 }
 
 /// `url` with its password, if any, replaced by `***`: what the logs show of a PostgreSQL URL.
@@ -270,6 +291,15 @@ pub async fn start(config: Config) -> anyhow::Result<Accounts> {
         .broker()
         .await
         .context("the broker's URL is not usable")?;
+    let publish_versions: Option<BTreeSet<u32>> = match &config.publish_versions {
+        Some(list) => {
+            for version in list {
+                feed_id(*version)?;
+            }
+            Some(list.iter().copied().collect())
+        }
+        None => None,
+    };
     let mut running = Running::default();
     let feed_ids = versions
         .iter()
@@ -288,9 +318,15 @@ pub async fn start(config: Config) -> anyhow::Result<Accounts> {
             .await
             .context("cannot start the projectors")?;
         running.projectors.push(projectors);
-        if let Some(broker) = &broker {
+        let published: Vec<&FeedId> = versions
+            .iter()
+            .zip(&feed_ids)
+            .filter(|(v, _)| publishes(publish_versions.as_ref(), **v))
+            .map(|(_, feed)| feed)
+            .collect();
+        if let (Some(broker), false) = (&broker, published.is_empty()) {
             let mut builder = backend.publishers(Publishers::builder(Arc::clone(broker), SOURCE));
-            for feed in &feed_ids {
+            for feed in published {
                 builder = builder.feed(feed.clone());
             }
             let publishers = builder
@@ -339,9 +375,18 @@ pub async fn start(config: Config) -> anyhow::Result<Accounts> {
             "no --token: the feed API refuses every read (401) until one is given; /metrics is public"
         ),
     }
+    let published = feed_ids
+        .iter()
+        .zip(&versions)
+        .filter(|(_, v)| publishes(publish_versions.as_ref(), **v))
+        .map(|(feed, _)| feed.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
     match (&config.broker.amqp, &config.broker.nats) {
-        (Some(_), _) => tracing::info!("publishing the feeds to RabbitMQ (--amqp)"),
-        (None, Some(_)) => tracing::info!("publishing the feeds to NATS JetStream (--nats)"),
+        (Some(_), _) => tracing::info!(feeds = %published, "publishing to RabbitMQ (--amqp)"),
+        (None, Some(_)) => {
+            tracing::info!(feeds = %published, "publishing to NATS JetStream (--nats)");
+        }
         (None, None) => tracing::info!("no broker: the feeds are served over HTTP only"),
     }
     Ok(Accounts {
@@ -350,6 +395,7 @@ pub async fn start(config: Config) -> anyhow::Result<Accounts> {
         feeds,
         backend,
         broker,
+        publish_versions,
         running: Mutex::new(running),
         api,
         stop_server: Some(stop_server),
@@ -465,14 +511,14 @@ impl Accounts {
             .await
             .with_context(|| format!("cannot start the projector of {feed}"))?;
         let publishers = match &self.broker {
-            Some(broker) => Some(
+            Some(broker) if publishes(self.publish_versions.as_ref(), version) => Some(
                 self.backend
                     .publishers(Publishers::builder(Arc::clone(broker), SOURCE))
                     .feed(feed.clone())
                     .start(Arc::clone(&self.feeds))
                     .with_context(|| format!("cannot start the publisher of {feed}"))?,
             ),
-            None => None,
+            _ => None,
         };
         let extra = {
             let mut running = self.lock();
