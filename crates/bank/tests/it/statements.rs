@@ -1081,3 +1081,104 @@ async fn statements_agree_with_the_accounts_service_on_v1_then_v2() {
     statements.shutdown().await.unwrap();
     accounts.shutdown().await;
 }
+
+/// The real binary: its startup logs say where the view lives, what listens, which feed and
+/// transport; it serves; SIGTERM stops it cleanly (exit 0) and a restart serves the same view.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_logs_what_it_does_and_stops_cleanly_on_sigterm() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+
+    let mut producer = Producer::start().await;
+    producer.open("ada").await;
+    producer.deposit("ada", 250).await;
+    producer.projected().await;
+    let data = tempfile::tempdir().unwrap();
+    let url = producer.url.clone();
+    let run = |expect: u64| {
+        let data = data.path().to_owned();
+        let url = url.clone();
+        async move {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_bank"))
+                .args(["statements", "--listen", "127.0.0.1:0", "--upstream", &url])
+                .arg("--data")
+                .arg(&data)
+                .args(["--token", TOKEN, "--reconstitute-every", "0"])
+                .env("RUST_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let (lines, logged) = std::sync::mpsc::channel::<String>();
+            let stderr = child.stderr.take().unwrap();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { return };
+                    if lines.send(line).is_err() {
+                        return;
+                    }
+                }
+            });
+            let mut log = Vec::new();
+            let deadline = Instant::now() + PROMPT;
+            let address = loop {
+                let line = logged
+                    .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                    .unwrap_or_else(|_| panic!("no 'listening' line: {log:#?}"));
+                log.push(line.clone());
+                if line.contains("listening") {
+                    let address = line.split("address=").nth(1).unwrap().trim().to_owned();
+                    break address;
+                }
+            };
+            let startup = log.join("\n");
+            for said in [
+                &*data.join(statements::VIEW_FILE).display().to_string(),
+                "feed=accounts.v1",
+                &format!("upstream={url}"),
+                "transport=\"http\"",
+                "GET /balances/{id}",
+            ] {
+                assert!(
+                    startup.contains(said),
+                    "the startup logs do not say {said:?}:\n{startup}"
+                );
+            }
+            until("the expected balance", || async {
+                let (status, _, body) =
+                    http(Method::GET, &format!("http://{address}/balances/ada")).await;
+                assert_eq!(status, 200, "{body}");
+                body["balance"] == expect
+            })
+            .await;
+            let kill = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(kill.success());
+            let deadline = Instant::now() + PROMPT;
+            let exit = loop {
+                if let Some(exit) = child.try_wait().unwrap() {
+                    break exit;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "statements did not stop on SIGTERM"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            log.extend(logged.try_iter());
+            assert!(exit.success(), "{exit}: {log:#?}");
+            assert!(
+                log.last().is_some_and(|l| l.contains("stopped")),
+                "{log:#?}"
+            );
+        }
+    };
+    run(250).await;
+    // Restarted after the producer moved on: the view is there, the feed continues.
+    producer.deposit("ada", 50).await;
+    producer.projected().await;
+    run(300).await;
+}
