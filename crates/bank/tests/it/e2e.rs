@@ -435,7 +435,8 @@ async fn run_async(
     let summary = format!(
         "{scenario:?}, seed {seed}: {acked} commands acknowledged, {refused} withdrawals \
          refused, {} attempts retried ({} commands needed a retry); {}; {} balances read from \
-         accounts and {} from statements during the run; {} feed events; {}; {}; walks: {:?}; \
+         accounts and {} from statements during the run; {} feed events in v1, {} in v2; {}; {}; \
+         walks: {:?}; \
          statements' status: {status}; {chaos_secs:.1} s of chaos, {:.1} s in all",
         ledger.retries,
         ledger.retried_commands,
@@ -443,6 +444,7 @@ async fn run_async(
         watched.producer_reads,
         statements_reads.load(Ordering::Relaxed),
         findings.feed_events,
+        findings.v2_events,
         proxy.stats(),
         chaos_stats,
         findings.walks,

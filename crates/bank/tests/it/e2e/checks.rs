@@ -6,7 +6,9 @@
 //!    the answers chain up (each acknowledged command's balance is the previous one's plus or
 //!    minus its amount);
 //! 2. the feed: each subject's events (`/feeds/accounts/v1/subjects/{id}`) have the sequences
-//!    1 ..= n, open the account first, and add up to the producer's balance;
+//!    1 ..= n, open the account first, and add up to the producer's balance; in feed v2 (one
+//!    event per command recorded, refusals included) the sequences are 1 ..= the account's
+//!    version and every event states the balance after it, chaining up to the producer's;
 //! 3. the consumer, after one reconstitution: its balance and sequence of every account are the
 //!    producer's; every balance it answered during the run was the feed's sum at that sequence.
 
@@ -60,6 +62,7 @@ pub(crate) struct Findings {
     /// The producer's balance differs from the ledger's sum.
     pub(crate) ledger_mismatches: usize,
     pub(crate) feed_events: u64,
+    pub(crate) v2_events: u64,
     pub(crate) walks: Vec<serde_json::Value>,
 }
 
@@ -83,32 +86,48 @@ async fn get_json(http: &Http, url: &str, token: &str) -> Result<serde_json::Val
     reply.json().map_err(|e| format!("GET {url}: {e}"))
 }
 
-/// A subject's whole feed v1, page by page.
+/// A subject's whole feed (`v1` or `v2`), page by page, as the feed API serves it.
+async fn read_subject_raw(
+    targets: &Targets<'_>,
+    producer: &str,
+    version: u32,
+    account: &str,
+) -> Result<Vec<serde_json::Value>, String> {
+    let mut events = Vec::new();
+    let mut after = 0;
+    loop {
+        let url = format!(
+            "{producer}/feeds/accounts/v{version}/subjects/{account}?after={after}&limit={SUBJECT_PAGE_EVENTS}"
+        );
+        let page = get_json(targets.http, &url, targets.token).await?;
+        let serde_json::Value::Array(page) = page else {
+            return Err(format!("GET {url}: not an array: {page}"));
+        };
+        let Some(last) = page.last() else {
+            return Ok(events);
+        };
+        after = last["sequence"]
+            .as_u64()
+            .ok_or_else(|| format!("GET {url}: an event without a sequence: {last}"))?;
+        for event in &page {
+            if event["subject"].as_str() != Some(account) {
+                return Err(format!("GET {url}: an event of another subject: {event}"));
+            }
+        }
+        events.extend(page);
+    }
+}
+
+/// A subject's whole feed v1.
 async fn read_subject(
     targets: &Targets<'_>,
     producer: &str,
     account: &str,
 ) -> Result<Vec<FeedEvent>, String> {
-    let mut events = Vec::new();
-    let mut after = 0;
-    loop {
-        let url = format!(
-            "{producer}/feeds/accounts/v1/subjects/{account}?after={after}&limit={SUBJECT_PAGE_EVENTS}"
-        );
-        let page = get_json(targets.http, &url, targets.token).await?;
-        let page = page
-            .as_array()
-            .ok_or_else(|| format!("GET {url}: not an array: {page}"))?;
-        if page.is_empty() {
-            return Ok(events);
-        }
-        for event in page {
-            let sequence = event["sequence"]
-                .as_u64()
-                .ok_or_else(|| format!("GET {url}: an event without a sequence: {event}"))?;
-            if event["subject"].as_str() != Some(account) {
-                return Err(format!("GET {url}: an event of another subject: {event}"));
-            }
+    let events = read_subject_raw(targets, producer, 1, account).await?;
+    Ok(events
+        .iter()
+        .map(|event| {
             let kind = event["type"].as_str().unwrap_or("").to_owned();
             let amount = i128::from(event["data"]["amount"].as_u64().unwrap_or(0));
             let change = match kind.as_str() {
@@ -116,14 +135,79 @@ async fn read_subject(
                 "accounts.withdrew" => -amount,
                 _ => 0,
             };
-            after = sequence;
-            events.push(FeedEvent {
-                sequence,
+            FeedEvent {
+                sequence: event["sequence"].as_u64().unwrap_or(0),
                 kind,
                 change,
-            });
-        }
+            }
+        })
+        .collect())
+}
+
+/// Feed v2 of `account` (one event per private event: the opening, every acknowledged move,
+/// every refused withdrawal): sequences 1 ..= the producer's version, each stating the balance
+/// after it, and the balances chain up to the producer's. Its findings.
+fn check_v2(
+    account: &str,
+    events: &[serde_json::Value],
+    balance: u64,
+    version: u64,
+    refused: u64,
+) -> Vec<String> {
+    let mut found = Vec::new();
+    let sequences: Vec<u64> = events
+        .iter()
+        .map(|e| e["sequence"].as_u64().unwrap_or(0))
+        .collect();
+    if sequences != (1..=version).collect::<Vec<_>>() {
+        found.push(format!(
+            "{account}: its feed v2's sequences are not 1 ..= {version} (its version): \
+             {sequences:?}"
+        ));
     }
+    let mut running: u64 = 0;
+    let mut refusals = 0;
+    for (index, event) in events.iter().enumerate() {
+        let kind = event["type"].as_str().unwrap_or("");
+        let data = &event["data"];
+        let stated = data["balance"].as_u64();
+        let cents = data["amount"]["cents"].as_u64().unwrap_or(0);
+        let currency_ok = if index == 0 {
+            data["currency"] == "EUR"
+        } else {
+            data["amount"]["currency"] == "EUR"
+        };
+        let want = match (index, kind) {
+            (0, "accounts.account_opened") => Some(0),
+            (1.., "accounts.credited") if cents > 0 => running.checked_add(cents),
+            (1.., "accounts.debited") if cents > 0 => running.checked_sub(cents),
+            (1.., "accounts.withdrawal_refused") if cents > running => {
+                refusals += 1;
+                Some(running)
+            }
+            _ => None,
+        };
+        if want.is_none() || stated != want || !currency_ok {
+            found.push(format!(
+                "{account}: feed v2 event {} ({kind}) states {event}, after balance {running}",
+                index + 1
+            ));
+            return found;
+        }
+        running = want.unwrap_or(running);
+    }
+    if running != balance {
+        found.push(format!(
+            "{account}: its feed v2 ends at balance {running}, the producer's is {balance}"
+        ));
+    }
+    if refusals != refused {
+        found.push(format!(
+            "{account}: its feed v2 has {refusals} refused withdrawals, the clients were refused \
+             {refused}"
+        ));
+    }
+    found
 }
 
 /// Producer balance and version of `account` from the replica `producer`.
@@ -204,6 +288,7 @@ pub(crate) async fn check(
 ) -> Findings {
     let mut findings = Findings::default();
     let mut producer: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut versions: BTreeMap<&str, u64> = BTreeMap::new();
     // 1. The producer, on every replica.
     for account in targets.accounts {
         let acked = ledger.acked.get(account).cloned().unwrap_or_default();
@@ -227,6 +312,7 @@ pub(crate) async fn check(
             continue;
         };
         producer.insert(account, balance);
+        versions.insert(account, version);
         if i128::from(balance) != expected {
             findings.ledger_mismatches += 1;
             findings.violation(format!(
@@ -332,6 +418,27 @@ pub(crate) async fn check(
             ));
         }
         feeds.insert(account, events);
+        // Feed v2, projected beside v1 from the same log.
+        let version = versions.get(account.as_str()).copied().unwrap_or(0);
+        let refused = ledger.refused.get(account).copied().unwrap_or(0);
+        let v2 = loop {
+            match read_subject_raw(targets, producer_url, 2, account).await {
+                Ok(events) if events.len() as u64 == version || Instant::now() > deadline => {
+                    break Ok(events);
+                }
+                Err(error) if Instant::now() > deadline => break Err(error),
+                _ => tokio::time::sleep(Duration::from_millis(POLL_MILLIS)).await,
+            }
+        };
+        match v2 {
+            Ok(events) => {
+                findings.v2_events += events.len() as u64;
+                findings
+                    .violations
+                    .extend(check_v2(account, &events, balance, version, refused));
+            }
+            Err(error) => findings.violation(error),
+        }
     }
 
     // 3. The consumer.
