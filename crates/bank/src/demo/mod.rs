@@ -60,6 +60,8 @@ pub const COMMANDS_DEFAULT: u64 = 4_000;
 pub const CLIENTS_DEFAULT: usize = 16;
 /// The most concurrent clients.
 pub const CLIENTS_MAX: usize = 1_024;
+/// The exit code after Ctrl-C or SIGTERM (128 + SIGINT, as a shell reports it).
+const EXIT_INTERRUPTED: u8 = 130;
 /// A seed not given is drawn below this.
 const SEED_RANDOM_MAX: u64 = 1_000_000;
 /// Commands per second, by default.
@@ -82,13 +84,19 @@ const VERDICT_READS_AT_ONCE: usize = 16;
 
 /// The flags of `bank demo`.
 #[derive(Clone, Debug, clap::Args)]
+#[command(
+    after_help = "Progress goes to stderr; each phase's table and verdict to stdout.\n\
+Exit status: 0 when the consumer's balances equal the producer's for every account in both \
+phases; 1 when they do not (the verdict names the first account that differs) or the demo \
+could not run; 2 for bad flags; 130 when interrupted."
+)]
 pub struct Args {
     /// Accounts the commands go to.
     #[arg(long, value_name = "N", default_value_t = ACCOUNTS_DEFAULT,
           value_parser = clap::value_parser!(u64).range(1..=ACCOUNTS_MAX))]
     pub accounts: u64,
-    /// Commands sent in each phase (opens, deposits, withdrawals; about a third of the
-    /// withdrawals are refused for insufficient funds).
+    /// Commands sent in each phase (opens, deposits, withdrawals; many withdrawals are refused
+    /// for insufficient funds).
     #[arg(long, value_name = "N", default_value_t = COMMANDS_DEFAULT)]
     pub commands: u64,
     /// Clients sending commands at once, each over HTTP.
@@ -100,13 +108,13 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = RATE_DEFAULT)]
     pub rate: u64,
     /// The chance that the link drops an event (never delivers it).
-    #[arg(long, value_name = "P", default_value_t = DROP_DEFAULT)]
+    #[arg(long, value_name = "P", default_value_t = DROP_DEFAULT, value_parser = parse_probability)]
     pub drop: f64,
     /// The chance that the link delivers an event twice.
-    #[arg(long, value_name = "P", default_value_t = DUP_DEFAULT)]
+    #[arg(long, value_name = "P", default_value_t = DUP_DEFAULT, value_parser = parse_probability)]
     pub dup: f64,
     /// The chance that the link holds an event back behind up to 16 later ones.
-    #[arg(long, value_name = "P", default_value_t = REORDER_DEFAULT)]
+    #[arg(long, value_name = "P", default_value_t = REORDER_DEFAULT, value_parser = parse_probability)]
     pub reorder: f64,
     /// The seed of the link's schedule and of the commands' choices (random when not given;
     /// printed, so a run's link can be replayed).
@@ -160,7 +168,14 @@ pub enum Fault {
 /// (the producer did not answer, the feed did not arrive in time). A verdict that the consumer
 /// differs is not an error: it is exit code 1.
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let report = demo(&args, Mode::detect(), None).await?;
+    let report = tokio::select! {
+        report = demo(&args, Mode::detect(), None) => report?,
+        () = crate::shutdown::signal() => {
+            // Dropping the demo stops both services and removes the temporary directory.
+            eprintln!("bank demo: interrupted");
+            return Ok(ExitCode::from(EXIT_INTERRUPTED));
+        }
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     }
@@ -393,6 +408,15 @@ impl Demo<'_> {
         let consumer = self.consumer.consumer();
         let before = consumer.stats();
         let after = consumer.view().feed_position(&v2).await?;
+        tracing::debug!(
+            after,
+            head = self
+                .ledger
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .v2_events(),
+            "the link takes over v2"
+        );
         let relay = self.relay(&v2, Arc::clone(&consumer), after, &gauges, 2)?;
         let mut commands = load.await.context("the commands task failed")??;
         let plan = load::Plan {
@@ -686,6 +710,14 @@ fn data_dir(data: Option<&Path>) -> anyhow::Result<(PathBuf, Option<tempfile::Te
                 .context("creating a temporary directory")?;
             Ok((temporary.path().to_path_buf(), Some(temporary)))
         }
+    }
+}
+
+/// `--drop`, `--dup`, `--reorder`: 0 ..= 1.
+fn parse_probability(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        _ => Err("a probability between 0 and 1 (0.1 is 10 %)".to_owned()),
     }
 }
 
