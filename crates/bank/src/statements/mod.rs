@@ -279,6 +279,12 @@ pub struct Statements {
     walker: Option<JoinHandle<()>>,
 }
 
+// Checked at compile time: the demo and the bench share a `Statements` between tasks.
+const _: fn() = || {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Statements>();
+};
+
 impl std::fmt::Debug for Statements {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Statements")
