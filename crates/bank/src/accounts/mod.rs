@@ -233,23 +233,12 @@ fn without_password(url: &str) -> String {
     }
 }
 
-/// Starts the service: opens the store, starts the projectors (and publishers), and listens.
-///
-/// # Errors
-/// The store cannot be opened, the address cannot be bound, a version or the token is invalid,
-/// a broker URL is invalid.
-///
-/// # Cancel safety
-/// Not cancel safe: dropped midway, what was started stops as its handles drop.
-pub async fn start(config: Config) -> anyhow::Result<Accounts> {
-    let mut versions = BTreeSet::new();
-    for version in &config.versions {
-        feed_id(*version)?;
-        versions.insert(*version);
-    }
-    let (events, feeds, backend): (Arc<dyn EventStore>, Arc<dyn FeedStore>, Backend) = match &config
-        .postgres
-    {
+/// The private log and the feeds: PostgreSQL when `config.postgres` says so, the embedded store in
+/// `config.data` otherwise.
+async fn open_store(
+    config: &Config,
+) -> anyhow::Result<(Arc<dyn EventStore>, Arc<dyn FeedStore>, Backend)> {
+    Ok(match &config.postgres {
         Some(url) => {
             let store = PostgresStore::connect(
                 url,
@@ -280,7 +269,69 @@ pub async fn start(config: Config) -> anyhow::Result<Accounts> {
             tracing::info!(dir = %config.data.display(), "events and feeds in the embedded store");
             (Arc::new(store.0), Arc::new(store.1), Backend::Embedded)
         }
-    };
+    })
+}
+
+/// What the startup logs say: what listens, which feeds are projected and published, whether
+/// the feed API needs a token.
+fn log_startup(
+    config: &Config,
+    address: SocketAddr,
+    backend: &Backend,
+    feed_ids: &[FeedId],
+    versions: &BTreeSet<u32>,
+    publish_versions: Option<&BTreeSet<u32>>,
+) {
+    tracing::info!(%address, "listening: commands on /accounts, feeds on /feeds, metrics on /metrics");
+    let feeds_shown = feed_ids
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    match backend {
+        Backend::Embedded => tracing::info!(feeds = %feeds_shown, "projecting"),
+        Backend::Postgres(_) => tracing::info!(
+            feeds = %feeds_shown,
+            "projecting when this replica leads (\"leading\" below), standing by otherwise"
+        ),
+    }
+    match &config.token {
+        Some(_) => tracing::info!("the feed API and /metrics require the bearer token (--token)"),
+        None => tracing::warn!(
+            "no --token: the feed API refuses every read (401) until one is given; /metrics is public"
+        ),
+    }
+    let published = feed_ids
+        .iter()
+        .zip(versions)
+        .filter(|(_, v)| publishes(publish_versions, **v))
+        .map(|(feed, _)| feed.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    match (&config.broker.amqp, &config.broker.nats) {
+        (Some(_), _) => tracing::info!(feeds = %published, "publishing to RabbitMQ (--amqp)"),
+        (None, Some(_)) => {
+            tracing::info!(feeds = %published, "publishing to NATS JetStream (--nats)");
+        }
+        (None, None) => tracing::info!("no broker: the feeds are served over HTTP only"),
+    }
+}
+
+/// Starts the service: opens the store, starts the projectors (and publishers), and listens.
+///
+/// # Errors
+/// The store cannot be opened, the address cannot be bound, a version or the token is invalid,
+/// a broker URL is invalid.
+///
+/// # Cancel safety
+/// Not cancel safe: dropped midway, what was started stops as its handles drop.
+pub async fn start(config: Config) -> anyhow::Result<Accounts> {
+    let mut versions = BTreeSet::new();
+    for version in &config.versions {
+        feed_id(*version)?;
+        versions.insert(*version);
+    }
+    let (events, feeds, backend) = open_store(&config).await?;
     let mut registry = Registry::default();
     let commands = routes::Commands {
         handler: CommandHandler::from_arc(Arc::clone(&events)),
@@ -356,39 +407,14 @@ pub async fn start(config: Config) -> anyhow::Result<Accounts> {
     let server = tokio::spawn(headwater::api::serve(listener, router, async move {
         let _ = stopped.await;
     }));
-    tracing::info!(%address, "listening: commands on /accounts, feeds on /feeds, metrics on /metrics");
-    let feeds_shown = feed_ids
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(", ");
-    match backend {
-        Backend::Embedded => tracing::info!(feeds = %feeds_shown, "projecting"),
-        Backend::Postgres(_) => tracing::info!(
-            feeds = %feeds_shown,
-            "projecting when this replica leads (\"leading\" below), standing by otherwise"
-        ),
-    }
-    match &config.token {
-        Some(_) => tracing::info!("the feed API and /metrics require the bearer token (--token)"),
-        None => tracing::warn!(
-            "no --token: the feed API refuses every read (401) until one is given; /metrics is public"
-        ),
-    }
-    let published = feed_ids
-        .iter()
-        .zip(&versions)
-        .filter(|(_, v)| publishes(publish_versions.as_ref(), **v))
-        .map(|(feed, _)| feed.to_string())
-        .collect::<Vec<_>>()
-        .join(", ");
-    match (&config.broker.amqp, &config.broker.nats) {
-        (Some(_), _) => tracing::info!(feeds = %published, "publishing to RabbitMQ (--amqp)"),
-        (None, Some(_)) => {
-            tracing::info!(feeds = %published, "publishing to NATS JetStream (--nats)");
-        }
-        (None, None) => tracing::info!("no broker: the feeds are served over HTTP only"),
-    }
+    log_startup(
+        &config,
+        address,
+        &backend,
+        &feed_ids,
+        &versions,
+        publish_versions.as_ref(),
+    );
     Ok(Accounts {
         address,
         events,

@@ -135,7 +135,7 @@ fn json_answer(
     response
 }
 
-/// A refusal on its way out, with the label it is counted under.
+/// A command refused without recording anything: the problem, its detail and extra members.
 struct Refused {
     problem: Problem,
     detail: String,
@@ -359,7 +359,8 @@ async fn balance(
     }
 }
 
-/// What a command recorded (now or before): the answer and the label it is counted under.
+/// The event a command recorded (now, or before: `replayed`), at stream version `version`, and
+/// the status of a successful answer (201 for an opening).
 struct Recorded {
     status: StatusCode,
     event: Event,
