@@ -312,6 +312,50 @@ pub(super) async fn last_deposits(
     Ok(())
 }
 
+/// Opens `count` new accounts, each with a deposit of `amount` cents (accounts the link will
+/// never deliver: the demo then reads them through `statements`, which bootstraps them on
+/// demand). Returns their indexes.
+///
+/// # Errors
+/// As [`run`], and when `accounts` refuses one of these commands.
+///
+/// # Cancel safety
+/// Not cancel safe (as [`run`]).
+pub(super) async fn open_new(
+    client: &Client,
+    ledger: &Mutex<Ledger>,
+    count: usize,
+    amount: u64,
+) -> anyhow::Result<Vec<usize>> {
+    let mut opened = Vec::with_capacity(count);
+    for _ in 0..count {
+        let index = {
+            let mut ledger = ledger.lock().unwrap_or_else(|e| e.into_inner());
+            ledger.accounts.push(Tally {
+                state: State::Opening,
+                ..Tally::default()
+            });
+            ledger.accounts.len() - 1
+        };
+        let id = account_id(index);
+        match send(client, &id, Command::Open, Uuid::new_v4()).await? {
+            Answer::Done(_) => {
+                let mut ledger = ledger.lock().unwrap_or_else(|e| e.into_inner());
+                let tally = &mut ledger.accounts[index];
+                tally.state = State::Open;
+                tally.v1_events += 1;
+                tally.v2_events += 1;
+            }
+            Answer::Refused(problem) => {
+                anyhow::bail!("the opening of {id} was refused: {problem:?}")
+            }
+        }
+        last_deposits(client, ledger, &[index], amount).await?;
+        opened.push(index);
+    }
+    Ok(opened)
+}
+
 /// Sends one command until it is answered, retrying with the same command id when the answer did
 /// not arrive.
 async fn send(

@@ -74,6 +74,9 @@ pub const REORDER_DEFAULT: f64 = 0.1;
 pub const REORDER_WINDOW_EVENTS: usize = 16;
 /// One account in this many gets a last event the link loses (at least one account).
 const LOST_LAST_ONE_IN: u64 = 20;
+/// One account in this many more is opened while the link is cut, then read through
+/// `statements` (a bootstrap on demand; at least one account).
+const FRESH_ONE_IN: u64 = 100;
 /// The amount of each lost last deposit, in cents.
 const LAST_DEPOSIT_CENTS: u64 = 100;
 /// The longest wait for the link to have read the whole feed, for the move to v2, for the
@@ -233,7 +236,7 @@ pub async fn demo(args: &Args, mode: Mode, fault: Option<Fault>) -> anyhow::Resu
         "  data        {}{}",
         dir.display(),
         if args.data.is_some() {
-            ""
+            " (kept at the end)"
         } else {
             " (removed at the end; --data DIR keeps it)"
         }
@@ -505,11 +508,27 @@ impl Demo<'_> {
         };
         relay.cut(true);
         load::last_deposits(&self.client, &self.ledger, &chosen, LAST_DEPOSIT_CENTS).await?;
+        // And a few new accounts whose every event is lost: statements has never heard of them.
+        let fresh = usize::try_from((self.args.accounts / FRESH_ONE_IN).max(1)).unwrap_or(1);
+        let fresh = load::open_new(&self.client, &self.ledger, fresh, LAST_DEPOSIT_CENTS).await?;
         let expected = events(&self.ledger.lock().unwrap_or_else(|e| e.into_inner()));
         relay.settled(expected, WAIT_MAX).await?;
         self.screen.say(&format!(
             "  {} accounts got a last deposit the link lost: no later event reveals it",
             report::count(chosen.len() as u64)
+        ));
+        // A read of an account statements does not hold bootstraps it from the producer (G9).
+        let reader = Client::new(&format!("http://{}", self.consumer.address()))?;
+        for &index in &fresh {
+            let id = load::account_id(index);
+            reader
+                .statement(&id)
+                .await
+                .with_context(|| format!("reading {id} from statements"))?;
+        }
+        self.screen.say(&format!(
+            "  {} account(s) opened while the link was cut, read through statements' GET /balances/{{id}}: bootstrapped on demand",
+            report::count(fresh.len() as u64)
         ));
         Ok((relay, chosen.len() as u64))
     }

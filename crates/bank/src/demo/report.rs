@@ -185,7 +185,7 @@ impl Verdict {
 
 /// The table of one phase and its verdict line.
 pub(super) fn render_phase(phase: &Phase) -> String {
-    let mut out = String::new();
+    let mut out = String::from("\n");
     let rule = "─".repeat(58usize.saturating_sub(phase.title.chars().count()));
     let _ = writeln!(out, "── {} {rule}", phase.title);
     let c = &phase.commands;
@@ -198,17 +198,24 @@ pub(super) fn render_phase(phase: &Phase) -> String {
     let mut row = |name: &str, value: String| {
         let _ = writeln!(out, "  {name:<24}{value}");
     };
+    let other = if c.refused_other > 0 {
+        format!(", {} refused otherwise", count(c.refused_other))
+    } else {
+        String::new()
+    };
     row(
         "commands",
         format!(
-            "{} in {}{rate}: {} done, {} refused for insufficient funds, {} otherwise; {} retried, same answers",
+            "{} in {}{rate}: {} done, {} refused (insufficient funds){other}",
             count(c.sent),
             seconds(c.elapsed_ms),
             count(c.done),
             count(c.insufficient_funds),
-            count(c.refused_other),
-            count(c.retried)
         ),
+    );
+    row(
+        "sent again, same id",
+        format!("{}, each answered as the first time", count(c.retried)),
     );
     row(
         "events",
@@ -230,8 +237,7 @@ pub(super) fn render_phase(phase: &Phase) -> String {
     row(
         "lossy link",
         format!(
-            "{} copies delivered: {} events dropped, {} doubled, {} reordered; {} last events lost{failed}",
-            count(l.delivered),
+            "{} dropped, {} doubled, {} reordered; {} last events lost{failed}",
             count(l.dropped),
             count(l.duplicated),
             count(l.reordered),
@@ -248,7 +254,17 @@ pub(super) fn render_phase(phase: &Phase) -> String {
         ),
     );
     row("duplicates skipped", count(w.duplicates));
-    row("bootstraps", count(w.bootstraps));
+    row(
+        "bootstraps",
+        if w.bootstraps > 0 {
+            format!(
+                "{} (accounts read through GET /balances/{{id}} before any event of theirs arrived)",
+                count(w.bootstraps)
+            )
+        } else {
+            count(w.bootstraps)
+        },
+    );
     if let Some(ms) = phase.switch_ms {
         row(
             "move v1 → v2",
@@ -259,7 +275,7 @@ pub(super) fn render_phase(phase: &Phase) -> String {
         "reconstitution fixes",
         match phase.reconstitution {
             Some(f) => format!(
-                "{} accounts caught up ({} events) in a walk over {}; {} balances differed before it",
+                "{} accounts ({} events) in a walk over {}; {} balances differed before it",
                 count(f.accounts),
                 count(f.events),
                 count(f.walked),
