@@ -21,6 +21,16 @@
 //!
 //! A command id whose first event is recorded in another stream is refused
 //! ([`CommandError::CommandIdReused`]); so is one the store finds elsewhere during the append.
+//!
+//! # The state cache
+//!
+//! Loading a stream from its start costs a read of every event it holds, so a command on an
+//! account with 10,000 events reads 10,000 events. [`CommandHandler::with_state_cache`] keeps the
+//! states of the streams used last, each with the version it was folded up to; a load then reads
+//! only the events after that version. A stream's events never change once recorded, so a state
+//! folded up to version v is the same whoever appended since (another task, another replica):
+//! reading on from v gives the state at the head. A cached state is never trusted beyond what the
+//! store says: the append still expects the version the load ended at (G2).
 
 use std::fmt;
 use std::marker::PhantomData;
@@ -134,6 +144,8 @@ pub struct CommandHandler<A, S: ?Sized> {
     store: Arc<S>,
     upcasters: Arc<Upcasters>,
     attempts_max: u32,
+    /// States of recently used streams (`with_state_cache`), shared by clones.
+    cache: Option<Arc<dyn StateCache<A>>>,
     aggregate: PhantomData<fn() -> A>,
 }
 
@@ -143,7 +155,41 @@ impl<A, S: ?Sized> Clone for CommandHandler<A, S> {
             store: Arc::clone(&self.store),
             upcasters: Arc::clone(&self.upcasters),
             attempts_max: self.attempts_max,
+            cache: self.cache.clone(),
             aggregate: PhantomData,
+        }
+    }
+}
+
+/// The state cache, behind a trait object so that only [`CommandHandler::with_state_cache`]
+/// needs `A: Clone`.
+trait StateCache<A>: Send + Sync {
+    /// A copy of the state of `stream` and the version it was folded up to.
+    fn get(&self, stream: &StreamName) -> Option<(StreamVersion, A)>;
+    /// Keeps `state` as the state of `stream` up to `version`, unless a later one is kept.
+    fn put(&self, stream: &StreamName, version: StreamVersion, state: &A);
+}
+
+/// A least-recently-used map of states, bounded in streams.
+struct LruStates<A> {
+    states: std::sync::Mutex<lru::LruCache<StreamName, (StreamVersion, A)>>,
+}
+
+impl<A: Clone + Send> StateCache<A> for LruStates<A> {
+    fn get(&self, stream: &StreamName) -> Option<(StreamVersion, A)> {
+        let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        states.get(stream).cloned()
+    }
+
+    fn put(&self, stream: &StreamName, version: StreamVersion, state: &A) {
+        let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        match states.get_mut(stream) {
+            // Two loads of one stream can finish in either order: keep the later state.
+            Some(kept) if kept.0 >= version => {}
+            Some(kept) => *kept = (version, state.clone()),
+            None => {
+                states.put(stream.clone(), (version, state.clone()));
+            }
         }
     }
 }
@@ -174,8 +220,27 @@ impl<A: Aggregate, S: EventStore + ?Sized> CommandHandler<A, S> {
             store,
             upcasters: Arc::new(Upcasters::new()),
             attempts_max: COMMAND_ATTEMPTS_MAX,
+            cache: None,
             aggregate: PhantomData,
         }
+    }
+
+    /// Keeps the states of the `streams` streams used last in memory, each with the version it
+    /// was folded up to, so that loading one reads only the events recorded since (see the
+    /// module's "The state cache"). Without it every command reads its stream from the start.
+    /// Clones of the handler share the cache. Memory: `streams` states of `A` at most.
+    ///
+    /// Correct with other writers on the same store (tasks, replicas): a load always reads on
+    /// to the stream's head, and the append expects the version it read up to.
+    #[must_use]
+    pub fn with_state_cache(mut self, streams: std::num::NonZeroUsize) -> Self
+    where
+        A: Clone + Send + 'static,
+    {
+        self.cache = Some(Arc::new(LruStates {
+            states: std::sync::Mutex::new(lru::LruCache::new(streams)),
+        }));
+        self
     }
 
     /// Applies these upcasters to every stored event before decoding it.
@@ -297,6 +362,8 @@ impl<A: Aggregate, S: EventStore + ?Sized> CommandHandler<A, S> {
                 .map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact);
             match self.store.append(&stream, expected, events).await {
                 // `replayed` here: a concurrent retry appended the same events at this same place.
+                // The cache is not updated from `events`: the next load reads them back as the
+                // store recorded them, so the state is always the fold of what was stored.
                 Ok(outcome) => return Ok(Handled::appended(outcome, count)),
                 // Another writer went first. If it was a concurrent retry of this command, the
                 // check at the top of the next attempt finds it.
@@ -323,8 +390,12 @@ impl<A: Aggregate, S: EventStore + ?Sized> CommandHandler<A, S> {
     }
 
     async fn load_stream(&self, stream: StreamName) -> Result<Loaded<A>, CommandError<A::Error>> {
-        let mut state = A::default();
-        let mut version = StreamVersion::START;
+        let (mut version, mut state) = self
+            .cache
+            .as_ref()
+            .and_then(|cache| cache.get(&stream))
+            .unwrap_or((StreamVersion::START, A::default()));
+        let cached_version = version;
         loop {
             let page = self
                 .store
@@ -349,6 +420,11 @@ impl<A: Aggregate, S: EventStore + ?Sized> CommandHandler<A, S> {
                 state.evolve(&self.decode(recorded)?);
                 version = recorded.stream_version;
             }
+        }
+        if let Some(cache) = &self.cache
+            && version != cached_version
+        {
+            cache.put(&stream, version, &state);
         }
         Ok(Loaded {
             stream,

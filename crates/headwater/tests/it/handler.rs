@@ -1,7 +1,8 @@
 //! The command handler against the in-memory store.
 
+use std::num::NonZeroUsize;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use headwater::store::{AppendError, AppendOutcome, EventStore, MemoryStore, ReadError};
@@ -441,6 +442,8 @@ struct Meddling {
     /// Stream reads ignore `after` and start from the beginning (a broken backend).
     ignore_after: bool,
     appends: AtomicU32,
+    /// Events returned by `read_stream`, all reads together.
+    events_read: AtomicU64,
 }
 
 impl Meddling {
@@ -468,6 +471,10 @@ impl Meddling {
 
     fn appends(&self) -> u32 {
         self.appends.load(Ordering::SeqCst)
+    }
+
+    fn events_read(&self) -> u64 {
+        self.events_read.load(Ordering::SeqCst)
     }
 }
 
@@ -510,7 +517,10 @@ impl EventStore for Meddling {
         } else {
             after
         };
-        self.inner.read_stream(stream, after, limit).await
+        let page = self.inner.read_stream(stream, after, limit).await?;
+        self.events_read
+            .fetch_add(page.len() as u64, Ordering::SeqCst);
+        Ok(page)
     }
 
     async fn read_all(&self, after: Position, limit: u64) -> Result<Vec<RecordedEvent>, ReadError> {
@@ -722,4 +732,120 @@ async fn a_store_that_repeats_versions_is_reported_not_looped_on() {
         matches!(&error, CommandError::Read(ReadError::Corrupt { position, .. }) if *position == Position(1)),
         "{error:?}"
     );
+}
+
+fn cached<S: EventStore + ?Sized>(store: Arc<S>, streams: usize) -> CommandHandler<Account, S> {
+    handler(store).with_state_cache(NonZeroUsize::new(streams).unwrap())
+}
+
+#[tokio::test]
+async fn with_a_state_cache_a_command_reads_only_the_events_since_the_last() {
+    let store = MemoryStore::new();
+    let counting = Arc::new(Meddling::over(&store));
+    for (with_cache, most_read) in [(false, 201), (true, 1)] {
+        let id = if with_cache { "cached" } else { "uncached" };
+        let commands = if with_cache {
+            cached(Arc::clone(&counting), 16)
+        } else {
+            handler(Arc::clone(&counting))
+        };
+        commands
+            .handle(id, open(0), command_id(u128::from(with_cache) << 64))
+            .await
+            .unwrap();
+        for n in 1..=200u128 {
+            let id_n = (u128::from(with_cache) << 64) | n;
+            commands
+                .handle(id, Command::Deposit { amount: 1 }, command_id(id_n))
+                .await
+                .unwrap();
+        }
+        let before = counting.events_read();
+        let handled = commands
+            .handle(
+                id,
+                Command::Deposit { amount: 1 },
+                command_id((u128::from(with_cache) << 64) | 999),
+            )
+            .await
+            .unwrap();
+        assert_eq!(handled.stream_version, Some(StreamVersion(202)));
+        let read = counting.events_read() - before;
+        assert!(
+            read <= most_read,
+            "cache {with_cache}: the command read {read} events (at most {most_read} expected)"
+        );
+        assert_eq!(commands.load(id).await.unwrap().state.balance, 201);
+    }
+}
+
+#[tokio::test]
+async fn a_cached_state_catches_up_with_what_other_writers_appended() {
+    let store = Arc::new(MemoryStore::new());
+    let cached_handler = cached(Arc::clone(&store), 16);
+    let other = handler(Arc::clone(&store));
+    cached_handler
+        .handle("1", open(10), command_id(1))
+        .await
+        .unwrap();
+    // Another writer (another task, another replica) deposits behind the cache's back.
+    for n in 2..5 {
+        other
+            .handle("1", Command::Deposit { amount: 30 }, command_id(n))
+            .await
+            .unwrap();
+    }
+    // Only the deposits it did not see make this withdrawal possible.
+    let handled = cached_handler
+        .handle("1", Command::Withdraw { amount: 100 }, command_id(5))
+        .await
+        .unwrap();
+    assert_eq!(handled.stream_version, Some(StreamVersion(6)));
+    assert_eq!(cached_handler.load("1").await.unwrap().state.balance, 0);
+    assert_eq!(other.load("1").await.unwrap().state.balance, 0);
+
+    // A competitor between our (cached) load and our append: the append conflicts, and the
+    // command is decided again on the state read on from the cached version.
+    let interfering = Arc::new(Meddling::interfering(
+        &store,
+        Event::Deposited { amount: 7 },
+        1,
+    ));
+    let cached_interfered = cached(Arc::clone(&interfering), 16);
+    cached_interfered.load("1").await.unwrap();
+    let handled = cached_interfered
+        .handle("1", Command::Deposit { amount: 5 }, command_id(6))
+        .await
+        .unwrap();
+    assert_eq!(interfering.appends(), 2);
+    assert_eq!(handled.stream_version, Some(StreamVersion(8)));
+    assert_eq!(cached_interfered.load("1").await.unwrap().state.balance, 12);
+}
+
+#[tokio::test]
+async fn the_state_cache_is_bounded_and_evicted_states_load_whole() {
+    let store = Arc::new(Meddling::over(&MemoryStore::new()));
+    let commands = cached(Arc::clone(&store), 2);
+    for account in 0..5u128 {
+        commands
+            .handle(
+                &account.to_string(),
+                open(account as u64),
+                command_id(account + 1),
+            )
+            .await
+            .unwrap();
+    }
+    // "0" was evicted by the later ones: it loads from the store, whole and right.
+    for account in 0..5u64 {
+        assert_eq!(
+            commands
+                .load(&account.to_string())
+                .await
+                .unwrap()
+                .state
+                .balance,
+            account
+        );
+    }
 }

@@ -95,7 +95,16 @@ impl Model {
 }
 
 async fn run<S: EventStore + Clone>(store: S, ops: Vec<Op>) {
-    let handler = handler(Arc::new(store.clone()));
+    run_with(store, ops, None).await;
+}
+
+/// `run`, with a state cache of `cache` streams when given (fewer than the accounts: states are
+/// evicted and loaded whole again along the way).
+async fn run_with<S: EventStore + Clone>(store: S, ops: Vec<Op>, cache: Option<usize>) {
+    let mut handler = handler(Arc::new(store.clone()));
+    if let Some(streams) = cache {
+        handler = handler.with_state_cache(std::num::NonZeroUsize::new(streams).unwrap());
+    }
     let mut accounts = vec![Model::default(); usize::from(ACCOUNTS)];
     let mut position = 0u64;
     // Per recorded command id: its account and what it recorded.
@@ -223,6 +232,20 @@ proptest! {
             .build()
             .unwrap()
             .block_on(run(MemoryStore::new(), ops));
+    }
+}
+
+proptest! {
+    /// With a state cache smaller than the accounts: the same answers as without.
+    #[test]
+    fn commands_match_the_model_with_a_state_cache(
+        ops in prop::collection::vec(op(), 1..40),
+        streams in 1..=usize::from(ACCOUNTS) + 1,
+    ) {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(run_with(MemoryStore::new(), ops, Some(streams)));
     }
 }
 
