@@ -48,6 +48,10 @@ pub const LISTEN_DEFAULT: &str = "127.0.0.1:8080";
 pub const SHUTDOWN_CATCH_UP_WAIT_SECS: u64 = 5;
 /// The name of the feed API's one token (`--token`), as readers are recorded.
 pub const TOKEN_NAME: &str = "default";
+/// Accounts whose state the command handler keeps in memory (the ones used last), so that a
+/// command reads only the events since that account's previous command instead of its whole
+/// history. An `Account` is a few dozen bytes: a few MiB at most.
+pub const STATE_CACHE_ACCOUNTS: usize = 65_536;
 
 /// The flags of `bank accounts`.
 #[derive(Debug, clap::Args)]
@@ -334,7 +338,9 @@ pub async fn start(config: Config) -> anyhow::Result<Accounts> {
     let (events, feeds, backend) = open_store(&config).await?;
     let mut registry = Registry::default();
     let commands = routes::Commands {
-        handler: CommandHandler::from_arc(Arc::clone(&events)),
+        handler: CommandHandler::from_arc(Arc::clone(&events)).with_state_cache(
+            std::num::NonZeroUsize::new(STATE_CACHE_ACCOUNTS).context("a state cache of 0")?,
+        ),
         metrics: routes::CommandMetrics::register(&mut registry),
     };
     let broker = config
