@@ -56,6 +56,11 @@ impl System {
             config.postgres_schema = name.clone();
             schema = Some((url.to_owned(), name));
         }
+        if transport.is_some() {
+            // Only the feed `statements` reads: with a broker, a feed nobody's queue is bound to
+            // would have its publisher refused (unroutable) and retrying all along.
+            config.versions = vec![1];
+        }
         if let Some(Transport::Amqp(url)) = transport {
             let mut broker = BrokerArgs::default();
             broker.amqp = Some(url.clone());
