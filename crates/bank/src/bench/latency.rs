@@ -47,6 +47,8 @@ const LONG_POLL_WAIT: Duration = Duration::from_secs(5);
 const PAGE_EVENTS: u64 = 1_000;
 /// How long the probes' events may take to be applied after the last is sent.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an opening may take to reach the view before the next one is tried.
+const READY_WAIT: Duration = Duration::from_secs(1);
 /// How long the opened accounts may take to reach the view before the probes start.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -74,22 +76,31 @@ async fn measure(system: &services::System, plan: &Plan, label: &str) -> anyhow:
     let feed_client = FeedClient::new(&base, Some(services::TOKEN.to_owned()))
         .context("cannot make a feed client")?;
 
-    // The probe accounts, opened and applied before anything is timed.
+    // The path is open end to end before anything is timed; then the probe accounts, opened
+    // and applied.
     let run = Uuid::new_v4().simple().to_string();
+    ready(system, &client, &run[..8]).await?;
     let accounts: Vec<String> = (0..PROBE_ACCOUNTS)
         .map(|n| format!("probe-{}-{n}", &run[..8]))
         .collect();
+    let opened_before = system.applied();
     for id in &accounts {
-        match client
-            .open(id, "Probe", Uuid::new_v4())
-            .await
-            .with_context(|| format!("open {id}"))?
-        {
-            Answer::Done(_) => {}
-            Answer::Refused(problem) => bail!("open {id} refused: {problem:?}"),
-        }
+        open(&client, id).await?;
     }
-    let head = settle(system, &feed_client, &feed).await?;
+    wait_applied(
+        system,
+        opened_before + PROBE_ACCOUNTS as u64,
+        SETTLE_TIMEOUT,
+    )
+    .await
+    .context("the probe accounts did not reach statements' view")?;
+    let head = feed_client
+        .feeds()
+        .await
+        .context("GET /feeds")?
+        .into_iter()
+        .find(|f| f.feed == feed)
+        .map_or(0, |f| f.head);
     let applied_before = system.applied();
 
     // The sampler: when the applied count moved.
@@ -182,30 +193,53 @@ async fn measure(system: &services::System, plan: &Plan, label: &str) -> anyhow:
     })
 }
 
-/// Waits until every event of the feed so far is in the view and the count is still; returns
-/// the feed's head.
-async fn settle(
-    system: &services::System,
-    feed_client: &FeedClient,
-    feed: &FeedId,
-) -> anyhow::Result<u64> {
+/// Opens accounts until one reaches `statements`' view through the transport.
+///
+/// With a broker, `statements`' queue is bound to the feed's exchange once its consumer has
+/// started, a moment after `statements::start` returns: an event published before reaches no
+/// queue (the publisher then waits and retries, up to its backoff of seconds) or only the queue
+/// of an earlier run, and only a reconstitution would find it. Once an opening arrives, the
+/// queue is bound and the publisher is past any backoff.
+async fn ready(system: &services::System, client: &Client, run: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + SETTLE_TIMEOUT;
-    loop {
-        let head = feed_client
-            .feeds()
-            .await
-            .context("GET /feeds")?
-            .into_iter()
-            .find(|f| f.feed == *feed)
-            .map_or(0, |f| f.head);
-        let applied = system.applied();
-        if head >= PROBE_ACCOUNTS as u64 && applied >= head {
-            return Ok(head);
+    for n in 0.. {
+        let before = system.applied();
+        open(client, &format!("ready-{run}-{n}")).await?;
+        if wait_applied(system, before + 1, READY_WAIT).await.is_ok() {
+            return Ok(());
         }
         if Instant::now() > deadline {
-            bail!(
-                "the probe accounts did not reach statements' view within {SETTLE_TIMEOUT:?} (feed head {head}, applied {applied})"
-            );
+            break;
+        }
+    }
+    bail!("no event reached statements' view within {SETTLE_TIMEOUT:?}")
+}
+
+async fn open(client: &Client, id: &str) -> anyhow::Result<()> {
+    match client
+        .open(id, "Probe", Uuid::new_v4())
+        .await
+        .with_context(|| format!("open {id}"))?
+    {
+        Answer::Done(_) => Ok(()),
+        Answer::Refused(problem) => bail!("open {id} refused: {problem:?}"),
+    }
+}
+
+/// Waits until `statements` applied `count` events since it started.
+async fn wait_applied(
+    system: &services::System,
+    count: u64,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let applied = system.applied();
+        if applied >= count {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("after {timeout:?}, {applied} events applied of {count}");
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
