@@ -12,7 +12,7 @@ use tokio::sync::Barrier;
 use tokio::task::JoinSet;
 
 use super::raw::millis;
-use super::report::Throughput;
+use super::report::{Throughput, cpu_since, cpu_time};
 use super::services::System;
 use super::{Plan, progress_bar};
 use crate::client::{Answer, Client};
@@ -107,6 +107,7 @@ pub(crate) async fn commands(
     }
     opened.wait().await;
     let started_at = Instant::now();
+    let cpu_before = cpu_time();
     let mut total = Throughput::new();
     let mut refused = 0;
     let mut first_error = None;
@@ -126,6 +127,7 @@ pub(crate) async fn commands(
     }
     let start = started.get().copied().unwrap_or(started_at);
     total.finish(start.elapsed());
+    total.set_cpu(cpu_since(cpu_before));
     bar.finish_and_clear();
     tracing::info!(
         figure = label,

@@ -13,7 +13,7 @@ use headwater::store::EventStore;
 use headwater::{EventId, EventType, ExpectedVersion, NewEvent, StreamName, Uuid};
 use tokio::task::JoinSet;
 
-use super::report::Throughput;
+use super::report::{Throughput, cpu_since, cpu_time};
 use super::{Plan, progress_bar};
 
 /// The type of the raw appends: the shape of `accounts`' own deposit events.
@@ -28,6 +28,7 @@ pub(crate) async fn appends<S: EventStore>(
 ) -> anyhow::Result<Throughput> {
     let event_type = EventType::new(EVENT_TYPE)?;
     let bar = progress_bar(label, millis(plan.phase), "ms");
+    let cpu_before = cpu_time();
     let start = Instant::now();
     let deadline = start + plan.phase;
     let mut writers = JoinSet::new();
@@ -65,6 +66,7 @@ pub(crate) async fn appends<S: EventStore>(
         total.merge(&joined.context("a raw writer panicked")??);
     }
     total.finish(start.elapsed());
+    total.set_cpu(cpu_since(cpu_before));
     bar.finish_and_clear();
     tracing::info!(
         figure = label,

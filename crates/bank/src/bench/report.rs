@@ -17,6 +17,9 @@ const LATENCY_SIGNIFICANT_FIGURES: u8 = 3;
 pub(crate) struct Throughput {
     ops: u64,
     elapsed: Duration,
+    /// CPU time this process spent during the phase (every thread: the service and the
+    /// clients alike), when known.
+    cpu: Option<Duration>,
     latency: Histogram<u64>,
 }
 
@@ -25,6 +28,7 @@ impl Throughput {
         Throughput {
             ops: 0,
             elapsed: Duration::ZERO,
+            cpu: None,
             // The bounds are constants that hdrhistogram accepts.
             latency: Histogram::new_with_bounds(1, LATENCY_MICROS_MAX, LATENCY_SIGNIFICANT_FIGURES)
                 .expect("constant histogram bounds are valid"),
@@ -48,6 +52,11 @@ impl Throughput {
     /// The wall-clock time the operations took.
     pub(crate) fn finish(&mut self, elapsed: Duration) {
         self.elapsed = elapsed;
+    }
+
+    /// The CPU time the process spent during the phase (see [`cpu_time`]).
+    pub(crate) fn set_cpu(&mut self, cpu: Option<Duration>) {
+        self.cpu = cpu;
     }
 
     pub(crate) fn ops(&self) -> u64 {
@@ -76,8 +85,32 @@ impl Throughput {
             p50_ms: self.quantile_ms(0.50),
             p99_ms: self.quantile_ms(0.99),
             max_ms: self.quantile_ms(1.0),
+            cpu_us_per_op: self
+                .cpu
+                .filter(|_| self.ops > 0)
+                .map(|cpu| (cpu.as_secs_f64() * 1e6 / self.ops as f64).round()),
         }
     }
+}
+
+/// The CPU time (user and system) this process has used so far, from `/proc/self/stat`
+/// (in clock ticks of 10 ms: read it over phases of seconds). `None` off Linux.
+pub(crate) fn cpu_time() -> Option<Duration> {
+    /// Linux's clock ticks per second as `/proc` reports them (`USER_HZ`).
+    const TICKS_PER_SECOND: u64 = 100;
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) may hold spaces: count fields after its closing parenthesis.
+    let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(Duration::from_millis(
+        (utime + stime) * 1_000 / TICKS_PER_SECOND,
+    ))
+}
+
+/// CPU time used since `before` was sampled.
+pub(crate) fn cpu_since(before: Option<Duration>) -> Option<Duration> {
+    Some(cpu_time()?.saturating_sub(before?))
 }
 
 /// A throughput or a latency, as reported.
@@ -90,6 +123,8 @@ pub(crate) struct Summary {
     pub(crate) p50_ms: Option<f64>,
     pub(crate) p99_ms: Option<f64>,
     pub(crate) max_ms: Option<f64>,
+    /// CPU time of the whole process per operation, in microseconds (see [`Throughput`]).
+    pub(crate) cpu_us_per_op: Option<f64>,
 }
 
 /// Commands through `accounts` on one store, beside the raw store with as many writers.
@@ -299,7 +334,8 @@ impl Report {
         let _ = writeln!(
             out,
             "| commands/s through `accounts`, {store}, {} clients | **{} commands/s** | {} | raw \
-             store, {} writers, 1 event per durable append: {} events/s ({}) | {} | {} | {} |",
+             store, {} writers, 1 event per durable append: {} events/s ({}) | {}; CPU per \
+             command {}, per raw append {} | {} | {} |",
             self.setup.clients,
             group(rate),
             quantiles(
@@ -313,6 +349,8 @@ impl Report {
             group(bound),
             quantiles(med(&|c| c.bound.p50_ms), med(&|c| c.bound.p99_ms), None),
             ratio.map_or("—".to_owned(), |r| format!("{:.0} %", r * 100.0)),
+            micros(med(&|c| c.service.cpu_us_per_op)),
+            micros(med(&|c| c.bound.cpu_us_per_op)),
             loads(runs.iter().map(|c| c.load)),
             runs.iter()
                 .map(|c| format!(
@@ -372,6 +410,10 @@ fn quantiles(p50: Option<f64>, p99: Option<f64>, max: Option<f64>) -> String {
         Some(max) => format!("{} / {} ms ({} ms)", ms(p50), ms(p99), format_ms(max)),
         None => format!("{} / {} ms", ms(p50), ms(p99)),
     }
+}
+
+fn micros(value: Option<f64>) -> String {
+    value.map_or("?".to_owned(), |us| format!("{} µs", group(us)))
 }
 
 fn loads(loads: impl Iterator<Item = Option<f64>>) -> String {
@@ -447,6 +489,21 @@ fn redact_password(arg: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_the_cpu_time() {
+        if !std::path::Path::new("/proc/self/stat").exists() {
+            return;
+        }
+        let before = cpu_time().unwrap();
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < Duration::from_millis(50) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let used = cpu_since(Some(before)).unwrap();
+        assert!(used >= Duration::from_millis(20), "{used:?}");
+    }
 
     #[test]
     fn groups_thousands() {
