@@ -333,10 +333,16 @@ impl Report {
             med(&|c| (c.bound.per_second > 0.0).then(|| c.service.per_second / c.bound.per_second));
         let _ = writeln!(
             out,
-            "| commands/s through `accounts`, {store}, {} clients | **{} commands/s** | {} | raw \
-             store, {} writers, 1 event per durable append: {} events/s ({}) | {}; CPU per \
-             command {}, per raw append {} | {} | {} |",
+            "| commands/s through `accounts`, {store}, {} clients (each account's stream grows \
+             to ~{} events) | **{} commands/s** | {} | raw store, {} writers, 1 event per \
+             durable append: {} events/s ({}) | {}; CPU per command {}, per raw append {} | {} \
+             | {} |",
             self.setup.clients,
+            group(
+                med(&|c| Some(c.service.ops as f64 / f64::from(self.setup.clients.max(1))))
+                    .unwrap_or(0.0)
+                    + 1.0
+            ),
             group(rate),
             quantiles(
                 med(&|c| c.service.p50_ms),
