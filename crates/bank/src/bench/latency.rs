@@ -29,6 +29,7 @@ use headwater::consume::{FeedClient, IntegrationEvent, Upstream};
 use headwater::feed::FeedId;
 use tokio::task::JoinSet;
 
+use super::load::answered;
 use super::raw::millis;
 use super::report::{Latencies, Throughput};
 use super::services::{self, Transport};
@@ -36,7 +37,7 @@ use super::{Plan, progress_bar};
 use crate::client::{Answer, Client};
 
 /// Accounts the probes go to, in turn.
-const PROBE_ACCOUNTS: usize = 16;
+const PROBE_ACCOUNTS: usize = 64;
 /// Cents of each probe deposit.
 const PROBE_CENTS: u64 = 100;
 /// How often the sampler reads the applied count.
@@ -275,10 +276,11 @@ async fn probes(
         let client = Arc::clone(&clients[n]);
         let id = accounts[n].clone();
         tasks.spawn(async move {
-            match client.deposit(&id, PROBE_CENTS, Uuid::new_v4()).await {
-                Ok(Answer::Done(_)) => Ok(()),
-                Ok(Answer::Refused(problem)) => bail!("deposit on {id} refused: {problem:?}"),
-                Err(error) => Err(anyhow::Error::new(error).context(format!("deposit on {id}"))),
+            let command_id = Uuid::new_v4();
+            let what = format!("a deposit on {id}");
+            match answered(&what, || client.deposit(&id, PROBE_CENTS, command_id)).await? {
+                Answer::Done(_) => Ok(()),
+                Answer::Refused(problem) => bail!("{what} refused: {problem:?}"),
             }
         });
         sent += 1;

@@ -4,7 +4,7 @@
 //! for `plan.phase`.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use headwater::Uuid;
@@ -15,12 +15,43 @@ use super::raw::millis;
 use super::report::{Throughput, cpu_since, cpu_time};
 use super::services::System;
 use super::{Plan, progress_bar};
-use crate::client::{Answer, Client};
+use crate::client::{Answer, Client, ClientError};
 
 /// Cents of each deposit.
 const DEPOSIT_CENTS: u64 = 1_000;
 /// Cents of each withdrawal (half a deposit: the balance only grows).
 const WITHDRAWAL_CENTS: u64 = 500;
+
+/// Attempts of one command before the benchmark gives up on it.
+const COMMAND_ATTEMPTS: u32 = 10;
+/// The pause before sending a command again.
+const RETRY_PAUSE: Duration = Duration::from_millis(10);
+
+/// Sends a command until it gets an answer of the API: again, with the same command id, after
+/// a transport error, a timeout or a 5xx (a 503 when the store is unavailable or the account's
+/// stream kept changing under the command), as a client of the API must; at most
+/// [`COMMAND_ATTEMPTS`] times.
+pub(crate) async fn answered<F, Fut>(what: &str, mut send: F) -> anyhow::Result<Answer>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Answer, ClientError>>,
+{
+    let mut attempt = 1;
+    loop {
+        match send().await {
+            Ok(answer) => return Ok(answer),
+            Err(error) if error.is_retryable() && attempt < COMMAND_ATTEMPTS => {
+                tracing::debug!(%error, attempt, "{what}: sending it again");
+                attempt += 1;
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+            Err(error) => {
+                return Err(anyhow::Error::new(error)
+                    .context(format!("{what} (attempt {attempt} of {COMMAND_ATTEMPTS})")));
+            }
+        }
+    }
+}
 
 /// What the clients did.
 #[derive(Debug)]
@@ -86,13 +117,16 @@ pub(crate) async fn commands(
             while Instant::now() < deadline {
                 let command_id = Uuid::new_v4();
                 let sent = Instant::now();
-                let answer = if deposit {
-                    client.deposit(&id, DEPOSIT_CENTS, command_id).await
-                } else {
-                    client.withdraw(&id, WITHDRAWAL_CENTS, command_id).await
-                };
+                let answer = answered(&format!("a command on {id}"), || async {
+                    if deposit {
+                        client.deposit(&id, DEPOSIT_CENTS, command_id).await
+                    } else {
+                        client.withdraw(&id, WITHDRAWAL_CENTS, command_id).await
+                    }
+                })
+                .await?;
                 let took = sent.elapsed();
-                match answer.with_context(|| format!("command on {id}"))? {
+                match answer {
                     Answer::Done(_) => done.record(took),
                     Answer::Refused(problem) => {
                         refused += 1;
