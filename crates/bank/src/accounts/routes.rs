@@ -301,18 +301,10 @@ async fn deposit(
     path: Result<Path<String>, PathRejection>,
     bytes: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let started = Instant::now();
-    let outcome = async {
-        let id = account_id(path)?;
-        let body: MoveBody = body(bytes)?;
-        let command_id = command_id(body.command_id)?;
-        let amount = amount(body.amount)?;
-        commands
-            .handle(&id, Command::Deposit { amount }, command_id)
-            .await
-    }
-    .await;
-    commands.answer("deposit", outcome, started)
+    move_money(&commands, path, bytes, "deposit", |amount| {
+        Command::Deposit { amount }
+    })
+    .await
 }
 
 async fn withdraw(
@@ -320,18 +312,31 @@ async fn withdraw(
     path: Result<Path<String>, PathRejection>,
     bytes: Result<Bytes, BytesRejection>,
 ) -> Response {
+    move_money(&commands, path, bytes, "withdraw", |amount| {
+        Command::Withdraw { amount }
+    })
+    .await
+}
+
+/// A deposit or a withdrawal (`{"amount", "command_id"}`): `command` makes the command from the
+/// amount; `name` labels its metrics.
+async fn move_money(
+    commands: &Commands,
+    path: Result<Path<String>, PathRejection>,
+    bytes: Result<Bytes, BytesRejection>,
+    name: &'static str,
+    command: impl FnOnce(u64) -> Command,
+) -> Response {
     let started = Instant::now();
     let outcome = async {
         let id = account_id(path)?;
         let body: MoveBody = body(bytes)?;
         let command_id = command_id(body.command_id)?;
         let amount = amount(body.amount)?;
-        commands
-            .handle(&id, Command::Withdraw { amount }, command_id)
-            .await
+        commands.handle(&id, command(amount), command_id).await
     }
     .await;
-    commands.answer("withdraw", outcome, started)
+    commands.answer(name, outcome, started)
 }
 
 /// `GET /accounts/{id}`: the balance and the stream's version.
